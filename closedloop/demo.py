@@ -1,0 +1,51 @@
+"""``closedloop demo``: the pipeline end to end on the default data, saying what it did."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios: int = 8) -> None:
+    """Generate (or read) scenarios, summarise them, batch them and cache them under ``out``."""
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.data.cache import ScenarioCache, prepare_cache
+    from closedloop.data.womd import read_scenarios
+    from closedloop.inspect import summarize, summary_line
+
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from closedloop.data.synthetic import generate_dataset
+
+        start = time.perf_counter()
+        data_dir = out / "synthetic"
+        files = generate_dataset(data_dir, num_scenarios=num_scenarios, seed=seed, shards=2,
+                                 progress=False)
+        _say(f"generated {num_scenarios} synthetic WOMD scenarios (seed {seed}) in "
+             f"{time.perf_counter() - start:.1f} s: {', '.join(str(f) for f in files)}")
+        data = [str(data_dir)]
+
+    scenarios = list(read_scenarios(data))
+    _say(f"read {len(scenarios)} scenarios from {', '.join(map(str, data))}")
+    for scenario in scenarios[:5]:
+        _say("  " + summary_line(summarize(scenario)))
+
+    batch = collate_scenarios(scenarios, max_agents=128)
+    _say(
+        f"batched into ScenarioBatch: {batch.batch_size} scenarios x {batch.agent_xyz.shape[1]} "
+        f"agents x {batch.agent_xyz.shape[2]} steps, {batch.road_xyz.shape[1]} roadgraph points, "
+        f"{batch.light_lane_id.shape[1]} traffic-light lanes"
+    )
+
+    cache_dir = out / "cache"
+    result = prepare_cache(data, cache_dir, progress=False)
+    cache = ScenarioCache(cache_dir)
+    same = all(cache[i].equals(s) for i, s in enumerate(scenarios))
+    _say(f"cached {result['scenarios']} scenarios in {cache_dir} (pickle-free npz); "
+         f"read back identical: {same}")
+    _say(f"outputs are in {out.resolve()}")
