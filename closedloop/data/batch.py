@@ -20,21 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from closedloop.data.scenario import MAP_KIND_INDEX, POLYGON_KINDS, Scenario
+from closedloop.data.scenario import POLYGON_KINDS, Scenario, road_type_code
 
-# Roadgraph point types: the WOMD tf.Example convention (also Waymax's MapElementIds).
-ROAD_TYPE_OFFSET = {
-    MAP_KIND_INDEX["lane"]: 0,  # lane types 0..3
-    MAP_KIND_INDEX["road_line"]: 5,  # road line types 0..8 -> 5..13
-    MAP_KIND_INDEX["road_edge"]: 14,  # road edge types 0..2 -> 14..16
-}
-ROAD_TYPE_FIXED = {
-    MAP_KIND_INDEX["stop_sign"]: 17,
-    MAP_KIND_INDEX["crosswalk"]: 18,
-    MAP_KIND_INDEX["speed_bump"]: 19,
-    MAP_KIND_INDEX["driveway"]: 20,
-}
-ROAD_EDGE_TYPES = (14, 15, 16)
 
 
 @dataclass
@@ -149,7 +136,7 @@ def _road_points(scenario: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray
             poly = np.concatenate([poly, poly[:1]])
         d = np.zeros_like(poly)
         d[:-1] = poly[1:] - poly[:-1]
-        code = ROAD_TYPE_FIXED.get(kind, ROAD_TYPE_OFFSET.get(kind, 0) + subtype)
+        code = road_type_code(kind, subtype)
         pts.append(poly)
         dirs.append(d)
         types.append(np.full(len(poly), code, dtype=np.int64))

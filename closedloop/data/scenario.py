@@ -33,6 +33,32 @@ MAP_KINDS = ("lane", "road_line", "road_edge", "stop_sign", "crosswalk", "speed_
 MAP_KIND_INDEX = {name: i for i, name in enumerate(MAP_KINDS)}
 POLYGON_KINDS = frozenset(MAP_KIND_INDEX[k] for k in ("crosswalk", "speed_bump", "driveway"))
 
+# Roadgraph point type codes: the WOMD tf.Example convention (also Waymax's MapElementIds):
+# lanes 0..3 by lane type, road lines 5..13 by line type, road edges 14..16 by edge type,
+# then stop sign 17, crosswalk 18, speed bump 19, driveway 20.
+_ROAD_TYPE_OFFSET = {0: 0, 1: 5, 2: 14}
+_ROAD_TYPE_FIXED = {3: 17, 4: 18, 5: 19, 6: 20}
+ROAD_EDGE_CODES = (14, 15, 16)
+
+
+def road_type_code(kind: int, subtype: int) -> int:
+    """Roadgraph type code of a map feature of ``MAP_KINDS[kind]`` with proto type ``subtype``."""
+    if kind in _ROAD_TYPE_FIXED:
+        return _ROAD_TYPE_FIXED[kind]
+    return _ROAD_TYPE_OFFSET[kind] + subtype
+
+
+def road_type_kind(code: int) -> tuple[int, int]:
+    """Inverse of :func:`road_type_code`: ``(kind, subtype)``; ValueError for unknown codes."""
+    for kind, fixed in _ROAD_TYPE_FIXED.items():
+        if code == fixed:
+            return kind, 0
+    for kind, (low, high) in {0: (0, 3), 1: (5, 13), 2: (14, 16)}.items():
+        if low <= code <= high:
+            return kind, code - low
+    raise ValueError(f"unknown roadgraph type code {code}")
+
+
 # Traffic signal lane states, as in TrafficSignalLaneState.State.
 (
     LIGHT_UNKNOWN, LIGHT_ARROW_STOP, LIGHT_ARROW_CAUTION, LIGHT_ARROW_GO, LIGHT_STOP,

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 import numpy as np
 
 from closedloop.data.scenario import MAP_KIND_INDEX, MAP_KINDS, Scenario
+from closedloop.data.tfexample import is_motion_example, parse_example_features, scenario_from_example
 from closedloop.data.tfrecord import TFRecordError, iter_record_spans, write_records
 
 try:
@@ -289,22 +290,27 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 
 def parse_scenario(payload: bytes, path: str = "<bytes>", record_index: int = 0) -> Scenario:
-    """Decode one serialized Scenario proto; a record that is not one raises
-    :class:`ScenarioDecodeError` naming the file and record."""
+    """Decode one record: a serialized WOMD Scenario proto or a motion tf.Example.
+
+    A record that is neither raises :class:`ScenarioDecodeError` naming file and record.
+    """
     proto = scenario_pb2.Scenario()
     try:
         proto.ParseFromString(payload)
-    except DecodeError as err:
-        raise ScenarioDecodeError(path, record_index, f"not a WOMD Scenario proto ({err})") from None
-    if not proto.scenario_id or not proto.timestamps_seconds:
-        raise ScenarioDecodeError(
-            path, record_index,
-            "not a WOMD Scenario proto (no scenario_id or timestamps; a tf.Example file?)",
-        )
+        is_scenario = bool(proto.scenario_id) and bool(proto.timestamps_seconds)
+    except DecodeError:
+        is_scenario = False
     try:
-        return scenario_from_proto(proto)
-    except ValueError as err:
-        raise ScenarioDecodeError(path, record_index, str(err)) from None
+        if is_scenario:
+            return scenario_from_proto(proto)
+        features = parse_example_features(payload)
+        if is_motion_example(features):
+            return scenario_from_example(features)
+    except (ValueError, KeyError) as err:
+        raise ScenarioDecodeError(path, record_index, f"malformed scenario: {err}") from None
+    raise ScenarioDecodeError(
+        path, record_index, "not a WOMD Scenario proto nor a WOMD motion tf.Example"
+    )
 
 
 class SkipCounter:

@@ -1,0 +1,85 @@
+"""The command line, run the way a user runs it: as a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from closedloop.data.tfrecord import encode_record, iter_records
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "closedloop.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_inspect_json_on_all_real_files(scenario_file):
+    folder = scenario_file.parent
+    proc = run("inspect", *sorted(folder.glob("*.tfrecord")), "--json")
+    rows = {r["scenario_id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    small = rows["637f20cafde22ff8"]
+    assert small["num_tracks"] == 83 and small["num_map_features"] == 301
+    assert small["track_types"] == {"vehicle": 70, "pedestrian": 10, "cyclist": 3, "other": 0}
+    assert small["num_steps"] == 91 and small["sdc_track_index"] == 82
+    assert small["num_valid_at_current"] == 50 and small["current_time_index"] == 10
+    assert small["objects_of_interest"] == [] and small["tracks_to_predict"] == [72, 43, 42]
+    assert rows["ee519cf571686d19"]["num_tracks"] == 257
+    assert rows["ee519cf571686d19"]["num_valid_at_current"] == 84
+    assert "driveway" not in small["map_feature_types"]  # zero counts are omitted
+    assert "a3bb37c25ce56418" in rows  # the tf.Example file
+
+
+def test_inspect_text_line(scenario_file):
+    out = run("inspect", scenario_file).stdout
+    assert out.startswith("637f20cafde22ff8: 83 tracks (70 veh, 10 ped, 3 cyc")
+
+
+@pytest.mark.parametrize(
+    "kind, pattern",
+    [
+        ("payload", r"record 1 at byte offset \d+: CRC mismatch in the payload"),
+        ("length", r"record 1 at byte offset \d+: CRC mismatch in the length"),
+        ("truncated", r"record 1 at byte offset \d+: truncated"),
+        ("empty", r"record 0 at byte offset 0: empty file"),
+        ("text", r"record 0 at byte offset 0: CRC mismatch in the length header \(corrupt, or not a TFRecord"),
+    ],
+)
+def test_inspect_corrupt_file_exits_2(tmp_path, scenario_file, kind, pattern):
+    good = next(iter_records(scenario_file))
+    data = bytearray(encode_record(good) * 2)
+    second = len(encode_record(good))
+    if kind == "payload":
+        data[second + 500] ^= 0xFF
+    elif kind == "length":
+        data[second + 1] ^= 0xFF
+    elif kind == "truncated":
+        data = data[:-1000]
+    elif kind == "empty":
+        data = b""
+    else:
+        data = b"scenario_id,x,y\n1,2,3\n" * 10
+    path = tmp_path / f"{kind}.tfrecord"
+    path.write_bytes(bytes(data))
+    proc = run("inspect", path, "--json", check=False)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr
+    assert __import__("re").search(pattern, proc.stderr), proc.stderr
+    if kind in ("payload", "length", "truncated"):  # the good first record was still printed
+        assert json.loads(proc.stdout.splitlines()[0])["scenario_id"] == "637f20cafde22ff8"
+
+
+def test_inspect_missing_file(tmp_path):
+    proc = run("inspect", tmp_path / "missing.tfrecord", check=False)
+    assert proc.returncode == 2 and "missing.tfrecord" in proc.stderr
+
+
+def test_prepare_cli_resumes(tmp_path, many_shards):
+    out = tmp_path / "cache"
+    first = run("prepare", "--data", str(many_shards / "*.tfrecord"), "--out", out, "--workers", 2)
+    assert "15 scenarios from 5 shards (5 converted now" in first.stdout
+    again = run("prepare", "--data", str(many_shards / "*.tfrecord"), "--out", out, "--quiet")
+    assert "(0 converted now, 5 already done" in again.stdout
