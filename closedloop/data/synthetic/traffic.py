@@ -31,6 +31,7 @@ LATERAL_ACCEL = 2.5
 CAP_DECEL = 1.5
 JERK = 12.0
 STOP_GAP = 0.5  # metres between a stopped front bumper and the stop line
+NO_SIGNAL = -1
 
 
 @dataclass
@@ -141,9 +142,10 @@ class TrafficSimulation:
         cap = np.minimum(cap, vmax)
         grid = np.arange(0.0, arc[-1] + CAP_SPACING, CAP_SPACING)
         cap = np.interp(grid, arc, cap)
-        for i in range(len(cap) - 2, -1, -1):
-            cap[i] = min(cap[i], np.sqrt(cap[i + 1] ** 2 + 2 * CAP_DECEL * CAP_SPACING))
-        return cap
+        # Braking-feasible: cap[i]^2 <= cap[k]^2 + 2 b (k - i) ds for every k >= i.
+        ramp = 2 * CAP_DECEL * CAP_SPACING * np.arange(len(cap))
+        reach = np.minimum.accumulate((cap ** 2 + ramp)[::-1])[::-1] - ramp
+        return np.sqrt(np.maximum(reach, 0.0))
 
     # -- vehicles -----------------------------------------------------------------------
     def _init_vehicles(self, num_vehicles: int, num_cyclists: int) -> None:
@@ -236,12 +238,14 @@ class TrafficSimulation:
 
     def _spawn(self) -> None:
         """New vehicles enter at boundary lanes when the lane's first metres are free."""
-        for lane in self.entry_lanes:
-            if self.rng.random() >= self.spawn_rate * DT * 10:
-                continue
+        draws = self.rng.random(len(self.entry_lanes))
+        chosen = [lane for lane, u in zip(self.entry_lanes, draws) if u < self.spawn_rate * DT * 10]
+        if not chosen:
+            return
+        n = self.n_vehicles
+        lanes_now, local = self._positions()[:2]
+        for lane in chosen:
             cyclist = self._is_rightmost(lane) and self.rng.random() < 0.1
-            n = self.n_vehicles
-            lanes_now, local = self._positions()[:2]
             on_lane = self.v_active[:n] & (lanes_now == lane)
             rear = local - self.v_dims[:n, 0] / 2
             if np.any(on_lane & (rear < 25.0)):
@@ -263,69 +267,71 @@ class TrafficSimulation:
         return lane, local, j
 
     def _step_vehicles(self, t: float) -> None:
-        n = self.n_vehicles
+        """Advance every active vehicle by one step (all arrays below are over active ones)."""
+        self._aspects = self._aspect_table[int(round(t / DT))]
+        # Release reservations once the rear has left the connector (or the vehicle left).
+        n_all = self.n_vehicles
+        rear_all = self.v_s[:n_all] - self.v_dims[:n_all, 0] / 2
+        done = (self.v_reserved[:n_all] >= 0) & (
+            (rear_all > self.v_reserved_end[:n_all]) | ~self.v_active[:n_all])
+        self.v_reserved[:n_all][done] = -1
+        ids = np.flatnonzero(self.v_active[:n_all])
+        n = len(ids)
         if n == 0:
             return
-        idx = np.arange(n)
-        act = self.v_active[:n]
-        lane, local, j = self._positions()
-        length = self.v_dims[:n, 0]
-        s, v = self.v_s[:n], self.v_v[:n]
+        rows = np.arange(n)
+        route, off = self.v_route[ids], self.v_off[ids]
+        s, v, length = self.v_s[ids], self.v_v[ids], self.v_dims[ids, 0]
+        j = np.minimum((s[:, None] >= off[:, 1:]).sum(1), (route >= 0).sum(1) - 1)
+        lane = route[rows, j]
+        local = s - off[rows, j]
         front = s + length / 2
 
-        # Release reservations once the rear has left the connector.
-        done = (self.v_reserved[:n] >= 0) & ((s - length / 2 > self.v_reserved_end[:n]) | ~act)
-        self.v_reserved[:n][done] = -1
-
         # Stop lines ahead: the start of the next lane when it is a connector.
-        nxt = self.v_route[idx, np.minimum(j + 1, 15)]
-        has_next = (j + 1 < 16) & (nxt >= 0)
-        nxt_conn = has_next & self.lanes.is_connector[np.maximum(nxt, 0)] & act
-        line_pos = np.where(nxt_conn, self.v_off[idx, np.minimum(j + 1, 16)], np.inf)
+        nxt = route[rows, np.minimum(j + 1, 15)]
+        nxt_conn = (j + 1 < 16) & (nxt >= 0) & self.lanes.is_connector[np.maximum(nxt, 0)]
+        line_pos = np.where(nxt_conn, off[rows, np.minimum(j + 1, 16)], np.inf)
         dist_line = line_pos - front
         stopped_here = nxt_conn & (v < 0.3) & (dist_line < STOP_GAP + 3.0)
-        self.v_stopped_for[:n] = np.where(stopped_here, self.v_stopped_for[:n] + DT, 0.0)
-        holds = nxt_conn & (self.v_reserved[:n] == nxt)
+        self.v_stopped_for[ids] = np.where(stopped_here, self.v_stopped_for[ids] + DT, 0.0)
+        reserved = self.v_reserved[ids]
+        holds = nxt_conn & (reserved == nxt)
 
         # Yellow: a vehicle that can still stop comfortably gives its reservation back.
-        for i in np.flatnonzero(holds):
-            phase = self.signal_phase.get(int(nxt[i]))
-            if phase is not None and signals.aspect(phase, t + self._offset(nxt[i])) != signals.GREEN:
-                if dist_line[i] - STOP_GAP > v[i] ** 2 / (2 * 3.0) + 1.0:
-                    self.v_reserved[i] = -1
-                    holds[i] = False
+        for r in np.flatnonzero(holds):
+            if self._aspects[nxt[r]] not in (signals.GREEN, NO_SIGNAL) and \
+                    dist_line[r] - STOP_GAP > v[r] ** 2 / (2 * 3.0) + 1.0:
+                reserved[r] = -1
+                holds[r] = False
 
         # Try to reserve, nearest to its line first.
-        want = nxt_conn & ~holds & (dist_line < v ** 2 / (2 * 2.0) + 10.0)
-        for i in sorted(np.flatnonzero(want), key=lambda i: dist_line[i]):
-            if self.v_reserved[i] >= 0:
+        want = nxt_conn & ~holds & (reserved < 0) & (dist_line < v ** 2 / (2 * 2.0) + 10.0)
+        for r in sorted(np.flatnonzero(want), key=lambda r: dist_line[r]):
+            conn = int(nxt[r])
+            if not self._may_enter(ids[r], conn, dist_line[r], v[r]):
                 continue
-            conn = int(nxt[i])
-            if not self._may_enter(i, conn, t, dist_line[i], v[i]):
+            taken = reserved[(reserved >= 0) & (rows != r)]
+            if np.any(self.conflict[conn, taken]):
                 continue
-            others = self.v_reserved[:n][act & (idx != i)]
-            if np.any(self.conflict[conn, others[others >= 0]]):
-                continue
-            self.v_reserved[i] = conn
-            self.v_reserved_end[i] = self.v_off[i, j[i] + 2]
-            holds[i] = True
+            reserved[r] = conn
+            self.v_reserved_end[ids[r]] = off[r, j[r] + 2]
+            holds[r] = True
+        self.v_reserved[ids] = reserved
         must_stop = nxt_conn & ~holds
 
-        # Leaders along each route: [i, other, route position].
-        route = self.v_route[:n]
-        match = (route[:, None, :] == lane[None, :, None]) & (np.arange(16)[None, None, :] >= j[:, None, None])
-        pos = np.where(match, self.v_off[:n, None, :16] + local[None, :, None], np.inf).min(-1)
-        pos = np.where(act[None, :] & act[:, None] & ~np.eye(n, dtype=bool), pos, np.inf)
-        ahead = pos > s[:, None]
-        gap = np.where(ahead, pos - s[:, None] - (length[:, None] + length[None, :]) / 2, np.inf)
+        # Leaders along each route: position of every other vehicle in my route coordinate.
+        match = (route[:, None, :] == lane[None, :, None]) & (np.arange(16) >= j[:, None])[:, None, :]
+        pos = np.where(match, off[:, None, :16] + local[None, :, None], np.inf).min(-1)
+        pos[rows, rows] = np.inf
+        gap = np.where(pos > s[:, None], pos - s[:, None] - (length[:, None] + length) / 2, np.inf)
         leader = gap.argmin(1)
-        lead_gap = gap[idx, leader]
+        lead_gap = gap[rows, leader]
         lead_v = np.where(np.isfinite(lead_gap), v[leader], 0.0)
 
         # IDM against the leader and, when it must stop, the stop line.
-        amax, b, T = self.v_amax[:n], self.v_b[:n], self.v_T[:n]
-        look = np.clip(((s + v * 1.0 + 2.0) / CAP_SPACING).astype(np.int64), 0, self.v_ncap[:n] - 1)
-        v0 = np.maximum(self.v_caps[idx, look], 0.5)
+        amax, b, T = self.v_amax[ids], self.v_b[ids], self.v_T[ids]
+        look = np.clip(((s + v + 2.0) / CAP_SPACING).astype(np.int64), 0, self.v_ncap[ids] - 1)
+        v0 = np.maximum(self.v_caps[ids, look], 0.5)
         free = amax * (1 - (v / v0) ** 4)
 
         def interaction(g, dv):
@@ -334,39 +340,33 @@ class TrafficSimulation:
 
         acc = free + interaction(lead_gap, v - lead_v)
         stop_gap = np.where(must_stop, dist_line - STOP_GAP + 2.0, np.inf)
-        acc = np.minimum(acc, free + interaction(stop_gap, v))
-        acc = np.clip(acc, -6.0, amax)
-        prev = self.v_a[:n]
-        urgent = acc < -3.5
-        acc = np.where(urgent, np.maximum(acc, prev - 2.0 * JERK * DT), np.clip(acc, prev - JERK * DT, prev + JERK * DT))
+        acc = np.clip(np.minimum(acc, free + interaction(stop_gap, v)), -6.0, amax)
+        prev = self.v_a[ids]
+        acc = np.where(acc < -3.5, np.maximum(acc, prev - 2.0 * JERK * DT),
+                       np.clip(acc, prev - JERK * DT, prev + JERK * DT))
         v_new = np.maximum(v + acc * DT, 0.0)
         s_new = s + (v + v_new) / 2 * DT
         # Hard limits: never closer than 0.5 m to the leader, never past a line it must stop at.
-        lead_s_new = np.where(np.isfinite(lead_gap), pos[idx, leader] + (s_new[leader] - s[leader]), np.inf)
+        lead_s_new = np.where(np.isfinite(lead_gap), pos[rows, leader] + (s_new[leader] - s[leader]), np.inf)
         bound = np.minimum(lead_s_new - (length + length[leader]) / 2 - 0.5,
                            np.where(must_stop, line_pos - length / 2, np.inf))
         bound = np.maximum(bound, s)  # never backwards
         over = s_new > bound
         s_new = np.where(over, bound, s_new)
-        v_new = np.where(over, np.minimum(v_new, 2 * (s_new - s) / DT - v).clip(0), v_new)
-        acc = (v_new - v) / DT
-        self.v_s[:n] = np.where(act, s_new, s)
-        self.v_v[:n] = np.where(act, v_new, v)
-        self.v_a[:n] = np.where(act, acc, 0.0)
+        v_new = np.where(over, np.clip(2 * (s_new - s) / DT - v, 0.0, v_new), v_new)
+        self.v_s[ids], self.v_v[ids], self.v_a[ids] = s_new, v_new, (v_new - v) / DT
 
         # Leave at the end of the route (the map boundary).
-        route_len = self.v_off[idx, (route >= 0).sum(1)]
-        finished = act & (self.v_s[:n] + length / 2 >= route_len)
-        self.v_active[:n][finished] = False
+        finished = s_new + length / 2 >= off[rows, (route >= 0).sum(1)]
+        self.v_active[ids[finished]] = False
 
     def _offset(self, conn: int) -> float:
         return self.net.intersections[self.lanes.intersection[conn]].phase_offset
 
-    def _may_enter(self, i: int, conn: int, t: float, dist_line: float, v: float) -> bool:
-        phase = self.signal_phase.get(conn)
-        if phase is None:  # stop sign: stand at the line for a second first
+    def _may_enter(self, i: int, conn: int, dist_line: float, v: float) -> bool:
+        aspect = self._aspects[conn]
+        if aspect == NO_SIGNAL:  # stop sign: stand at the line for a second first
             return self.v_stopped_for[i] >= 1.0
-        aspect = signals.aspect(phase, t + self._offset(conn))
         if aspect == signals.GREEN:
             return True
         if aspect == signals.AMBER:
@@ -486,6 +486,11 @@ class TrafficSimulation:
 
     # -- run ----------------------------------------------------------------------------
     def run(self, warmup: int, steps: int) -> AgentLog:
+        # Signal aspect of every lane at every step (NO_SIGNAL where there is no light).
+        times = np.arange(warmup + steps) * DT
+        self._aspect_table = np.full((len(times), len(self.net.lanes)), NO_SIGNAL, np.int64)
+        for conn, phase in self.signal_phase.items():
+            self._aspect_table[:, conn] = signals.aspect(phase, times + self._offset(conn))
         n_ped = len(self.p_u)
         v_cap = len(self.v_active)
         xy = np.zeros((v_cap, steps, 2))
