@@ -137,7 +137,7 @@ class TrafficSimulation:
         h = np.unwrap(np.arctan2(*np.diff(pts, axis=0).T[::-1]))
         kappa = np.abs(np.diff(h)) / np.maximum(np.diff(arc)[1:], 1e-6)
         kappa = np.concatenate([[0.0], kappa, [0.0]])
-        kappa = np.convolve(kappa, np.ones(5) / 5, mode="same")
+        kappa = np.lib.stride_tricks.sliding_window_view(np.pad(kappa, 4, mode="edge"), 9).max(1)
         cap = np.minimum(limit * factor, np.sqrt(LATERAL_ACCEL / np.maximum(kappa, 1e-4)))
         cap = np.minimum(cap, vmax)
         grid = np.arange(0.0, arc[-1] + CAP_SPACING, CAP_SPACING)
@@ -330,8 +330,10 @@ class TrafficSimulation:
 
         # IDM against the leader and, when it must stop, the stop line.
         amax, b, T = self.v_amax[ids], self.v_b[ids], self.v_T[ids]
-        look = np.clip(((s + v + 2.0) / CAP_SPACING).astype(np.int64), 0, self.v_ncap[ids] - 1)
-        v0 = np.maximum(self.v_caps[ids, look], 0.5)
+        last = self.v_ncap[ids] - 1
+        here = np.clip((s / CAP_SPACING).astype(np.int64), 0, last)
+        look = np.clip(((s + v + 2.0) / CAP_SPACING).astype(np.int64), 0, last)
+        v0 = np.maximum(np.minimum(self.v_caps[ids, here], self.v_caps[ids, look]), 0.5)
         free = amax * (1 - (v / v0) ** 4)
 
         def interaction(g, dv):
