@@ -35,6 +35,10 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     for scenario in scenarios[:5]:
         _say("  " + summary_line(summarize(scenario)))
 
+    picture = out / f"{scenarios[0].scenario_id}.png"
+    _plot(scenarios[0], picture)
+    _say(f"drew the map and logged trajectories of {scenarios[0].scenario_id}: {picture}")
+
     batch = collate_scenarios(scenarios, max_agents=128)
     _say(
         f"batched into ScenarioBatch: {batch.batch_size} scenarios x {batch.agent_xyz.shape[1]} "
@@ -49,3 +53,17 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     _say(f"cached {result['scenarios']} scenarios in {cache_dir} (pickle-free npz); "
          f"read back identical: {same}")
     _say(f"outputs are in {out.resolve()}")
+
+
+def _plot(scenario, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from closedloop.viz import plot_scenario
+
+    fig, ax = plt.subplots(figsize=(9, 9))
+    plot_scenario(scenario, ax)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)

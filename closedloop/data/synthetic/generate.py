@@ -28,7 +28,7 @@ from closedloop.data.synthetic.traffic import AgentLog, TrafficSimulation
 from closedloop.data.tfrecord import encode_record
 
 TOWNS = ("grid", "arterial", "cross")
-WARMUP_STEPS = 80
+WARMUP_STEPS = 50
 DEFAULT_AGENTS = (30, 60)
 
 

@@ -92,8 +92,8 @@ class MapFeature:
 
 # Signal plan: (phase name, green seconds); each vehicle phase is followed by yellow and
 # all-red; the last phase is an all-way pedestrian walk phase (no vehicle has green).
-SIGNAL_PHASES = (("ew_left", 7.0), ("ew_through", 14.0), ("ns_left", 7.0), ("ns_through", 14.0),
-                 ("walk", 18.0))
+SIGNAL_PHASES = (("ew_left", 5.0), ("ew_through", 20.0), ("ns_left", 5.0), ("ns_through", 20.0),
+                 ("walk", 10.0))
 YELLOW, ALL_RED = 3.0, 1.5
 
 

@@ -6,7 +6,7 @@ limit capped by the route's curvature (lateral acceleration <= 2.5 m/s^2, brakin
 ahead of curves). At intersections a vehicle needs a *reservation* of its connector lane
 before crossing the stop line: it gets one only if the signal allows it (green, or yellow
 when it can no longer stop comfortably) or, at stop signs, after standing at the line for
-1 s, and only if no conflicting connector is reserved. Without one it stops at the line.
+0.5 s, and only if no conflicting connector is reserved. Without one it stops at the line.
 Parked vehicles stand in the parking strips; pedestrians walk on the sidewalks and cross at
 signalised crosswalks during the walk phase.
 
@@ -114,7 +114,10 @@ class TrafficSimulation:
     def _route(self, start: int, cyclist: bool) -> list[int]:
         net, route = self.net, [start]
         while net.lanes[route[-1]].ends_at >= 0 and len(route) < 15:
-            options = [net.index(c) for c in net.lanes[route[-1]].exit]
+            options = [net.index(c) for c in net.lanes[route[-1]].exit
+                       if net.index(net.lanes[net.index(c)].exit[0]) not in route]
+            if not options:
+                break
             weights = np.array([{"left": 0.25, "straight": 0.5, "right": 0.25}[net.lanes[c].maneuver]
                                 for c in options])
             if cyclist:
@@ -160,6 +163,8 @@ class TrafficSimulation:
         self.v_b = np.zeros(cap)
         self.v_T = np.zeros(cap)
         self.v_route = np.full((cap, 16), -1, np.int64)
+        # Arc length at which each lane starts along each vehicle's route (inf if not on it).
+        self.v_lane_start = np.full((cap, len(self.net.lanes)), np.inf)
         self.v_off = np.full((cap, 17), np.inf)
         self.v_caps = np.zeros((cap, 1))
         self.v_ncap = np.ones(cap, np.int64)
@@ -214,6 +219,7 @@ class TrafficSimulation:
         self.v_route[i, : len(route)] = route
         off = np.concatenate([[0.0], np.cumsum(self.lanes.length[route])])
         self.v_off[i, : len(off)] = off
+        self.v_lane_start[i, route] = off[:-1]
         factor = self.rng.uniform(0.85, 1.05)
         caps = self._caps(route, factor, 6.0 if cyclist else 30.0)
         if caps.shape[0] > self.v_caps.shape[1]:
@@ -319,9 +325,11 @@ class TrafficSimulation:
         self.v_reserved[ids] = reserved
         must_stop = nxt_conn & ~holds
 
-        # Leaders along each route: position of every other vehicle in my route coordinate.
-        match = (route[:, None, :] == lane[None, :, None]) & (np.arange(16) >= j[:, None])[:, None, :]
-        pos = np.where(match, off[:, None, :16] + local[None, :, None], np.inf).min(-1)
+        # Leaders along each route: position of every other vehicle in my route coordinate,
+        # for vehicles on my current lane or a later one of my route.
+        lane_start = self.v_lane_start[ids][:, lane]
+        here = off[rows, j]
+        pos = np.where(lane_start >= here[:, None], lane_start + local, np.inf)
         pos[rows, rows] = np.inf
         gap = np.where(pos > s[:, None], pos - s[:, None] - (length[:, None] + length) / 2, np.inf)
         leader = gap.argmin(1)
@@ -368,7 +376,7 @@ class TrafficSimulation:
     def _may_enter(self, i: int, conn: int, dist_line: float, v: float) -> bool:
         aspect = self._aspects[conn]
         if aspect == NO_SIGNAL:  # stop sign: stand at the line for a second first
-            return self.v_stopped_for[i] >= 1.0
+            return self.v_stopped_for[i] >= 0.5
         if aspect == signals.GREEN:
             return True
         if aspect == signals.AMBER:
