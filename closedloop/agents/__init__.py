@@ -1,0 +1,1 @@
+"""Policies and baselines that produce rollouts."""
