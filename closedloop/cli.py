@@ -62,6 +62,67 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from closedloop.data.womd import read_scenarios
+    from closedloop.metrics.config import FIELDS
+    from closedloop.metrics.rollouts import RolloutFileError, iter_rollout_files, load_rollouts
+    from closedloop.metrics.wosac import aggregate, buckets, score_scenario
+
+    scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
+    files = list(iter_rollout_files(args.rollouts))
+    scores = []
+    columns = ("metametric", "min_average_displacement_error", "kinematic", "interactive",
+               "map_based", "simulated_collision_rate", "simulated_offroad_rate")
+    if not args.json:
+        print(f"{'scenario_id':<18}" + "".join(f"{c[:16]:>17}" for c in columns), flush=True)
+    for path in tqdm(files, desc="metrics", unit="scenario", disable=args.json or len(files) < 2,
+                     file=sys.stderr):
+        rollouts = load_rollouts(path)
+        if rollouts.scenario_id not in scenarios:
+            raise RolloutFileError(f"{path}: scenario {rollouts.scenario_id} is not in --data")
+        score = score_scenario(scenarios[rollouts.scenario_id], rollouts.object_ids,
+                               rollouts.trajectories, config=args.config, device=args.device)
+        score.update(buckets(score, args.config))
+        scores.append(score)
+        if args.json:
+            print(json.dumps(score), flush=True)
+        else:
+            print(f"{score['scenario_id']:<18}" + "".join(f"{score[c]:>17.4f}" for c in columns),
+                  flush=True)
+    total = aggregate(scores)
+    total.update(buckets(total, args.config))
+    if args.json:
+        print(json.dumps(total))
+    else:
+        print(f"\nWOSAC {args.config} metrics, mean over {len(scores)} scenarios:")
+        for name in (*FIELDS, "kinematic", "interactive", "map_based"):
+            print(f"  {name:<40}{total[name]:>10.4f}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from closedloop.metrics.rollouts import iter_rollout_files, load_rollouts
+    from closedloop.metrics.submission import write_submission
+
+    scenarios = None
+    if args.data:
+        from closedloop.data.womd import read_scenarios
+
+        scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
+    result = write_submission(
+        (load_rollouts(p) for p in iter_rollout_files(args.rollouts)), args.out,
+        method_name=args.method_name, authors=args.authors, account=args.account,
+        affiliation=args.affiliation, description=args.description, method_link=args.method_link,
+        num_model_parameters=args.num_model_parameters, scenarios=scenarios,
+        scenarios_per_shard=args.scenarios_per_shard,
+    )
+    checked = "checked against --data" if scenarios else "shape-checked (pass --data for object checks)"
+    print(f"wrote {args.out}: {result['scenarios']} scenarios in {len(result['shards'])} shards, {checked}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo
 
@@ -106,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("metrics", help="score rollouts with the WOSAC realism metrics")
+    p.add_argument("--data", required=True, nargs="+", help="the scenarios (TFRecords, dirs, globs)")
+    p.add_argument("--rollouts", required=True, help="a rollout .npz or a directory of them")
+    p.add_argument("--config", choices=("2025", "2024"), default="2025")
+    p.add_argument("--json", action="store_true", help="one JSON object per scenario, then ALL")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.set_defaults(func=_cmd_metrics)
+
+    p = sub.add_parser("submit", help="pack rollouts as a WOSAC challenge submission (.tar.gz)")
+    p.add_argument("--rollouts", required=True, help="a directory of rollout .npz files")
+    p.add_argument("--out", required=True, help="the .tar.gz to write")
+    p.add_argument("--method-name", required=True)
+    p.add_argument("--authors", required=True, nargs="+")
+    p.add_argument("--account", required=True, help="the Waymo Open Dataset account e-mail")
+    p.add_argument("--affiliation", default="")
+    p.add_argument("--description", default="")
+    p.add_argument("--method-link", default="")
+    p.add_argument("--num-model-parameters", default="")
+    p.add_argument("--data", nargs="+", help="the scenarios, to check every object valid at step 10")
+    p.add_argument("--scenarios-per-shard", type=int, default=1000)
+    p.set_defaults(func=_cmd_submit)
+
     p = sub.add_parser("demo", help="run the pipeline end to end on the default data")
     p.add_argument("--data", nargs="+", help="WOMD TFRecords to use instead of synthetic data")
     p.add_argument("--out", default="closedloop_demo", help="output directory")
@@ -124,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (TFRecordError, ScenarioDecodeError, FileNotFoundError, ValueError, KeyError) as err:
+        # Rollout and metric input errors are ValueErrors too; they name the file at fault.
         print(f"closedloop {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:

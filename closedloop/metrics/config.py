@@ -31,7 +31,8 @@ class Histogram:
     pseudocount: float = 0.1
 
 
-BERNOULLI = Histogram(-0.5, 1.5, 2)  # a Bernoulli estimate is a two-bin histogram
+# A Bernoulli estimate is a two-bin histogram; its pseudocount is the proto default 0.001.
+BERNOULLI = Histogram(-0.5, 1.5, 2, 0.001)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def histogram_log_likelihood(log_values: torch.Tensor, sim_values: torch.Tensor,
 
 
 def bernoulli_log_likelihood(log_values: torch.Tensor, sim_values: torch.Tensor,
-                             pseudocount: float = 0.1) -> torch.Tensor:
+                             pseudocount: float = 0.001) -> torch.Tensor:
     """Log-likelihood of boolean ``log_values`` ``[...]`` under boolean ``sim_values``
     ``[..., m]`` (a two-bin histogram with an additive pseudocount)."""
     config = Histogram(-0.5, 1.5, 2, pseudocount)
