@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from closedloop.data.tfrecord import encode_record, iter_records
@@ -106,3 +107,90 @@ def test_demo_runs_with_no_data_arguments(tmp_path):
     assert "generated 2 synthetic WOMD scenarios" in proc.stdout
     assert "read back identical: True" in proc.stdout
     assert list((tmp_path / "demo").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def rollout_dir(tmp_path_factory, real_scenarios):
+    from closedloop.agents.open_loop import constant_velocity
+    from closedloop.metrics.rollouts import save_rollouts
+
+    root = tmp_path_factory.mktemp("rollouts")
+    scenario = real_scenarios["637f20cafde22ff8"]
+    ids, traj = constant_velocity(scenario, 32)
+    save_rollouts(root / f"{scenario.scenario_id}.npz", scenario.scenario_id, ids, traj)
+    return root
+
+
+def test_metrics_cli_json_and_table(rollout_dir, scenario_file):
+    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts",
+                                       rollout_dir, "--json").stdout.splitlines()]
+    assert [r["scenario_id"] for r in rows] == ["637f20cafde22ff8", "ALL"]
+    assert 0 < rows[0]["metametric"] < 1 and rows[1]["metametric"] == rows[0]["metametric"]
+    table = run("metrics", "--data", scenario_file, "--rollouts", rollout_dir, "--config", "2024").stdout
+    assert "WOSAC 2024 metrics, mean over 1 scenarios" in table and "metametric" in table
+
+
+def _bad_rollouts(tmp_path, real_scenarios, **change):
+    from closedloop.agents.open_loop import constant_velocity
+
+    scenario = real_scenarios["637f20cafde22ff8"]
+    ids, traj = constant_velocity(scenario, 2)
+    data = {"scenario_id": np.array(scenario.scenario_id), "object_ids": ids, "trajectories": traj}
+    data.update(change)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **data)
+    return path
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"missing \["), ("extra", r"extra \[4242\]"), ("shape", r"trajectories must be"),
+    ("nan", r"non-finite"), ("scenario", r"scenario nope is not in --data"),
+    ("keys", r"missing trajectories"),
+])
+def test_metrics_cli_bad_rollouts(tmp_path, real_scenarios, scenario_file, case, pattern):
+    from closedloop.agents.open_loop import constant_velocity
+
+    ids, traj = constant_velocity(real_scenarios["637f20cafde22ff8"], 2)
+    change = {
+        "missing": {"object_ids": ids[1:], "trajectories": traj[:, 1:]},
+        "extra": {"object_ids": np.append(ids, 4242), "trajectories": np.concatenate([traj, traj[:, :1]], 1)},
+        "shape": {"trajectories": traj[:, :, :70]},
+        "nan": {"trajectories": np.where(np.arange(80)[None, None, :, None] == 7, np.nan, traj)},
+        "scenario": {"scenario_id": np.array("nope")},
+        "keys": {},
+    }[case]
+    path = _bad_rollouts(tmp_path, real_scenarios, **change)
+    if case == "keys":
+        np.savez(path, scenario_id=np.array("x"), object_ids=ids)
+    proc = run("metrics", "--data", scenario_file, "--rollouts", path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert __import__("re").search(pattern, proc.stderr), proc.stderr
+    assert "bad.npz" in proc.stderr or case in ("missing", "extra", "nan")
+
+
+def test_submit_cli_packs_and_validates(tmp_path, rollout_dir, scenario_file, real_scenarios):
+    from closedloop.metrics.submission import read_submission
+
+    out = tmp_path / "sub.tar.gz"
+    proc = run("submit", "--rollouts", rollout_dir, "--out", out, "--method-name", "cv",
+               "--authors", "A. Author", "B. Author", "--account", "me@example.com",
+               "--data", scenario_file)
+    assert "1 scenarios in 1 shards, checked against --data" in proc.stdout
+    (shard,) = read_submission(out)
+    assert shard.unique_method_name == "cv" and list(shard.authors) == ["A. Author", "B. Author"]
+    (rollouts,) = shard.scenario_rollouts
+    assert rollouts.scenario_id == "637f20cafde22ff8" and len(rollouts.joint_scenes) == 32
+    scene = rollouts.joint_scenes[0]
+    assert len(scene.simulated_trajectories) == real_scenarios["637f20cafde22ff8"].valid_at_current().sum()
+    assert len(scene.simulated_trajectories[0].center_x) == 80
+    # 31 rollouts are refused, naming the file.
+    from closedloop.agents.open_loop import constant_velocity
+
+    ids, traj = constant_velocity(real_scenarios["637f20cafde22ff8"], 31)
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    np.savez(bad_dir / "x.npz", scenario_id=np.array("637f20cafde22ff8"), object_ids=ids, trajectories=traj)
+    proc = run("submit", "--rollouts", bad_dir, "--out", tmp_path / "b.tar.gz", "--method-name", "m",
+               "--authors", "a", "--account", "a@b.c", check=False)
+    assert proc.returncode == 2 and "31 rollouts" in proc.stderr and "x.npz" in proc.stderr
+    assert not (tmp_path / "b.tar.gz").exists()
