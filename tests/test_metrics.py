@@ -15,8 +15,8 @@ from closedloop.data.scenario import LIGHT_GO, LIGHT_STOP
 from closedloop.metrics import features as F
 from closedloop.metrics.config import FIELDS, Histogram, get_config
 from closedloop.metrics.estimators import bernoulli_log_likelihood, bin_index, histogram_log_likelihood
-from closedloop.metrics.scene import WosacScene
-from closedloop.metrics.wosac import RolloutError, aggregate, buckets, score_scenario
+from closedloop.metrics.scene import WosacBatch, WosacScene
+from closedloop.metrics.wosac import RolloutError, aggregate, buckets, score_scenario, score_scenarios
 from scenes import make_scenario, straight
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wosac_reference.json"
@@ -46,19 +46,22 @@ def test_bernoulli_estimate_by_hand():
 
 
 # -- features on constructed scenes -------------------------------------------------------
-def _features(scenario, rollouts=None):
-    scene = WosacScene.from_scenario(scenario)
-    if rollouts is None:
-        return scene, scene.log_xyzh[None], scene.log_valid[None]
-    xyzh, valid = scene.simulated(torch.as_tensor(rollouts, dtype=torch.float32))
-    return scene, xyzh, valid[None]
+def _features(scenario):
+    """The logged trajectories of a one-scenario batch as one rollout."""
+    batch = WosacBatch.from_scenes([WosacScene.from_scenario(scenario)])
+    return batch, batch.log_xyzh[:, None], batch.log_valid[:, None]
+
+
+def _rows(batch, xyzh, valid):
+    """The per-row view the pairwise features take (one scenario, one rollout)."""
+    return xyzh[:, 0], batch.dims, valid[:, 0], batch.eval_index
 
 
 def test_distance_between_two_boxes_at_a_known_gap():
     # Two 4 x 2 boxes side by side along x, 10 m between centres: a 6 m gap.
     scenario = make_scenario([{"xy": (0.0, 0.0), "heading": 0.0}, {"xy": (10.0, 0.0), "heading": 0.0}])
-    scene, xyzh, valid = _features(scenario)
-    d = F.distance_to_nearest_object(xyzh, scene.dims, valid, scene.eval_index)
+    batch, xyzh, valid = _features(scenario)
+    d = F.distance_to_nearest_object(*_rows(batch, xyzh, valid))
     # Rounded corners do not change the gap between parallel faces.
     assert torch.allclose(d, torch.full_like(d, 6.0), atol=1e-5)
 
@@ -70,8 +73,8 @@ def test_time_to_collision_of_a_follower():
     follower = {"xy": straight(0.0, 0.0, 10.0)}
     leader = {"xy": straight(60.0, 0.0, 5.0)}
     beside = {"xy": straight(0.0, 10.0, 20.0)}  # in another lane: not followed
-    scene, xyzh, valid = _features(make_scenario([follower, leader, beside]))
-    ttc = F.time_to_collision(xyzh, scene.dims, valid, scene.eval_index)[0, 0]
+    batch, xyzh, valid = _features(make_scenario([follower, leader, beside]))
+    ttc = F.time_to_collision(*_rows(batch, xyzh, valid))[0, 0]
     gap = 56.0 - 5.0 * np.arange(91) * 0.1
     np.testing.assert_allclose(ttc[1:-1].numpy(), np.minimum(gap / 5.0, 5.0)[1:-1], atol=1e-4)
     assert ttc[0] == 5.0 and ttc[-1] == 5.0  # speeds are undefined at the ends
@@ -83,13 +86,13 @@ def test_car_running_a_red_light():
     state[30:] = LIGHT_STOP
     runner = {"xy": straight(-40.5, 0.0, 10.0)}  # crosses x = 0 between steps 40 and 41
     scenario = make_scenario([runner], lanes=[lane], lights=[(0, state, (0.0, 0.0))])
-    scene, xyzh, valid = _features(scenario)
-    violation = F.red_light_violation(xyzh, valid, scene.eval_index, scene)[0, 0]
+    batch, xyzh, valid = _features(scenario)
+    violation = F.red_light_violation(xyzh, valid, batch.eval_index, batch)[0, 0, 0]
     assert violation.nonzero().flatten().tolist() == [41]
     state[:] = LIGHT_GO  # the same drive on green is no violation
     scenario = make_scenario([runner], lanes=[lane], lights=[(0, state, (0.0, 0.0))])
-    scene, xyzh, valid = _features(scenario)
-    assert not F.red_light_violation(xyzh, valid, scene.eval_index, scene).any()
+    batch, xyzh, valid = _features(scenario)
+    assert not F.red_light_violation(xyzh, valid, batch.eval_index, batch).any()
 
 
 def test_car_parked_half_off_the_road_edge():
@@ -98,8 +101,8 @@ def test_car_parked_half_off_the_road_edge():
     half_off = {"xy": (0.0, 0.0), "heading": 0.0, "size": (4.0, 2.0, 1.5)}  # centre on the edge
     inside = {"xy": (0.0, 5.0), "heading": 0.0, "size": (4.0, 2.0, 1.5)}
     scenario = make_scenario([half_off, inside], road_edges=[edge], predict=[1])
-    scene, xyzh, valid = _features(scenario)
-    d = F.distance_to_road_edge(xyzh, scene.dims, valid, scene.eval_index, scene.road_edges)[0]
+    batch, xyzh, valid = _features(scenario)
+    d = F.distance_to_road_edge(xyzh, batch.dims, valid, batch.eval_index, batch)[0, 0]
     np.testing.assert_allclose(d[0].numpy(), 1.0, atol=1e-5)  # the far corners, 1 m off
     np.testing.assert_allclose(d[1].numpy(), -4.0, atol=1e-5)  # 5 m in, half width 1 m
 
@@ -107,8 +110,8 @@ def test_car_parked_half_off_the_road_edge():
 def test_kinematics_of_constant_acceleration():
     t = np.arange(91) * 0.1
     xy = np.stack([0.5 * 2.0 * t ** 2, np.zeros(91)], 1)  # a = 2 m/s^2
-    scene, xyzh, _ = _features(make_scenario([{"xy": xy, "heading": 0.0}]))
-    speed, accel, yaw_rate, _ = F.kinematics(xyzh[0, 0])
+    _, xyzh, _ = _features(make_scenario([{"xy": xy, "heading": 0.0}]))
+    speed, accel, yaw_rate, _ = F.kinematics(xyzh[0, 0, 0])
     np.testing.assert_allclose(speed[1:-1].numpy(), 2.0 * t[1:-1], atol=1e-3)
     np.testing.assert_allclose(accel[2:-2].numpy(), 2.0, atol=5e-2)
     assert torch.isnan(speed[0]) and torch.isnan(accel[1])
@@ -171,3 +174,16 @@ def test_rollouts_that_do_not_fit_are_clear_errors(real_scenarios):
     a = score_scenario(scenario, ids, trajectories)
     b = score_scenario(scenario, ids[perm], trajectories[:, perm])
     assert a == b
+
+
+def test_batched_scenarios_equal_one_at_a_time(real_scenarios):
+    from closedloop.data.synthetic import generate_scenarios
+
+    scenarios = list(generate_scenarios(2, seed=4, town="cross")) + [real_scenarios["637f20cafde22ff8"]]
+    items = [(s, *BASELINES["noisy_log"](s, 4)) for s in scenarios]
+    together = score_scenarios(items, batch_size=3)
+    alone = [score_scenario(*item) for item in items]
+    assert [r["scenario_id"] for r in together] == [s.scenario_id for s in scenarios]
+    for a, b in zip(together, alone):
+        for field in FIELDS:
+            assert a[field] == pytest.approx(b[field], abs=1e-6, nan_ok=True), field

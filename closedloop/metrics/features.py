@@ -1,11 +1,12 @@
-"""WOSAC metric features, batched over rollouts, objects and steps (torch, any device).
+"""WOSAC metric features, batched over scenarios, rollouts, objects and steps (torch).
 
 Each function follows the definition of the reference implementation
 (``waymo_open_dataset/wdl_limited/sim_agents_metrics``), including its conventions:
 central differences with NaN padding, rounded-box distances, raw (unwrapped) heading
 differences in time-to-collision, road-edge signs from the polyline winding with a 3x
 vertical stretch to pick the segment, and the reference's lane-matching distance for
-traffic lights. Inputs are ``[R, A, T, ...]`` trajectories (R rollouts; R = 1 for the log).
+traffic lights. Trajectories are ``[N, A, T, 4]`` rows (N = scenarios x rollouts) with
+per-row evaluated-object indices ``[N, E]`` and scenario indices ``[N]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import torch
 
 from closedloop.geometry import box_corners, rectangle_distance
-from closedloop.metrics.scene import PolylineTable, WosacScene
+from closedloop.metrics.scene import PolylineTable, WosacBatch
 
 DT = 0.1
 BIG = 1e10
@@ -26,6 +27,13 @@ SMALL_OVERLAP = 0.5
 MAX_TTC = 5.0
 Z_STRETCH = 3.0
 RED_STATES = (1, 4)  # LANE_STATE_ARROW_STOP, LANE_STATE_STOP (not flashing)
+ROW_CHUNK = 64  # rows of pairwise work at a time, to bound memory
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select objects per row: ``x`` ``[N, A, ...]``, ``index`` ``[N, E]`` -> ``[N, E, ...]``."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
 
 
 def _central_diff(t: torch.Tensor) -> torch.Tensor:
@@ -59,80 +67,85 @@ def distance_to_nearest_object(xyzh: torch.Tensor, dims: torch.Tensor, valid: to
     """Signed distance from each evaluated object to the nearest other valid object,
     between boxes with rounded corners (radius 0.35 x the smaller side).
 
-    ``xyzh`` ``[R, A, T, 4]``, ``dims`` ``[A, T, 3]``, ``valid`` ``[R or 1, A, T]``.
-    Returns ``[R, E, T]`` (1e10 when no other object is valid).
+    ``xyzh`` ``[N, A, T, 4]``, ``dims`` ``[N, A, T, 3]``, ``valid`` ``[N, A, T]``,
+    ``eval_index`` ``[N, E]``. Returns ``[N, E, T]`` (1e10 with no other valid object).
     """
-    R, A, T, _ = xyzh.shape
-    length, width = dims[..., 0][None], dims[..., 1][None]
-    shrink = torch.minimum(length, width) * CORNER_ROUNDING / 2
-    box = (xyzh[..., 0], xyzh[..., 1], xyzh[..., 3],
-           (length - 2 * shrink).expand(R, -1, -1), (width - 2 * shrink).expand(R, -1, -1))
-    mine = tuple(c[:, eval_index, None] for c in box)  # [R, E, 1, T]
-    others = tuple(c[:, None] for c in box)  # [R, 1, A, T]
-    d = rectangle_distance(mine, others) - shrink[:, eval_index, None] - shrink[:, None]
-    v = valid.expand(R, -1, -1)
-    usable = v[:, eval_index, None] & v[:, None]
-    usable &= (eval_index[:, None] != torch.arange(A, device=xyzh.device))[None, :, :, None]
-    return torch.where(usable, d, torch.full_like(d, BIG)).amin(2)
+    out = []
+    for n0 in range(0, xyzh.shape[0], ROW_CHUNK):
+        rows = slice(n0, n0 + ROW_CHUNK)
+        x, d, v, ev = xyzh[rows], dims[rows], valid[rows], eval_index[rows]
+        length, width = d[..., 0], d[..., 1]
+        shrink = torch.minimum(length, width) * CORNER_ROUNDING / 2
+        box = (x[..., 0], x[..., 1], x[..., 3], length - 2 * shrink, width - 2 * shrink)
+        mine = tuple(take(c, ev)[:, :, None] for c in box)  # [n, E, 1, T]
+        others = tuple(c[:, None] for c in box)  # [n, 1, A, T]
+        dist = rectangle_distance(mine, others) - take(shrink, ev)[:, :, None] - shrink[:, None]
+        usable = take(v, ev)[:, :, None] & v[:, None]
+        not_self = ev[:, :, None] != torch.arange(x.shape[1], device=x.device)
+        usable &= not_self[..., None]
+        out.append(torch.where(usable, dist, torch.full_like(dist, BIG)).amin(2))
+    return torch.cat(out)
 
 
 def time_to_collision(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor,
                       eval_index: torch.Tensor) -> torch.Tensor:
     """Seconds until each evaluated object reaches the object it follows at constant
-    speeds, capped at 5 s. Returns ``[R, E, T]``."""
-    planar = torch.cat([xyzh[..., :2], torch.zeros_like(xyzh[..., :1]), xyzh[..., 3:]], -1)
-    speed = kinematics(planar)[0]  # [R, A, T]
-    x, y, yaw = xyzh[..., 0], xyzh[..., 1], xyzh[..., 3]
-    length, width = dims[..., 0][None], dims[..., 1][None]
-    ex, ey, eyaw = x[:, eval_index, None], y[:, eval_index, None], yaw[:, eval_index, None]
-    el, ew = length[:, eval_index, None], width[:, eval_index, None]
-    yaw_diff = torch.abs(yaw[:, None] - eyaw)  # [R, E, A, T]
-    cos_d, sin_d = torch.abs(torch.cos(yaw_diff)), torch.abs(torch.sin(yaw_diff))
-    other_long = length[:, None] / 2 * cos_d + width[:, None] / 2 * sin_d
-    other_lat = length[:, None] / 2 * sin_d + width[:, None] / 2 * cos_d
-    dx, dy = x[:, None] - ex, y[:, None] - ey
-    cos_e, sin_e = torch.cos(-eyaw), torch.sin(-eyaw)
-    rel_x = dx * cos_e - dy * sin_e
-    rel_y = dx * sin_e + dy * cos_e
-    long_distance = rel_x - el / 2 - other_long
-    lat_overlap = torch.abs(rel_y) - ew / 2 - other_lat
-    following = (long_distance > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat_overlap < 0) & (
-        (lat_overlap < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP))
-    usable = valid[:, None] & following
-    masked = long_distance + (~usable).to(long_distance.dtype) * BIG
-    ahead = masked.argmin(dim=2, keepdim=True)
-    distance = masked.gather(2, ahead)[:, :, 0]
-    ahead_speed = speed[:, None].expand_as(masked).gather(2, ahead)[:, :, 0]
-    rel_speed = speed[:, eval_index] - ahead_speed
-    ttc = torch.minimum(distance / rel_speed, torch.full_like(distance, MAX_TTC))
-    return torch.where(rel_speed > 0, ttc, torch.full_like(ttc, MAX_TTC))
+    speeds, capped at 5 s. Shapes as in :func:`distance_to_nearest_object`."""
+    out = []
+    for n0 in range(0, xyzh.shape[0], ROW_CHUNK):
+        rows = slice(n0, n0 + ROW_CHUNK)
+        x, d, v, ev = xyzh[rows], dims[rows], valid[rows], eval_index[rows]
+        planar = torch.cat([x[..., :2], torch.zeros_like(x[..., :1]), x[..., 3:]], -1)
+        speed = kinematics(planar)[0]  # [n, A, T]
+        length, width = d[..., 0][:, None], d[..., 1][:, None]  # [n, 1, A, T]
+        ex, ey, eyaw = (take(x[..., k], ev)[:, :, None] for k in (0, 1, 3))
+        el, ew = take(d[..., 0], ev)[:, :, None], take(d[..., 1], ev)[:, :, None]
+        yaw_diff = torch.abs(x[..., 3][:, None] - eyaw)  # [n, E, A, T]
+        cos_d, sin_d = torch.abs(torch.cos(yaw_diff)), torch.abs(torch.sin(yaw_diff))
+        other_long = length / 2 * cos_d + width / 2 * sin_d
+        other_lat = length / 2 * sin_d + width / 2 * cos_d
+        dx, dy = x[..., 0][:, None] - ex, x[..., 1][:, None] - ey
+        cos_e, sin_e = torch.cos(-eyaw), torch.sin(-eyaw)
+        long_distance = dx * cos_e - dy * sin_e - el / 2 - other_long
+        lat_overlap = torch.abs(dx * sin_e + dy * cos_e) - ew / 2 - other_lat
+        following = (long_distance > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat_overlap < 0) & (
+            (lat_overlap < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP))
+        masked = long_distance + (~(v[:, None] & following)).to(long_distance.dtype) * BIG
+        ahead = masked.argmin(dim=2, keepdim=True)
+        distance = masked.gather(2, ahead)[:, :, 0]
+        ahead_speed = speed[:, None].expand_as(masked).gather(2, ahead)[:, :, 0]
+        rel_speed = take(speed, ev) - ahead_speed
+        ttc = torch.minimum(distance / rel_speed, torch.full_like(distance, MAX_TTC))
+        out.append(torch.where(rel_speed > 0, ttc, torch.full_like(ttc, MAX_TTC)))
+    return torch.cat(out)
 
 
-def _segment_terms(points: torch.Tensor, table: PolylineTable, index: torch.Tensor):
-    """For points ``[..., 3]`` against segments ``index`` ``[..., K]``: the 2D projection
-    parameter, the winding sign, and the 3D (z-stretched) and 2D distances."""
-    start, end = table.start[index], table.end[index]
-    to_point = points[..., None, :] - start
-    seg = end - start
-    t = (to_point[..., :2] * seg[..., :2]).sum(-1)
-    norm2 = (seg[..., :2] * seg[..., :2]).sum(-1)
-    t = torch.where(norm2 > 0, t / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(t))
-    sign = torch.sign(to_point[..., 0] * seg[..., 1] - to_point[..., 1] * seg[..., 0])
-    offset = to_point - seg * t.clamp(0.0, 1.0)[..., None]
-    stretch = torch.tensor([1.0, 1.0, Z_STRETCH], dtype=points.dtype, device=points.device)
-    return t, sign, torch.linalg.norm(offset * stretch, dim=-1), torch.linalg.norm(offset[..., :2], dim=-1)
+# -- nearest segments ------------------------------------------------------------------------
+def _projection(to_point: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Parameter of the 2D projection onto segments; 0 for degenerate ones (divide_no_nan)."""
+    norm2 = seg[..., 0] * seg[..., 0] + seg[..., 1] * seg[..., 1]
+    t = to_point[..., 0] * seg[..., 0] + to_point[..., 1] * seg[..., 1]
+    return torch.where(norm2 > 0, t / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(t))
 
 
 def _stretched_sq_distance(points: torch.Tensor, table: PolylineTable, index: torch.Tensor) -> torch.Tensor:
-    """Squared distance to segments with z stretched 3x (the reference's segment choice)."""
+    """Squared distance to segments with z stretched 3x (the reference's segment choice).
+    ``points`` ``[..., N, 3]``, ``index`` broadcastable to ``[..., N, K]``."""
     start, end = table.start[index], table.end[index]
     to_point = points[..., None, :] - start
     seg = end - start
-    norm2 = seg[..., 0] * seg[..., 0] + seg[..., 1] * seg[..., 1]
-    t = (to_point[..., 0] * seg[..., 0] + to_point[..., 1] * seg[..., 1])
-    t = torch.where(norm2 > 0, t / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(t))
-    offset = to_point - seg * t.clamp(0.0, 1.0)[..., None]
+    offset = to_point - seg * _projection(to_point, seg).clamp(0.0, 1.0)[..., None]
     return offset[..., 0] ** 2 + offset[..., 1] ** 2 + (Z_STRETCH * offset[..., 2]) ** 2
+
+
+def _lane_match_sq_distance(points: torch.Tensor, table: PolylineTable, index: torch.Tensor) -> torch.Tensor:
+    """The reference's squared lane-matching distance |(p - s) + (e - s) t|^2 (sic: a plus
+    sign, so it is not the distance to the segment)."""
+    start, end = table.start[index], table.end[index]
+    to_point = points[..., None, :] - start
+    seg = end - start
+    offset = to_point + seg * _projection(to_point, seg).clamp(0.0, 1.0)[..., None]
+    return offset[..., 0] ** 2 + offset[..., 1] ** 2
 
 
 def _winding_sign(points: torch.Tensor, table: PolylineTable, index: torch.Tensor) -> torch.Tensor:
@@ -142,185 +155,168 @@ def _winding_sign(points: torch.Tensor, table: PolylineTable, index: torch.Tenso
     return torch.sign(to_point[..., 0] * seg[..., 1] - to_point[..., 1] * seg[..., 0])
 
 
-def _aabb_gap(lo: torch.Tensor, hi: torch.Tensor, seg_lo: torch.Tensor, seg_hi: torch.Tensor) -> torch.Tensor:
-    """2D distance between boxes ``[G, 2]`` and segment boxes ``[S, 2]`` -> ``[G, S]``."""
-    gap = torch.maximum(seg_lo[None] - hi[:, None], lo[:, None] - seg_hi[None]).clamp_min(0)
-    return torch.linalg.norm(gap, dim=-1)
+def _valid_segments(table: PolylineTable, per_scene: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global indices ``[B, V]`` (ascending) of each scenario's valid segments, padded."""
+    valid = table.valid.reshape(-1, per_scene)
+    local = torch.arange(per_scene, device=valid.device)
+    order = torch.where(valid, local, torch.full_like(local, per_scene)).sort(dim=1).values
+    count = max(int(valid.sum(1).max()), 1)
+    order = order[:, :count]
+    ok = order < per_scene
+    base = torch.arange(valid.shape[0], device=valid.device)[:, None] * per_scene
+    return base + order.clamp_max(per_scene - 1), ok
 
 
-def _candidates(points: torch.Tensor, mask: torch.Tensor, table: PolylineTable,
-                exact_fn, lower_bound_pad: torch.Tensor | None = None, initial: int = 32):
-    """Segment candidates per group of points that provably contain each point's nearest
-    valid segment: those whose box lies within the worst best-distance of a first guess.
-
-    ``points`` ``[G, N, D]`` with ``mask`` ``[G, N]``; ``exact_fn(points, index)`` gives the
-    squared distance used for the argmin, whose root is bounded below by the 2D box gap (minus
-    ``lower_bound_pad`` per segment). Returns ``index`` ``[G, K]`` (ascending) and its
-    validity ``[G, K]``.
+def _candidates(points, mask, group_scene, table, per_scene, sq_distance, pad=None,
+                initial: int = 32, chunk: int = 512):
+    """Per group of points, the segments (global indices, ascending) that provably contain
+    each point's nearest valid segment: those whose bounding box lies within the worst
+    best-distance of a first guess. ``points`` ``[G, N, D]``, ``mask`` ``[G, N]``,
+    ``group_scene`` ``[G]``; ``sq_distance`` is the squared argmin distance, whose root
+    is at least the 2D box gap (minus ``pad`` per segment). Returns ``[G, K]`` and validity.
     """
-    valid_segments = torch.nonzero(table.valid).squeeze(-1)
+    segments, seg_ok = _valid_segments(table, per_scene)  # [B, V]
+    seg_lo = torch.minimum(table.start[segments, :2], table.end[segments, :2])  # [B, V, 2]
+    seg_hi = torch.maximum(table.start[segments, :2], table.end[segments, :2])
+    slack = None if pad is None else pad[segments]
     xy = points[..., :2]
-    big = torch.full_like(xy, float("inf"))
-    lo = torch.where(mask[..., None], xy, big).amin(1)
-    hi = torch.where(mask[..., None], xy, -big).amax(1)
+    inf = torch.full_like(xy, float("inf"))
+    lo = torch.where(mask[..., None], xy, inf).amin(1)
+    hi = torch.where(mask[..., None], xy, -inf).amax(1)
     empty = ~mask.any(1)
     lo = torch.where(empty[:, None], torch.zeros_like(lo), lo)
     hi = torch.where(empty[:, None], torch.zeros_like(hi), hi)
-    s0, s1 = table.start[valid_segments, :2], table.end[valid_segments, :2]
-    bound = _aabb_gap(lo, hi, torch.minimum(s0, s1), torch.maximum(s0, s1))
-    if lower_bound_pad is not None:
-        bound = bound - lower_bound_pad[valid_segments][None]
-    first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices
-    guess = exact_fn(points, valid_segments[first][:, None, :])
-    worst = torch.where(mask, guess.min(-1).values, torch.zeros_like(guess[..., 0])).amax(1).sqrt()
-    keep = bound <= worst[:, None] + 1e-4
-    count = int(keep.sum(1).max())
-    order = torch.sort(torch.where(keep, torch.arange(keep.shape[1], device=keep.device)[None],
-                                   torch.full_like(keep, keep.shape[1], dtype=torch.int64)), dim=1).values
-    order = order[:, :count]
+    keeps = []
+    for g0 in range(0, points.shape[0], chunk):
+        g = slice(g0, g0 + chunk)
+        scene = group_scene[g]
+        gap = torch.maximum(seg_lo[scene] - hi[g, None], lo[g, None] - seg_hi[scene]).clamp_min(0)
+        bound = torch.sqrt(gap[..., 0] ** 2 + gap[..., 1] ** 2)
+        if slack is not None:
+            bound = bound - slack[scene]
+        bound = torch.where(seg_ok[scene], bound, torch.full_like(bound, float("inf")))
+        first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices
+        guess = sq_distance(points[g], table, segments[scene].gather(1, first)[:, None, :])
+        guess = guess.masked_fill(~seg_ok[scene].gather(1, first)[:, None, :], BIG)
+        worst = torch.where(mask[g], guess.amin(-1), torch.zeros_like(guess[..., 0])).amax(1).sqrt()
+        keeps.append(bound <= worst[:, None] + 1e-4)
+    keep = torch.cat(keeps)  # [G, V]
+    count = max(int(keep.sum(1).max()), 1)
+    local = torch.arange(keep.shape[1], device=points.device)
+    order = torch.where(keep, local, torch.full_like(local, keep.shape[1])).sort(dim=1).values[:, :count]
     ok = order < keep.shape[1]
-    index = valid_segments[order.clamp_max(keep.shape[1] - 1)]
-    return index, ok
+    return segments[group_scene[:, None], order.clamp_max(keep.shape[1] - 1)], ok
 
 
-STEPS_PER_GROUP = 1
-
-
-def _group_steps(x: torch.Tensor) -> torch.Tensor:
-    """``[E, T, N, ...]`` -> ``[E * ceil(T / k), k * N, ...]`` (steps padded by repetition)."""
-    E, T = x.shape[:2]
-    k = STEPS_PER_GROUP
-    pad = (-T) % k
-    if pad:
-        x = torch.cat([x, x[:, -1:].expand(-1, pad, *x.shape[2:])], dim=1)
-    return x.reshape(E * ((T + pad) // k), k * x.shape[2], *x.shape[3:])
-
-
-def _ungroup_steps(x: torch.Tensor, E: int, T: int) -> torch.Tensor:
-    """Inverse of :func:`_group_steps` for per-point results ``[G, k * N]`` -> ``[E, T, N]``."""
-    k = STEPS_PER_GROUP
-    steps = -(-T // k) * k
-    return x.reshape(E, steps, -1)[:, :T]
-
-
-def _nearest_segments(points: torch.Tensor, mask: torch.Tensor, table: PolylineTable,
-                      distance_fn, lower_bound_pad: torch.Tensor | None = None,
+def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, pad=None,
                       chunk: int = 256) -> torch.Tensor:
-    """Index of the nearest valid segment (by ``distance_fn``) for every point ``[G, N]``.
-
-    ``points`` ``[G, N, D]`` are grouped (one object at one step, all rollouts), so each
-    group's candidate segments are few; ties go to the lowest index, as ``argmin`` over
-    the full table would. Masked points get an arbitrary (but valid) index.
-    """
-    index, ok = _candidates(points, mask, table, distance_fn, lower_bound_pad)
+    """Global index of the nearest valid segment for every point ``[G, N]`` (ties go to the
+    lowest index, as an argmin over the scenario's whole table would)."""
+    index, ok = _candidates(points, mask, group_scene, table, per_scene, sq_distance, pad)
     out = torch.empty(points.shape[:2], dtype=torch.int64, device=points.device)
     for g0 in range(0, points.shape[0], chunk):
         idx = index[g0:g0 + chunk]
-        d = distance_fn(points[g0:g0 + chunk], idx[:, None, :])  # segments broadcast over points
-        d = d.masked_fill(~ok[g0:g0 + chunk, None, :], BIG)
+        d = sq_distance(points[g0:g0 + chunk], table, idx[:, None, :])
+        d = d.masked_fill(~(ok[g0:g0 + chunk] & table.valid[idx])[:, None, :], BIG)
         out[g0:g0 + chunk] = idx.gather(1, d.argmin(-1))
     return out
 
 
 def distance_to_road_edge(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor,
-                          eval_index: torch.Tensor, edges: PolylineTable) -> torch.Tensor:
+                          eval_index: torch.Tensor, batch: WosacBatch) -> torch.Tensor:
     """Signed distance from each evaluated box to the road edge (positive = off the road),
-    the largest over the bottom corners. Returns ``[R, E, T]`` (-1e10 where invalid)."""
-    R, _, T, _ = xyzh.shape
-    if not bool(edges.valid.any()):
-        raise ValueError("the scenario has no road edges: distance to road edge is undefined")
-    box = xyzh[:, eval_index]
-    d = dims[eval_index].expand(R, -1, -1, -1)
+    the largest over the bottom corners. ``xyzh`` ``[B, R, A, T, 4]``, ``dims``
+    ``[B, A, T, 3]``, ``valid`` ``[B, R or 1, A, T]``, ``eval_index`` ``[B, E]``.
+    Returns ``[B, R, E, T]`` (-1e10 where invalid)."""
+    B, R, _, T, _ = xyzh.shape
+    edges = batch.road_edges
+    E = eval_index.shape[1]
+    box = take(xyzh.transpose(1, 2), eval_index).transpose(1, 2)  # [B, R, E, T, 4]
+    d = take(dims, eval_index)[:, None]  # [B, 1, E, T, 3]
     corners = box_corners(box[..., 0], box[..., 1], box[..., 3], d[..., 0], d[..., 1])
     z = (box[..., 2] - d[..., 2] / 2)[..., None, None].expand(*corners.shape[:-1], 1)
-    corners = torch.cat([corners, z], dim=-1)  # [R, E, T, 4, 3]
-    v = (valid if valid.shape[0] == R else valid.expand(R, -1, -1))[:, eval_index]
-    E = corners.shape[1]
-    # Groups: one object over STEPS_PER_GROUP steps, its 4 corners in every rollout.
-    points = _group_steps(corners.permute(1, 2, 0, 3, 4).reshape(E, T, R * 4, 3))
-    mask = _group_steps(v.permute(1, 2, 0)[..., None].expand(-1, -1, -1, 4).reshape(E, T, R * 4))
-
-    def distance_3d(p, index):
-        return _stretched_sq_distance(p, edges, index).masked_fill(~edges.valid[index], BIG)
-
-    seg = _nearest_segments(points, mask, edges, distance_3d)[..., None]  # [G, N, 1]
-    t, n, _, d2 = _segment_terms(points, edges, seg)
+    corners = torch.cat([corners, z], dim=-1)  # [B, R, E, T, 4, 3]
+    v = take(valid.expand(-1, R, -1, -1).transpose(1, 2), eval_index).transpose(1, 2)  # [B, R, E, T]
+    # Groups: one object at one step, its 4 corners in every rollout.
+    points = corners.permute(0, 2, 3, 1, 4, 5).reshape(B * E * T, R * 4, 3)
+    mask = v.permute(0, 2, 3, 1)[..., None].expand(-1, -1, -1, -1, 4).reshape(B * E * T, R * 4)
+    group_scene = torch.arange(B, device=xyzh.device).repeat_interleave(E * T)
+    if not bool(edges.valid.reshape(B, -1).any(1).all()):
+        missing = [batch.scenario_id[b] for b in range(B) if not bool(edges.valid.reshape(B, -1)[b].any())]
+        raise ValueError(f"scenarios {missing} have no road edges: distance to road edge is undefined")
+    seg = _nearest_segments(points, mask, group_scene, edges, batch.edges_per_scene,
+                            _stretched_sq_distance)[..., None]  # [G, N, 1]
+    start, end = edges.start[seg], edges.end[seg]
+    to_point = points[..., None, :] - start
+    direction = end - start
+    t = _projection(to_point, direction)
+    n = torch.sign(to_point[..., 0] * direction[..., 1] - to_point[..., 1] * direction[..., 0])
+    offset = to_point - direction * t.clamp(0.0, 1.0)[..., None]
+    d2 = torch.sqrt(offset[..., 0] ** 2 + offset[..., 1] ** 2)
     n_prior = _winding_sign(points, edges, edges.prior[seg])
     n_next = _winding_sign(points, edges, edges.next[seg])
     before = torch.where(edges.convex_before[seg], torch.maximum(n, n_prior), torch.minimum(n, n_prior))
     after = torch.where(edges.convex_after[seg], torch.maximum(n, n_next), torch.minimum(n, n_next))
     sign = torch.where((t < 0) & edges.prior_valid[seg], before,
                        torch.where((t > 1) & edges.next_valid[seg], after, n))
-    per_corner = _ungroup_steps((sign * d2)[..., 0], E, T).reshape(E, T, R, 4).permute(2, 0, 1, 3)
+    per_corner = (sign * d2)[..., 0].reshape(B, E, T, R, 4).permute(0, 3, 1, 2, 4)
     distance = per_corner.amax(-1)
     return torch.where(v, distance, torch.full_like(distance, -BIG))
 
 
-def _lane_match_sq_distance(points: torch.Tensor, table: PolylineTable, index: torch.Tensor) -> torch.Tensor:
-    """The reference's squared lane-matching distance |(p - s) + (e - s) t|^2 (sic: a plus
-    sign, so it is not the distance to the segment)."""
-    start, end = table.start[index], table.end[index]
-    to_point = points[..., None, :] - start
-    seg = end - start
-    norm2 = (seg * seg).sum(-1)
-    t = (to_point * seg).sum(-1)
-    t = torch.where(norm2 > 0, t / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(t))
-    offset = to_point + seg * t.clamp(0.0, 1.0)[..., None]
-    return offset[..., 0] ** 2 + offset[..., 1] ** 2
-
-
 def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor,
-                        scene: WosacScene) -> torch.Tensor:
+                        batch: WosacBatch) -> torch.Tensor:
     """Whether each evaluated object crosses a red light's stop point at each step.
-    Returns ``[R, E, T]`` over all T steps (the first step is never a crossing)."""
-    R, _, T, _ = xyzh.shape
-    E = eval_index.shape[0]
-    lanes = scene.lanes
-    if scene.signal_lane.numel() == 0 or not bool(lanes.valid.any()):
-        return torch.zeros((R, E, T), dtype=torch.bool, device=xyzh.device)
-    xy = xyzh[:, eval_index, :, :2]  # [R, E, T, 2]
-    v = (valid if valid.shape[0] == R else valid.expand(R, -1, -1))[:, eval_index]
-    points = _group_steps(xy.permute(1, 2, 0, 3))
-    mask = _group_steps(v.permute(1, 2, 0))
+    Shapes as in :func:`distance_to_road_edge`; returns ``[B, R, E, T]`` booleans over
+    all T steps (the first step is never a crossing)."""
+    B, R, _, T, _ = xyzh.shape
+    E = eval_index.shape[1]
+    lanes = batch.lanes
+    if not bool((batch.signal_lane >= 0).any()) or not bool(lanes.valid.any()):
+        return torch.zeros((B, R, E, T), dtype=torch.bool, device=xyzh.device)
+    xy = take(xyzh[..., :2].transpose(1, 2), eval_index).transpose(1, 2)  # [B, R, E, T, 2]
+    v = take(valid.expand(-1, R, -1, -1).transpose(1, 2), eval_index).transpose(1, 2)
+    points = xy.permute(0, 2, 3, 1, 4).reshape(B * E * T, R, 2)
+    mask = v.permute(0, 2, 3, 1).reshape(B * E * T, R)
+    group_scene = torch.arange(B, device=xyzh.device).repeat_interleave(E * T)
     seg_len = torch.linalg.norm(lanes.end - lanes.start, dim=-1)
+    nearest = _nearest_segments(points, mask, group_scene, lanes, batch.lanes_per_scene,
+                                _lane_match_sq_distance, pad=seg_len)
+    lane_id = batch.lane_id[lanes.owner[nearest]].reshape(B, E, T, R).permute(0, 3, 1, 2)
 
-    def distance(p, index):
-        return _lane_match_sq_distance(p, lanes, index).masked_fill(~lanes.valid[index], BIG)
-
-    nearest = _nearest_segments(points, mask, lanes, distance, lower_bound_pad=seg_len)
-    nearest_lane = lanes.owner[_ungroup_steps(nearest, E, T)].reshape(E, T, R).permute(2, 0, 1)
-    lane_id = scene.lane_id[nearest_lane]  # [R, E, T]
-
-    # The stop point's segment on the signal's lane, per step and signal.
-    match = scene.lane_id[None, :] == scene.signal_lane[:, None]  # [S, lanes]
-    lane_ok = match.any(1)
-    signal_lane_index = match.to(torch.int64).argmax(1)
-    segs_per_lane = lanes.start.shape[0] // max(scene.lane_id.shape[0], 1)
-    seg_index = signal_lane_index[:, None] * segs_per_lane + torch.arange(segs_per_lane, device=xy.device)
-    stops = scene.signal_stop  # [91, S, 2]
-    all_segs = seg_index.repeat(stops.shape[0], 1)  # [T * S, segments], step-major
-    d = _lane_match_sq_distance(stops.reshape(-1, 2), lanes, all_segs)
-    d = d.masked_fill(~lanes.valid[all_segs], BIG)
-    fence = all_segs.gather(-1, d.argmin(-1, keepdim=True))[:, 0]
-    fence = fence.reshape(stops.shape[0], -1)  # [T, S]
-    s0, s1 = lanes.start[fence], lanes.end[fence]  # [T, S, 2]
+    # The stop point's segment on the signal's lane, per scenario, step and signal.
+    polys = batch.lane_id.shape[0] // B
+    ids = batch.lane_id.reshape(B, polys)
+    match = (ids[:, None, :] == batch.signal_lane[:, :, None]) & (batch.signal_lane[:, :, None] >= 0)
+    lane_ok = match.any(-1)  # [B, S]
+    first_lane = match.to(torch.int64).argmax(-1)  # [B, S]
+    per_lane = batch.segments_per_lane  # [B]
+    j = torch.arange(int(per_lane.max()), device=xy.device)
+    local = first_lane[..., None] * per_lane[:, None, None] + j  # [B, S, L]
+    in_lane = j < per_lane[:, None, None]
+    segs = torch.arange(B, device=xy.device)[:, None, None] * batch.lanes_per_scene + local
+    segs = torch.where(in_lane, segs, torch.zeros_like(segs))
+    stops = batch.signal_stop  # [B, T, S, 2]
+    segs_t = segs[:, None].expand(-1, T, -1, -1)  # [B, T, S, L]
+    d = _lane_match_sq_distance(stops[..., None, :], lanes, segs_t[..., None, :])[..., 0, :]
+    d = d.masked_fill(~(lanes.valid[segs_t] & in_lane[:, None]), BIG)
+    fence = segs_t.gather(-1, d.argmin(-1, keepdim=True))[..., 0]  # [B, T, S]
+    s0, s1 = lanes.start[fence], lanes.end[fence]  # [B, T, S, 2]
     direction = s1 - s0
-    len2 = (direction * direction).sum(-1)
-    safe = torch.where(len2 > 0, len2, torch.ones_like(len2))
-    stop_t = torch.where(len2 > 0, ((stops - s0) * direction).sum(-1) / safe, torch.zeros_like(len2))
-    obj_t = ((xy[..., None, :] - s0) * direction).sum(-1)  # [R, E, T, S]
-    obj_t = torch.where(len2 > 0, obj_t / safe, torch.zeros_like(obj_t))
-    behind, ahead = obj_t < stop_t, obj_t > stop_t
+    stop_t = _projection(stops - s0, direction)  # [B, T, S]
+    obj_t = _projection(xy[..., None, :] - s0[:, None, None], direction[:, None, None])  # [B, R, E, T, S]
+    behind, ahead = obj_t < stop_t[:, None, None], obj_t > stop_t[:, None, None]
     crossed = torch.zeros_like(behind)
-    crossed[:, :, 1:] = behind[:, :, :-1] & ahead[:, :, 1:]
-    is_red = (scene.signal_state == RED_STATES[0]) | (scene.signal_state == RED_STATES[1])  # [T, S]
-    on_lane = lane_id[..., None] == scene.signal_lane
-    return (v[..., None] & on_lane & is_red & lane_ok & crossed).any(-1)
+    crossed[:, :, :, 1:] = behind[:, :, :, :-1] & ahead[:, :, :, 1:]
+    state = batch.signal_state
+    is_red = (state == RED_STATES[0]) | (state == RED_STATES[1])  # [B, T, S]
+    on_lane = lane_id[..., None] == batch.signal_lane[:, None, None, None, :]
+    return (v[..., None] & on_lane & is_red[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)
 
 
 def displacement(xyzh: torch.Tensor, log_xyzh: torch.Tensor, log_valid: torch.Tensor) -> torch.Tensor:
     """Per-object average 3D displacement from the log over the logged-valid steps of the
-    whole scenario (history included, where the error is zero). ``[R, E]``."""
+    whole scenario (history included, where the error is zero). ``[..., E]``."""
     error = torch.linalg.norm(xyzh[..., :3] - log_xyzh[..., :3], dim=-1)
     error = torch.where(log_valid, error, torch.zeros_like(error))
     return error.sum(-1) / log_valid.sum(-1).to(error.dtype)

@@ -83,6 +83,36 @@ def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
     )
 
 
+def stack_tables(tables: list[PolylineTable]) -> tuple[PolylineTable, int]:
+    """Pad per-scenario tables to one segment count and flatten them, scenario-major.
+
+    Segment ``k`` of scenario ``b`` gets the global index ``b * per_scene + k``; neighbour
+    and owner indices are shifted the same way (owners by ``b * polylines_per_scene``).
+    Returns the flat table and ``per_scene``.
+    """
+    per_scene = max(max(t.start.shape[0] for t in tables), 1)
+    polys = max(max((int(t.owner.max()) + 1) if t.owner.numel() else 0 for t in tables), 1)
+    parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(PolylineTable)}
+    for b, t in enumerate(tables):
+        n, pad = t.start.shape[0], per_scene - t.start.shape[0]
+        shift = b * per_scene
+        for f in dataclasses.fields(PolylineTable):
+            value = getattr(t, f.name)
+            if f.name in ("prior", "next"):
+                value = value + shift
+            elif f.name == "owner":
+                value = value + b * polys
+            if pad:
+                fill = torch.zeros((pad, *value.shape[1:]), dtype=value.dtype)
+                if f.name in ("prior", "next"):
+                    fill = torch.arange(n, per_scene, dtype=value.dtype) + shift
+                elif f.name == "owner":
+                    fill = torch.full((pad,), b * polys, dtype=value.dtype)
+                value = torch.cat([value, fill])
+            parts[f.name].append(value)
+    return PolylineTable(**{k: torch.cat(v) for k, v in parts.items()}), per_scene
+
+
 @dataclass
 class WosacScene:
     """One scenario's inputs to the WOSAC features (see the module docstring)."""
@@ -160,13 +190,100 @@ class WosacScene:
             current_time_index=cur,
         )
 
+
+@dataclass
+class WosacBatch:
+    """B scenes padded to A objects, E evaluated objects and S signals; polyline tables
+    flattened scenario-major (see :func:`stack_tables`). Padding objects are never valid."""
+
+    scenario_id: list[str]
+    object_type: torch.Tensor  # [B, A]
+    object_mask: torch.Tensor  # [B, A]
+    eval_index: torch.Tensor  # [B, E]
+    eval_mask: torch.Tensor  # [B, E]
+    log_xyzh: torch.Tensor  # [B, A, 91, 4]
+    log_valid: torch.Tensor  # [B, A, 91]
+    dims: torch.Tensor  # [B, A, 91, 3]
+    road_edges: PolylineTable
+    edges_per_scene: int
+    lanes: PolylineTable
+    lanes_per_scene: int
+    lane_id: torch.Tensor  # [B * lanes per scene], -1 for padding
+    segments_per_lane: torch.Tensor  # [B] (each scenario pads its lanes to its longest)
+    signal_lane: torch.Tensor  # [B, S], -1 for padding
+    signal_state: torch.Tensor  # [B, 91, S]
+    signal_stop: torch.Tensor  # [B, 91, S, 2]
+    current_time_index: int = 10
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.scenario_id)
+
+    @classmethod
+    def from_scenes(cls, scenes: list[WosacScene]) -> "WosacBatch":
+        if not scenes:
+            raise ValueError("no scenes to batch")
+        B = len(scenes)
+        A = max(s.num_objects for s in scenes)
+        E = max(int(s.eval_index.numel()) for s in scenes)
+        S = max(max(int(s.signal_lane.numel()) for s in scenes), 1)
+        steps = scenes[0].log_xyzh.shape[1]
+        if any(s.log_xyzh.shape[1] != steps for s in scenes):
+            raise ValueError("scenes disagree on the number of steps")
+
+        def pad(tensors, size, fill=0):
+            out = []
+            for t in tensors:
+                extra = size - t.shape[0]
+                out.append(torch.cat([t, torch.full((extra, *t.shape[1:]), fill, dtype=t.dtype)]) if extra else t)
+            return torch.stack(out)
+
+        edges, edges_per_scene = stack_tables([s.road_edges for s in scenes])
+        lanes, lanes_per_scene = stack_tables([s.lanes for s in scenes])
+        polys = max(max(int(s.lane_id.numel()) for s in scenes), 1)
+        lane_id = torch.cat([torch.cat([s.lane_id, torch.full((polys - s.lane_id.numel(),), -1, dtype=torch.int64)])
+                             for s in scenes])
+        signal_state = torch.zeros((B, steps, S), dtype=torch.int64)
+        signal_stop = torch.zeros((B, steps, S, 2), dtype=torch.float32)
+        signal_lane = torch.full((B, S), -1, dtype=torch.int64)
+        for b, s in enumerate(scenes):
+            n = s.signal_lane.numel()
+            signal_lane[b, :n] = s.signal_lane
+            signal_state[b, :, :n] = s.signal_state
+            signal_stop[b, :, :n] = s.signal_stop
+        return cls(
+            scenario_id=[s.scenario_id for s in scenes],
+            object_type=pad([s.object_type for s in scenes], A, -1),
+            object_mask=pad([torch.ones(s.num_objects, dtype=torch.bool) for s in scenes], A, False),
+            eval_index=pad([s.eval_index for s in scenes], E, 0),
+            eval_mask=pad([torch.ones(s.eval_index.numel(), dtype=torch.bool) for s in scenes], E, False),
+            log_xyzh=pad([s.log_xyzh for s in scenes], A),
+            log_valid=pad([s.log_valid for s in scenes], A, False),
+            dims=pad([s.dims for s in scenes], A, 1.0),
+            road_edges=edges, edges_per_scene=edges_per_scene,
+            lanes=lanes, lanes_per_scene=lanes_per_scene, lane_id=lane_id,
+            segments_per_lane=torch.tensor([s.lanes.start.shape[0] // max(s.lane_id.numel(), 1)
+                                            for s in scenes], dtype=torch.int64),
+            signal_lane=signal_lane, signal_state=signal_state, signal_stop=signal_stop,
+            current_time_index=scenes[0].current_time_index,
+        )
+
+    def to(self, device) -> "WosacBatch":
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (torch.Tensor, PolylineTable)):
+                changes[f.name] = value.to(device)
+        return dataclasses.replace(self, **changes)
+
     def simulated(self, trajectories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-length trajectories ``[R, A, 91, 4]`` and validity ``[A, 91]`` for rollouts
-        ``[R, A, 80, 4]``: logged history, simulated future (always valid)."""
+        """Full trajectories ``[B, R, A, 91, 4]`` and validity ``[B, 1, A, 91]`` for
+        rollouts ``[B, R, A, 80, 4]``: logged history, simulated future (valid for real
+        objects)."""
         cur = self.current_time_index
-        rollouts = trajectories.shape[0]
-        history = self.log_xyzh[None, :, : cur + 1].expand(rollouts, -1, -1, -1)
-        full = torch.cat([history, trajectories.to(self.log_xyzh.dtype)], dim=2)
-        valid = torch.cat([self.log_valid[:, : cur + 1],
-                           torch.ones_like(self.log_valid[:, cur + 1:])], dim=1)
-        return full, valid
+        B, R = trajectories.shape[:2]
+        history = self.log_xyzh[:, None, :, : cur + 1].expand(-1, R, -1, -1, -1)
+        full = torch.cat([history, trajectories.to(self.log_xyzh.dtype)], dim=3)
+        future = self.object_mask[:, :, None].expand(-1, -1, self.log_valid.shape[2] - cur - 1)
+        valid = torch.cat([self.log_valid[:, :, : cur + 1], future], dim=2)
+        return full, valid[:, None]
