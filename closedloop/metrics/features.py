@@ -155,9 +155,9 @@ def _winding_sign(points: torch.Tensor, table: PolylineTable, index: torch.Tenso
     return torch.sign(to_point[..., 0] * seg[..., 1] - to_point[..., 1] * seg[..., 0])
 
 
-def _valid_segments(table: PolylineTable, per_scene: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _valid_segments(valid: torch.Tensor, per_scene: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Global indices ``[B, V]`` (ascending) of each scenario's valid segments, padded."""
-    valid = table.valid.reshape(-1, per_scene)
+    valid = valid.reshape(-1, per_scene)
     local = torch.arange(per_scene, device=valid.device)
     order = torch.where(valid, local, torch.full_like(local, per_scene)).sort(dim=1).values
     count = max(int(valid.sum(1).max()), 1)
@@ -167,18 +167,19 @@ def _valid_segments(table: PolylineTable, per_scene: int) -> tuple[torch.Tensor,
     return base + order.clamp_max(per_scene - 1), ok
 
 
-def _candidates(points, mask, group_scene, table, per_scene, sq_distance, pad=None,
-                initial: int = 32, chunk: int = 512):
+def _candidates(points, mask, group_scene, table, sq_distance, segments, seg_ok,
+                start_bound: bool = False, initial: int = 32):
     """Per group of points, the segments (global indices, ascending) that provably contain
-    each point's nearest valid segment: those whose bounding box lies within the worst
-    best-distance of a first guess. ``points`` ``[G, N, D]``, ``mask`` ``[G, N]``,
-    ``group_scene`` ``[G]``; ``sq_distance`` is the squared argmin distance, whose root
-    is at least the 2D box gap (minus ``pad`` per segment). Returns ``[G, K]`` and validity.
+    each point's nearest ``valid`` segment: those whose bounding box (or start point, with
+    ``start_bound``) lies within the worst best-distance of a first guess.
+    ``points`` ``[G, N, D]``, ``mask`` ``[G, N]``, ``group_scene`` ``[G]``; ``segments``
+    ``[B, V]`` are the valid segments of each scenario (:func:`_valid_segments`); the root
+    of ``sq_distance`` must be at least the 2D distance to that box. Returns ``[G, K]``
+    (ascending) and validity.
     """
-    segments, seg_ok = _valid_segments(table, per_scene)  # [B, V]
-    seg_lo = torch.minimum(table.start[segments, :2], table.end[segments, :2])  # [B, V, 2]
-    seg_hi = torch.maximum(table.start[segments, :2], table.end[segments, :2])
-    slack = None if pad is None else pad[segments]
+    start = table.start[segments, :2]
+    end = start if start_bound else table.end[segments, :2]
+    seg_lo, seg_hi = torch.minimum(start, end), torch.maximum(start, end)  # [B, V, 2]
     xy = points[..., :2]
     inf = torch.full_like(xy, float("inf"))
     lo = torch.where(mask[..., None], xy, inf).amin(1)
@@ -186,39 +187,61 @@ def _candidates(points, mask, group_scene, table, per_scene, sq_distance, pad=No
     empty = ~mask.any(1)
     lo = torch.where(empty[:, None], torch.zeros_like(lo), lo)
     hi = torch.where(empty[:, None], torch.zeros_like(hi), hi)
-    keeps = []
-    for g0 in range(0, points.shape[0], chunk):
-        g = slice(g0, g0 + chunk)
-        scene = group_scene[g]
-        gap = torch.maximum(seg_lo[scene] - hi[g, None], lo[g, None] - seg_hi[scene]).clamp_min(0)
-        bound = torch.sqrt(gap[..., 0] ** 2 + gap[..., 1] ** 2)
-        if slack is not None:
-            bound = bound - slack[scene]
-        bound = torch.where(seg_ok[scene], bound, torch.full_like(bound, float("inf")))
-        first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices
-        guess = sq_distance(points[g], table, segments[scene].gather(1, first)[:, None, :])
-        guess = guess.masked_fill(~seg_ok[scene].gather(1, first)[:, None, :], BIG)
-        worst = torch.where(mask[g], guess.amin(-1), torch.zeros_like(guess[..., 0])).amax(1).sqrt()
-        keeps.append(bound <= worst[:, None] + 1e-4)
-    keep = torch.cat(keeps)  # [G, V]
+    scene = group_scene
+    gap = torch.maximum(seg_lo[scene] - hi[:, None], lo[:, None] - seg_hi[scene]).clamp_min(0)
+    bound = torch.sqrt(gap[..., 0] ** 2 + gap[..., 1] ** 2)
+    bound = torch.where(seg_ok[scene], bound, torch.full_like(bound, float("inf")))
+    first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices
+    guess = sq_distance(points, table, segments[scene].gather(1, first)[:, None, :])
+    guess = guess.masked_fill(~seg_ok[scene].gather(1, first)[:, None, :], BIG)
+    worst = torch.where(mask, guess.amin(-1), torch.zeros_like(guess[..., 0])).amax(1).sqrt()
+    keep = bound <= worst[:, None] + 1e-4  # [G, V]
+    # Compact the kept columns to the left, in ascending order, without sorting.
     count = max(int(keep.sum(1).max()), 1)
-    local = torch.arange(keep.shape[1], device=points.device)
-    order = torch.where(keep, local, torch.full_like(local, keep.shape[1])).sort(dim=1).values[:, :count]
+    slot = torch.where(keep, keep.cumsum(1) - 1, torch.full_like(bound, count, dtype=torch.int64))
+    order = torch.full((keep.shape[0], count + 1), keep.shape[1], dtype=torch.int64, device=points.device)
+    order.scatter_(1, slot, torch.arange(keep.shape[1], device=points.device).expand_as(slot))
+    order = order[:, :count]
     ok = order < keep.shape[1]
-    return segments[group_scene[:, None], order.clamp_max(keep.shape[1] - 1)], ok
+    return segments[scene[:, None], order.clamp_max(keep.shape[1] - 1)], ok
 
 
-def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, pad=None,
-                      chunk: int = 256) -> torch.Tensor:
-    """Global index of the nearest valid segment for every point ``[G, N]`` (ties go to the
-    lowest index, as an argmin over the scenario's whole table would)."""
-    index, ok = _candidates(points, mask, group_scene, table, per_scene, sq_distance, pad)
-    out = torch.empty(points.shape[:2], dtype=torch.int64, device=points.device)
-    for g0 in range(0, points.shape[0], chunk):
-        idx = index[g0:g0 + chunk]
-        d = sq_distance(points[g0:g0 + chunk], table, idx[:, None, :])
-        d = d.masked_fill(~(ok[g0:g0 + chunk] & table.valid[idx])[:, None, :], BIG)
-        out[g0:g0 + chunk] = idx.gather(1, d.argmin(-1))
+SPLIT_EXTENT = 10.0  # metres: groups of points spread wider are searched per rollout
+
+
+def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, valid,
+                      start_bound: bool = False, per_rollout: int = 1,
+                      chunk: int = 128) -> torch.Tensor:
+    """Global index of the nearest ``valid`` segment for every point ``[G, N]`` (ties go to
+    the lowest index, as an argmin over the scenario's whole table would).
+
+    A group's points are ``N = R * per_rollout`` (rollout-major). Groups whose rollouts
+    spread wider than ``SPLIT_EXTENT`` are searched one rollout at a time, so that every
+    search covers a small area and has few candidate segments.
+    """
+    xy = points[..., :2]
+    inf = torch.full_like(xy, float("inf"))
+    extent = (torch.where(mask[..., None], xy, -inf).amax(1)
+              - torch.where(mask[..., None], xy, inf).amin(1)).amax(-1)
+    spread = extent > SPLIT_EXTENT
+    segments, seg_ok = _valid_segments(valid, per_scene)
+    out = torch.zeros(points.shape[:2], dtype=torch.int64, device=points.device)
+    jobs = [(~spread, 1), (spread, points.shape[1] // per_rollout)]
+    for which, parts in jobs:
+        groups = torch.nonzero(which).squeeze(-1)
+        if groups.numel() == 0:
+            continue
+        p = points[groups].reshape(groups.numel() * parts, -1, points.shape[-1])
+        m = mask[groups].reshape(groups.numel() * parts, -1)
+        scene = group_scene[groups].repeat_interleave(parts)
+        found = torch.empty(p.shape[:2], dtype=torch.int64, device=points.device)
+        for g0 in range(0, p.shape[0], chunk):
+            g = slice(g0, g0 + chunk)
+            idx, ok = _candidates(p[g], m[g], scene[g], table, sq_distance, segments, seg_ok, start_bound)
+            d = sq_distance(p[g], table, idx[:, None, :])
+            d = d.masked_fill(~(ok & valid[idx])[:, None, :], BIG)
+            found[g] = idx.gather(1, d.argmin(-1))
+        out[groups] = found.reshape(groups.numel(), -1)
     return out
 
 
@@ -245,7 +268,7 @@ def distance_to_road_edge(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.T
         missing = [batch.scenario_id[b] for b in range(B) if not bool(edges.valid.reshape(B, -1)[b].any())]
         raise ValueError(f"scenarios {missing} have no road edges: distance to road edge is undefined")
     seg = _nearest_segments(points, mask, group_scene, edges, batch.edges_per_scene,
-                            _stretched_sq_distance)[..., None]  # [G, N, 1]
+                            _stretched_sq_distance, edges.valid, per_rollout=4)[..., None]
     start, end = edges.start[seg], edges.end[seg]
     to_point = points[..., None, :] - start
     direction = end - start
@@ -268,21 +291,20 @@ def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: tor
                         batch: WosacBatch) -> torch.Tensor:
     """Whether each evaluated object crosses a red light's stop point at each step.
     Shapes as in :func:`distance_to_road_edge`; returns ``[B, R, E, T]`` booleans over
-    all T steps (the first step is never a crossing)."""
+    all T steps (the first step is never a crossing).
+
+    A violation needs a crossing of the stop point on red *and* the object's nearest lane
+    being the signal's lane; crossings on red are rare, so the nearest lane is searched
+    only for the points where one happens.
+    """
     B, R, _, T, _ = xyzh.shape
     E = eval_index.shape[1]
     lanes = batch.lanes
+    none = torch.zeros((B, R, E, T), dtype=torch.bool, device=xyzh.device)
     if not bool((batch.signal_lane >= 0).any()) or not bool(lanes.valid.any()):
-        return torch.zeros((B, R, E, T), dtype=torch.bool, device=xyzh.device)
+        return none
     xy = take(xyzh[..., :2].transpose(1, 2), eval_index).transpose(1, 2)  # [B, R, E, T, 2]
     v = take(valid.expand(-1, R, -1, -1).transpose(1, 2), eval_index).transpose(1, 2)
-    points = xy.permute(0, 2, 3, 1, 4).reshape(B * E * T, R, 2)
-    mask = v.permute(0, 2, 3, 1).reshape(B * E * T, R)
-    group_scene = torch.arange(B, device=xyzh.device).repeat_interleave(E * T)
-    seg_len = torch.linalg.norm(lanes.end - lanes.start, dim=-1)
-    nearest = _nearest_segments(points, mask, group_scene, lanes, batch.lanes_per_scene,
-                                _lane_match_sq_distance, pad=seg_len)
-    lane_id = batch.lane_id[lanes.owner[nearest]].reshape(B, E, T, R).permute(0, 3, 1, 2)
 
     # The stop point's segment on the signal's lane, per scenario, step and signal.
     polys = batch.lane_id.shape[0] // B
@@ -299,7 +321,7 @@ def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: tor
     stops = batch.signal_stop  # [B, T, S, 2]
     segs_t = segs[:, None].expand(-1, T, -1, -1)  # [B, T, S, L]
     d = _lane_match_sq_distance(stops[..., None, :], lanes, segs_t[..., None, :])[..., 0, :]
-    d = d.masked_fill(~(lanes.valid[segs_t] & in_lane[:, None]), BIG)
+    d = d.masked_fill(~(lanes.start_valid[segs_t] & in_lane[:, None]), BIG)
     fence = segs_t.gather(-1, d.argmin(-1, keepdim=True))[..., 0]  # [B, T, S]
     s0, s1 = lanes.start[fence], lanes.end[fence]  # [B, T, S, 2]
     direction = s1 - s0
@@ -310,8 +332,21 @@ def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: tor
     crossed[:, :, :, 1:] = behind[:, :, :, :-1] & ahead[:, :, :, 1:]
     state = batch.signal_state
     is_red = (state == RED_STATES[0]) | (state == RED_STATES[1])  # [B, T, S]
-    on_lane = lane_id[..., None] == batch.signal_lane[:, None, None, None, :]
-    return (v[..., None] & on_lane & is_red[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)
+    suspect = v[..., None] & is_red[:, None, None] & lane_ok[:, None, None, None] & crossed
+    where = torch.nonzero(suspect.any(-1))  # [P, 4] (b, r, e, t)
+    if where.shape[0] == 0:
+        return none
+    b, r, e, t = where.unbind(1)
+    # The reference keeps a lane segment when its start point is real, so each lane's last
+    # point also starts a "segment" towards the zero padding; its distance is never below
+    # the distance to the start point, which bounds the search.
+    nearest = _nearest_segments(xy[b, r, e, t][:, None], torch.ones_like(b, dtype=torch.bool)[:, None],
+                                b, lanes, batch.lanes_per_scene, _lane_match_sq_distance,
+                                lanes.start_valid, start_bound=True)[:, 0]
+    lane_id = batch.lane_id[lanes.owner[nearest]]  # [P]
+    hit = (suspect[b, r, e, t] & (lane_id[:, None] == batch.signal_lane[b])).any(-1)
+    none[b, r, e, t] = hit
+    return none
 
 
 def displacement(xyzh: torch.Tensor, log_xyzh: torch.Tensor, log_valid: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ class PolylineTable:
 
     start: torch.Tensor  # [S, D]
     end: torch.Tensor  # [S, D]
-    valid: torch.Tensor  # [S]
+    valid: torch.Tensor  # [S] both end points are real
+    start_valid: torch.Tensor  # [S] the start point is real (the reference's lane matching)
     owner: torch.Tensor  # [S] polyline index
     prior: torch.Tensor  # [S] index of the segment before (wrapping for cyclic ones)
     next: torch.Tensor  # [S]
@@ -51,7 +52,7 @@ def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
     count = len(polylines)
     if count == 0:
         empty = torch.zeros(0)
-        return PolylineTable(torch.zeros(0, dims), torch.zeros(0, dims), empty.bool(),
+        return PolylineTable(torch.zeros(0, dims), torch.zeros(0, dims), empty.bool(), empty.bool(),
                              empty.long(), empty.long(), empty.long(), empty.bool(),
                              empty.bool(), empty.bool(), empty.bool())
     length = max(len(p) for p in polylines)
@@ -75,7 +76,7 @@ def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
     t = torch.from_numpy
     return PolylineTable(
         start=t(start.reshape(-1, dims)), end=t(end.reshape(-1, dims)),
-        valid=t(valid.reshape(-1)), owner=t(np.repeat(np.arange(count), segs)),
+        valid=t(valid.reshape(-1)), start_valid=t(point_valid[:, :-1].reshape(-1)), owner=t(np.repeat(np.arange(count), segs)),
         prior=t((base + prior).reshape(-1)), next=t((base + nxt).reshape(-1)),
         prior_valid=t(np.take_along_axis(valid, prior, 1).reshape(-1)),
         next_valid=t(np.take_along_axis(valid, nxt, 1).reshape(-1)),
