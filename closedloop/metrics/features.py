@@ -155,31 +155,40 @@ def _winding_sign(points: torch.Tensor, table: PolylineTable, index: torch.Tenso
     return torch.sign(to_point[..., 0] * seg[..., 1] - to_point[..., 1] * seg[..., 0])
 
 
-def _valid_segments(valid: torch.Tensor, per_scene: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global indices ``[B, V]`` (ascending) of each scenario's valid segments, padded."""
-    valid = valid.reshape(-1, per_scene)
-    local = torch.arange(per_scene, device=valid.device)
-    order = torch.where(valid, local, torch.full_like(local, per_scene)).sort(dim=1).values
-    count = max(int(valid.sum(1).max()), 1)
-    order = order[:, :count]
-    ok = order < per_scene
-    base = torch.arange(valid.shape[0], device=valid.device)[:, None] * per_scene
-    return base + order.clamp_max(per_scene - 1), ok
+BLOCK = 16  # consecutive segments searched together
 
 
-def _candidates(points, mask, group_scene, table, sq_distance, segments, seg_ok,
-                start_bound: bool = False, initial: int = 32):
+def _blocks(table: PolylineTable, per_scene: int, valid: torch.Tensor, start_bound: bool):
+    """Bounding boxes ``[B, P, 2]`` of blocks of BLOCK consecutive valid segments (of
+    their start points with ``start_bound``) and whether a block has any valid segment."""
+    start = table.start[:, :2]
+    end = start if start_bound else table.end[:, :2]
+    inf = torch.full_like(start, float("inf"))
+    lo = torch.where(valid[:, None], torch.minimum(start, end), inf)
+    hi = torch.where(valid[:, None], torch.maximum(start, end), -inf)
+    pad = (-per_scene) % BLOCK
+    B = valid.shape[0] // per_scene
+
+    def blocked(x, fill):
+        x = x.reshape(B, per_scene, *x.shape[1:])
+        if pad:
+            x = torch.cat([x, torch.full((B, pad, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)], 1)
+        return x.reshape(B, -1, BLOCK, *x.shape[2:])
+
+    return (blocked(lo, float("inf")).amin(2), blocked(hi, float("-inf")).amax(2),
+            blocked(valid, False).any(2))
+
+
+def _candidates(points, mask, group_scene, table, per_scene, sq_distance, valid, blocks,
+                initial: int = 4):
     """Per group of points, the segments (global indices, ascending) that provably contain
-    each point's nearest ``valid`` segment: those whose bounding box (or start point, with
-    ``start_bound``) lies within the worst best-distance of a first guess.
-    ``points`` ``[G, N, D]``, ``mask`` ``[G, N]``, ``group_scene`` ``[G]``; ``segments``
-    ``[B, V]`` are the valid segments of each scenario (:func:`_valid_segments`); the root
-    of ``sq_distance`` must be at least the 2D distance to that box. Returns ``[G, K]``
-    (ascending) and validity.
+    each point's nearest ``valid`` segment: the blocks of segments whose bounding box lies
+    within the worst best-distance of a first guess (the ``initial`` nearest blocks).
+    ``points`` ``[G, N, D]``, ``mask`` ``[G, N]``, ``group_scene`` ``[G]``; the root of
+    ``sq_distance`` must be at least the 2D distance to the blocks' boxes. Returns
+    ``[G, K]`` and validity.
     """
-    start = table.start[segments, :2]
-    end = start if start_bound else table.end[segments, :2]
-    seg_lo, seg_hi = torch.minimum(start, end), torch.maximum(start, end)  # [B, V, 2]
+    block_lo, block_hi, block_ok = blocks
     xy = points[..., :2]
     inf = torch.full_like(xy, float("inf"))
     lo = torch.where(mask[..., None], xy, inf).amin(1)
@@ -188,22 +197,30 @@ def _candidates(points, mask, group_scene, table, sq_distance, segments, seg_ok,
     lo = torch.where(empty[:, None], torch.zeros_like(lo), lo)
     hi = torch.where(empty[:, None], torch.zeros_like(hi), hi)
     scene = group_scene
-    gap = torch.maximum(seg_lo[scene] - hi[:, None], lo[:, None] - seg_hi[scene]).clamp_min(0)
+    gap = torch.maximum(block_lo[scene] - hi[:, None], lo[:, None] - block_hi[scene]).clamp_min(0)
     bound = torch.sqrt(gap[..., 0] ** 2 + gap[..., 1] ** 2)
-    bound = torch.where(seg_ok[scene], bound, torch.full_like(bound, float("inf")))
-    first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices
-    guess = sq_distance(points, table, segments[scene].gather(1, first)[:, None, :])
-    guess = guess.masked_fill(~seg_ok[scene].gather(1, first)[:, None, :], BIG)
+    bound = torch.where(block_ok[scene], bound, torch.full_like(bound, float("inf")))  # [G, nb]
+
+    def segments_of(block_index):  # [G, k] blocks -> [G, k * BLOCK] global segment indices
+        local = block_index[..., None] * BLOCK + torch.arange(BLOCK, device=points.device)
+        local = local.reshape(block_index.shape[0], -1)
+        ok = local < per_scene
+        return scene[:, None] * per_scene + local.clamp_max(per_scene - 1), ok
+
+    first = bound.topk(min(initial, bound.shape[1]), dim=1, largest=False).indices.sort(1).values
+    guess_index, guess_ok = segments_of(first)
+    guess = sq_distance(points, table, guess_index[:, None, :])
+    guess = guess.masked_fill(~(guess_ok & valid[guess_index])[:, None, :], BIG)
     worst = torch.where(mask, guess.amin(-1), torch.zeros_like(guess[..., 0])).amax(1).sqrt()
-    keep = bound <= worst[:, None] + 1e-4  # [G, V]
-    # Compact the kept columns to the left, in ascending order, without sorting.
+    keep = bound <= worst[:, None] + 1e-4  # [G, nb]
+    # Compact the kept blocks to the left, in ascending order, without sorting.
     count = max(int(keep.sum(1).max()), 1)
     slot = torch.where(keep, keep.cumsum(1) - 1, torch.full_like(bound, count, dtype=torch.int64))
     order = torch.full((keep.shape[0], count + 1), keep.shape[1], dtype=torch.int64, device=points.device)
     order.scatter_(1, slot, torch.arange(keep.shape[1], device=points.device).expand_as(slot))
     order = order[:, :count]
-    ok = order < keep.shape[1]
-    return segments[scene[:, None], order.clamp_max(keep.shape[1] - 1)], ok
+    index, ok = segments_of(order.clamp_max(keep.shape[1] - 1))
+    return index, ok & (order < keep.shape[1]).repeat_interleave(BLOCK, dim=1)
 
 
 SPLIT_EXTENT = 10.0  # metres: groups of points spread wider are searched per rollout
@@ -224,7 +241,7 @@ def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, 
     extent = (torch.where(mask[..., None], xy, -inf).amax(1)
               - torch.where(mask[..., None], xy, inf).amin(1)).amax(-1)
     spread = extent > SPLIT_EXTENT
-    segments, seg_ok = _valid_segments(valid, per_scene)
+    blocks = _blocks(table, per_scene, valid, start_bound)
     out = torch.zeros(points.shape[:2], dtype=torch.int64, device=points.device)
     jobs = [(~spread, 1), (spread, points.shape[1] // per_rollout)]
     for which, parts in jobs:
@@ -237,7 +254,7 @@ def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, 
         found = torch.empty(p.shape[:2], dtype=torch.int64, device=points.device)
         for g0 in range(0, p.shape[0], chunk):
             g = slice(g0, g0 + chunk)
-            idx, ok = _candidates(p[g], m[g], scene[g], table, sq_distance, segments, seg_ok, start_bound)
+            idx, ok = _candidates(p[g], m[g], scene[g], table, per_scene, sq_distance, valid, blocks)
             d = sq_distance(p[g], table, idx[:, None, :])
             d = d.masked_fill(~(ok & valid[idx])[:, None, :], BIG)
             found[g] = idx.gather(1, d.argmin(-1))
