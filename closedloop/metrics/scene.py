@@ -137,14 +137,6 @@ class WosacScene:
     def num_objects(self) -> int:
         return int(self.object_id.shape[0])
 
-    def to(self, device) -> "WosacScene":
-        changes = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (torch.Tensor, PolylineTable)):
-                changes[f.name] = value.to(device)
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> "WosacScene":
         cur = scenario.current_time_index
