@@ -83,11 +83,11 @@ def prepare_cache(
     (out / "shards").mkdir(parents=True, exist_ok=True)
     sources = [p.resolve() for p in expand_paths(paths)]
     done = {s["source"]: s for s in _read_manifest(out) if (out / "shards" / s["file"]).exists()}
-    todo = [s for s in sources if str(s) not in done]
+    pending = [s for s in sources if str(s) not in done]
     shards = list(done.values())
-    bar = tqdm(total=len(sources), initial=len(sources) - len(todo), unit="shard",
+    bar = tqdm(total=len(sources), initial=len(sources) - len(pending), unit="shard",
                desc="prepare", disable=not progress)
-    jobs = [(str(s), str(out / "shards" / _shard_name(s)), on_error) for s in todo]
+    jobs = [(str(s), str(out / "shards" / _shard_name(s)), on_error) for s in pending]
     try:
         if workers <= 1:
             for job in jobs:
@@ -105,7 +105,7 @@ def prepare_cache(
         bar.close()
     _write_manifest(out, shards)
     return {
-        "converted": len(todo), "reused": len(sources) - len(todo),
+        "converted": len(pending), "reused": len(sources) - len(pending),
         "scenarios": sum(s["count"] for s in shards if Path(s["source"]) in set(sources)),
         "skipped": sum(s["skipped"] for s in shards),
     }
