@@ -123,6 +123,31 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from closedloop.agents.baselines import POLICIES
+    from closedloop.data.womd import read_scenarios
+    from closedloop.envs.dynamics import make_dynamics
+    from closedloop.envs.rollout import rollout_scenarios, write_rollouts
+
+    vocabulary = None
+    if args.vocabulary:
+        vocabulary = torch.from_numpy(np.load(args.vocabulary, allow_pickle=False)).float()
+    dynamics = make_dynamics(args.dynamics, vocabulary=vocabulary, chunk=args.chunk)
+    scenarios = list(read_scenarios(args.data))
+    results = rollout_scenarios(scenarios, POLICIES[args.policy](), dynamics, args.num_rollouts,
+                                batch_size=args.batch_size, device=args.device, seed=args.seed)
+    start = time.perf_counter()
+    paths = write_rollouts(tqdm(results, total=len(scenarios), desc="rollout", unit="scenario",
+                                disable=args.quiet, file=sys.stderr), args.out)
+    print(f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
+          f"dynamics {args.dynamics}) to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo
 
@@ -166,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    from closedloop.agents.baselines import POLICIES
+    from closedloop.envs.dynamics import DYNAMICS
+
+    p = sub.add_parser("rollout", help="roll a policy out and write rollout files")
+    p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="expert")
+    p.add_argument("--dynamics", choices=DYNAMICS, default="delta_global")
+    p.add_argument("--num-rollouts", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for <scenario_id>.npz files")
+    p.add_argument("--batch-size", type=int, default=8, help="scenarios simulated together")
+    p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
+    p.add_argument("--vocabulary", help="a .npy token vocabulary [V, k, 3] for --dynamics tokens")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_rollout)
 
     p = sub.add_parser("metrics", help="score rollouts with the WOSAC realism metrics")
     p.add_argument("--data", required=True, nargs="+", help="the scenarios (TFRecords, dirs, globs)")

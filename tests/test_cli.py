@@ -194,3 +194,15 @@ def test_submit_cli_packs_and_validates(tmp_path, rollout_dir, scenario_file, re
                "--authors", "a", "--account", "a@b.c", check=False)
     assert proc.returncode == 2 and "31 rollouts" in proc.stderr and "x.npz" in proc.stderr
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_rollout_then_metrics(tmp_path, scenario_file):
+    out = tmp_path / "rollouts"
+    proc = run("rollout", "--data", scenario_file, "--policy", "expert", "--dynamics", "bicycle",
+               "--num-rollouts", 2, "--out", out, "--quiet")
+    assert "wrote 1 rollout files" in proc.stdout
+    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out,
+                                       "--json").stdout.splitlines()]
+    assert rows[0]["min_average_displacement_error"] < 0.2
+    proc = run("rollout", "--data", scenario_file, "--dynamics", "tokens", "--out", out, check=False)
+    assert proc.returncode == 2 and "vocabulary" in proc.stderr

@@ -1,0 +1,150 @@
+"""The batched simulator core: ``reset(batch)`` and ``step(state, actions)``.
+
+B scenarios x N agents, any device, no Python loop over agents or scenarios. The state
+keeps the whole 91-step history (logged up to the current step, simulated after it), so
+any feature can be computed afterwards. Controlled agents move by the dynamics model;
+the others follow the log (agents that appear after the current step are injected from
+the log when it makes them valid). Positions are in the batch's frame (relative to
+``batch.origin``); :func:`global_trajectories` converts back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from closedloop.data.batch import ScenarioBatch
+from closedloop.envs.dynamics import Dynamics, wrap_angle
+from closedloop.geometry import box_corners, boxes_overlap
+
+Controlled = Literal["wosac", "sdc", "all_valid"] | torch.Tensor
+
+
+class SimulationError(ValueError):
+    """Invalid use of the simulator: bad actions, stepping past the end."""
+
+
+@dataclass(frozen=True)
+class SimState:
+    """One moment of B simulated scenarios; tensors are never modified in place."""
+
+    batch: ScenarioBatch
+    t: int  # the current step index
+    pose: torch.Tensor  # [B, N, T, 5] x, y, heading, vx, vy
+    z: torch.Tensor  # [B, N, T]
+    valid: torch.Tensor  # [B, N, T]
+    controlled: torch.Tensor  # [B, N]
+
+    @property
+    def num_steps(self) -> int:
+        return self.pose.shape[2]
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.num_steps - 1
+
+    @property
+    def current(self) -> torch.Tensor:
+        """States ``[B, N, 5]`` at the current step."""
+        return self.pose[:, :, self.t]
+
+    def log_states(self, start: int, stop: int) -> torch.Tensor:
+        """Logged states ``[B, N, stop - start, 5]`` (ground truth, for guidance and experts)."""
+        b = self.batch
+        return torch.cat([b.agent_xyz[:, :, start:stop, :2], b.agent_heading[:, :, start:stop, None],
+                          b.agent_velocity[:, :, start:stop]], dim=-1)
+
+
+def controlled_mask(batch: ScenarioBatch, controlled: Controlled) -> torch.Tensor:
+    """``wosac``: every agent valid at the current step; ``sdc``: the SDC only; a boolean
+    tensor ``[B, N]``: those agents (each must be valid at the current step)."""
+    cur = batch.current_time_index
+    valid_now = batch.agent_valid[:, :, cur] & batch.agent_mask
+    if isinstance(controlled, torch.Tensor):
+        if tuple(controlled.shape) != tuple(valid_now.shape) or controlled.dtype != torch.bool:
+            raise SimulationError(f"a controlled mask is a bool tensor of shape {list(valid_now.shape)}")
+        bad = torch.nonzero(controlled.to(valid_now.device) & ~valid_now)
+        if bad.numel():
+            raise SimulationError(f"controlled agents must be valid at step {cur}; not valid: "
+                                  f"(scenario, agent) {bad[:5].tolist()}")
+        return controlled.to(valid_now.device)
+    if controlled in ("wosac", "all_valid"):
+        return valid_now
+    if controlled == "sdc":
+        return valid_now & batch.is_sdc
+    raise SimulationError(f"controlled must be 'wosac', 'sdc' or a mask, not {controlled!r}")
+
+
+def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
+    """The state at the current step (index 10), with the logged history."""
+    if not bool(batch.agent_mask.any()):
+        raise SimulationError(f"scenarios {batch.scenario_id} have no agents")
+    pose = torch.cat([batch.agent_xyz[..., :2], batch.agent_heading[..., None], batch.agent_velocity], dim=-1)
+    mask = controlled_mask(batch, controlled)
+    cur = batch.current_time_index
+    valid = batch.agent_valid.clone()
+    # Controlled agents stay valid from the current step on, whatever the log says.
+    valid[:, :, cur:] |= mask[..., None]
+    return SimState(batch=batch, t=cur, pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid,
+                    controlled=mask)
+
+
+def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState:
+    """Advance by ``dynamics.chunk`` steps. ``actions`` ``[B, N, *action_shape]``; only the
+    controlled agents' actions are used (the others may hold anything finite)."""
+    B, N = state.controlled.shape
+    k = dynamics.chunk
+    if state.t + k > state.num_steps - 1:
+        raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step "
+                              f"{k} from step {state.t}")
+    actions = torch.as_tensor(actions, device=state.pose.device)
+    if dynamics.spec.n is None:
+        actions = torch.where(state.controlled.reshape(B, N, *([1] * (actions.dim() - 2))),
+                              actions, torch.zeros_like(actions)) if actions.shape[:2] == (B, N) else actions
+    dynamics.check_action(actions, (B, N))
+    nxt = dynamics.forward(state.current, actions)  # [B, N, k, 5]
+    window = slice(state.t + 1, state.t + 1 + k)
+    ctrl = state.controlled[:, :, None, None]
+    pose = state.pose.clone()
+    pose[:, :, window] = torch.where(ctrl, nxt, state.pose[:, :, window])
+    pose[:, :, window, 2] = wrap_angle(pose[:, :, window, 2])
+    z = state.z.clone()
+    # Controlled agents keep the logged ground height where the log has one, else hold.
+    held = torch.where(state.batch.agent_valid[:, :, window], state.z[:, :, window],
+                       state.z[:, :, state.t:state.t + 1].expand(-1, -1, k))
+    z[:, :, window] = torch.where(state.controlled[..., None], held, state.z[:, :, window])
+    return dataclasses.replace(state, t=state.t + k, pose=pose, z=z)
+
+
+def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
+    """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``."""
+    t = state.t if t is None else t
+    b = state.batch
+    p = state.pose[:, :, t]
+    dims = b.agent_dims[:, :, b.current_time_index]
+    corners = box_corners(p[..., 0], p[..., 1], p[..., 2], dims[..., 0], dims[..., 1])
+    valid = state.valid[:, :, t] & b.agent_mask
+    overlap = boxes_overlap(corners[:, :, None], corners[:, None])
+    overlap &= valid[:, :, None] & valid[:, None, :]
+    overlap &= ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
+    return overlap.any(-1)
+
+
+def distance_to_log(state: SimState, t: int | None = None) -> torch.Tensor:
+    """Distance from each agent to its logged position at step ``t`` (NaN where the log
+    is invalid) ``[B, N]``."""
+    t = state.t if t is None else t
+    b = state.batch
+    d = torch.linalg.norm(state.pose[:, :, t, :2] - b.agent_xyz[:, :, t, :2], dim=-1)
+    return torch.where(b.agent_valid[:, :, t], d, torch.full_like(d, float("nan")))
+
+
+def global_trajectories(state: SimState, start: int, stop: int) -> torch.Tensor:
+    """x, y, z, heading ``[B, N, stop - start, 4]`` in world coordinates (float64)."""
+    origin = state.batch.origin.to(state.pose.device)
+    xy = state.pose[:, :, start:stop, :2].double() + origin[:, None, None, :]
+    return torch.cat([xy, state.z[:, :, start:stop, None].double(),
+                      state.pose[:, :, start:stop, 2:3].double()], dim=-1)

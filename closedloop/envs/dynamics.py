@@ -1,0 +1,242 @@
+"""Dynamics models: batched forward and inverse maps between actions and poses.
+
+A model advances agent states ``(x, y, heading, vx, vy)`` ``[..., 5]`` by ``chunk`` steps
+of ``DT`` seconds. ``forward(state, action)`` returns the next ``chunk`` states
+``[..., chunk, 5]``; ``inverse(state, target)`` returns the action that best reproduces
+``target`` states ``[..., chunk, 5]`` from ``state``. All models run on any device and
+broadcast over leading (batch, agent) dimensions.
+
+Models: ``delta_global`` (dx, dy, dyaw in the world frame), ``delta_local`` (the same in
+the agent's frame), ``bicycle`` (acceleration and curvature, Waymax's invertible kinematic
+bicycle: |a| <= 6 m/s^2, |kappa| <= 0.3 1/m, target yaw from the velocity direction above
+0.6 m/s), ``state`` (teleport to a pose), ``trajectory`` (a k-step chunk of local poses),
+``tokens`` (one of a vocabulary of k-step local pose chunks, 0.5 s with k = 5).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+
+DT = 0.1
+X, Y, YAW, VX, VY = range(5)
+
+
+def wrap_angle(angle: torch.Tensor) -> torch.Tensor:
+    """Wrap to [-pi, pi)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+
+
+def _rotate(x: torch.Tensor, y: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c, s = torch.cos(angle), torch.sin(angle)
+    return x * c - y * s, x * s + y * c
+
+
+def _with_velocity(x, y, yaw, prev_x, prev_y) -> torch.Tensor:
+    """States from poses, velocities by finite difference along the chunk."""
+    vx = (x - prev_x) / DT
+    vy = (y - prev_y) / DT
+    return torch.stack([x, y, yaw, vx, vy], dim=-1)
+
+
+def _chain_velocities(state: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+    """States ``[..., k, 5]`` for poses ``[..., k, 3]`` reached one step apart from ``state``."""
+    px = torch.cat([state[..., None, X], poses[..., :-1, 0]], dim=-1)
+    py = torch.cat([state[..., None, Y], poses[..., :-1, 1]], dim=-1)
+    return _with_velocity(poses[..., 0], poses[..., 1], wrap_angle(poses[..., 2]), px, py)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """What an action looks like: ``shape`` of one agent's action, box bounds or ``n``."""
+
+    shape: tuple[int, ...]
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+    n: int | None = None  # discrete actions
+
+
+class Dynamics(abc.ABC):
+    """Base class: subclasses set ``name``, ``chunk`` and ``spec``."""
+
+    name: str = ""
+    chunk: int = 1
+    spec: ActionSpec
+
+    @abc.abstractmethod
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The next ``chunk`` states ``[..., chunk, 5]`` after ``action`` from ``state``."""
+
+    @abc.abstractmethod
+    def inverse(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The action that best reaches ``target`` ``[..., chunk, 5]`` from ``state``."""
+
+    def check_action(self, action: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` for a wrong shape or non-finite values."""
+        expected = (*batch_shape, *self.spec.shape)
+        if tuple(action.shape) != expected:
+            raise ValueError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
+        if self.spec.n is None and not bool(torch.isfinite(action).all()):
+            bad = torch.nonzero(~torch.isfinite(action).reshape(*batch_shape, -1).all(-1))
+            raise ValueError(f"{self.name} actions contain NaN/inf at (batch, agent) {bad[:5].tolist()}")
+
+
+class DeltaGlobal(Dynamics):
+    name, chunk = "delta_global", 1
+    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi))
+
+    def forward(self, state, action):
+        pose = torch.stack([state[..., X] + action[..., 0], state[..., Y] + action[..., 1],
+                            state[..., YAW] + action[..., 2]], dim=-1)
+        return _chain_velocities(state, pose[..., None, :])
+
+    def inverse(self, state, target):
+        t = target[..., 0, :]
+        return torch.stack([t[..., X] - state[..., X], t[..., Y] - state[..., Y],
+                            wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1)
+
+
+class DeltaLocal(Dynamics):
+    name, chunk = "delta_local", 1
+    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi))
+
+    def forward(self, state, action):
+        dx, dy = _rotate(action[..., 0], action[..., 1], state[..., YAW])
+        pose = torch.stack([state[..., X] + dx, state[..., Y] + dy, state[..., YAW] + action[..., 2]], dim=-1)
+        return _chain_velocities(state, pose[..., None, :])
+
+    def inverse(self, state, target):
+        t = target[..., 0, :]
+        dx, dy = _rotate(t[..., X] - state[..., X], t[..., Y] - state[..., Y], -state[..., YAW])
+        return torch.stack([dx, dy, wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1)
+
+
+class Bicycle(Dynamics):
+    """Invertible kinematic bicycle: action (acceleration m/s^2, curvature 1/m)."""
+
+    name, chunk = "bicycle", 1
+    max_accel, max_curvature, min_speed_for_yaw = 6.0, 0.3, 0.6
+    spec = ActionSpec((2,), (-6.0, -0.3), (6.0, 0.3))
+
+    def forward(self, state, action):
+        accel = action[..., 0].clamp(-self.max_accel, self.max_accel)
+        kappa = action[..., 1].clamp(-self.max_curvature, self.max_curvature)
+        yaw = state[..., YAW]
+        speed = torch.hypot(state[..., VX], state[..., VY])
+        distance = (speed * DT + 0.5 * accel * DT * DT)
+        x = state[..., X] + state[..., VX] * DT + 0.5 * accel * torch.cos(yaw) * DT * DT
+        y = state[..., Y] + state[..., VY] * DT + 0.5 * accel * torch.sin(yaw) * DT * DT
+        new_yaw = wrap_angle(yaw + kappa * distance)
+        new_speed = speed + accel * DT
+        out = torch.stack([x, y, new_yaw, new_speed * torch.cos(new_yaw), new_speed * torch.sin(new_yaw)], -1)
+        return out[..., None, :]
+
+    def inverse(self, state, target):
+        t = target[..., 0, :]
+        speed = torch.hypot(state[..., VX], state[..., VY])
+        new_speed = torch.hypot(t[..., VX], t[..., VY])
+        # The acceleration that lands on the target position along the heading (the
+        # position update is x + v dt + a h dt^2 / 2), so longitudinal drift is corrected.
+        yaw = state[..., YAW]
+        along = ((t[..., X] - state[..., X] - state[..., VX] * DT) * torch.cos(yaw)
+                 + (t[..., Y] - state[..., Y] - state[..., VY] * DT) * torch.sin(yaw))
+        accel = 2 * along / (DT * DT)
+        # Logged headings are noisy at speed; the velocity direction is the better target.
+        velocity_yaw = torch.atan2(t[..., VY], t[..., VX])
+        target_yaw = torch.where(new_speed > self.min_speed_for_yaw, velocity_yaw, t[..., YAW])
+        distance = speed * DT + 0.5 * accel * DT * DT
+        turn = wrap_angle(target_yaw - state[..., YAW])
+        kappa = torch.where(distance.abs() > 1e-3, turn / torch.where(distance.abs() > 1e-3, distance, torch.ones_like(distance)),
+                            torch.zeros_like(turn))
+        return torch.stack([accel.clamp(-self.max_accel, self.max_accel),
+                            kappa.clamp(-self.max_curvature, self.max_curvature)], dim=-1)
+
+
+class StateDynamics(Dynamics):
+    """Teleport: the action is the next pose (x, y, heading) in the world frame."""
+
+    name, chunk = "state", 1
+    spec = ActionSpec((3,), (-1e6, -1e6, -math.pi), (1e6, 1e6, math.pi))
+
+    def forward(self, state, action):
+        return _chain_velocities(state, action[..., None, :])
+
+    def inverse(self, state, target):
+        return target[..., 0, :3].clone()
+
+
+class Trajectory(Dynamics):
+    """A chunk of ``k`` poses in the agent's frame at the chunk start, executed as given."""
+
+    name = "trajectory"
+
+    def __init__(self, chunk: int = 5):
+        self.chunk = chunk
+        self.spec = ActionSpec((chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi))
+
+    def forward(self, state, action):
+        dx, dy = _rotate(action[..., 0], action[..., 1], state[..., None, YAW])
+        poses = torch.stack([state[..., None, X] + dx, state[..., None, Y] + dy,
+                             state[..., None, YAW] + action[..., 2]], dim=-1)
+        return _chain_velocities(state, poses)
+
+    def inverse(self, state, target):
+        dx, dy = _rotate(target[..., X] - state[..., None, X], target[..., Y] - state[..., None, Y],
+                         -state[..., None, YAW])
+        return torch.stack([dx, dy, wrap_angle(target[..., YAW] - state[..., None, YAW])], dim=-1)
+
+
+class Tokens(Dynamics):
+    """A discrete vocabulary ``[V, k, 3]`` of k-step local pose chunks (x, y, yaw)."""
+
+    name = "tokens"
+
+    def __init__(self, vocabulary: torch.Tensor):
+        if vocabulary.dim() != 3 or vocabulary.shape[-1] != 3:
+            raise ValueError(f"a token vocabulary is [V, k, 3], got {list(vocabulary.shape)}")
+        self.vocabulary = vocabulary
+        self.chunk = vocabulary.shape[1]
+        self.spec = ActionSpec((), n=vocabulary.shape[0])
+        self._trajectory = Trajectory(self.chunk)
+
+    def forward(self, state, action):
+        if action.dtype.is_floating_point:
+            raise ValueError("token actions are integer indices")
+        if bool(((action < 0) | (action >= self.vocabulary.shape[0])).any()):
+            raise ValueError(f"token actions must lie in [0, {self.vocabulary.shape[0]})")
+        chunk = self.vocabulary.to(state.device, state.dtype)[action]
+        return self._trajectory.forward(state, chunk)
+
+    def inverse(self, state, target):
+        """The token whose poses lie closest (mean position error plus heading error in
+        metres at 1 m per radian) to the target chunk."""
+        local = self._trajectory.inverse(state, target)  # [..., k, 3]
+        vocab = self.vocabulary.to(state.device, state.dtype)
+        diff = local[..., None, :, :] - vocab
+        cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
+        return cost.argmin(-1)
+
+    def check_action(self, action, batch_shape):
+        if tuple(action.shape) != tuple(batch_shape):
+            raise ValueError(f"tokens actions must have shape {list(batch_shape)}, got {list(action.shape)}")
+
+
+def make_dynamics(name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5) -> Dynamics:
+    """A dynamics model by name."""
+    if name == "tokens":
+        if vocabulary is None:
+            raise ValueError("the tokens dynamics needs a vocabulary tensor [V, k, 3]")
+        return Tokens(vocabulary)
+    if name == "trajectory":
+        return Trajectory(chunk)
+    models = {"delta_global": DeltaGlobal, "delta_local": DeltaLocal, "bicycle": Bicycle, "state": StateDynamics}
+    if name not in models:
+        raise ValueError(f"unknown dynamics {name!r}; choose one of "
+                         f"{', '.join([*models, 'trajectory', 'tokens'])}")
+    return models[name]()
+
+
+DYNAMICS = ("delta_global", "delta_local", "bicycle", "state", "trajectory", "tokens")
