@@ -1,0 +1,140 @@
+"""Ego-centric observations: own state, nearest agents, nearest roadgraph points, lights.
+
+Everything is in the observing agent's frame (x forward, y left), positions scaled by
+``POSITION_SCALE`` and speeds by ``SPEED_SCALE``; ground truth (the log's future) is never
+part of an observation. One flat float32 vector per agent:
+
+    own       8: speed, forward and lateral velocity, length, width, vehicle/pedestrian/cyclist
+    agents  9 K: x, y, cos and sin of relative heading, relative vx, vy, length, width, valid
+    road    9 M: x, y, direction x, y, lane, road line, road edge, crossing/stop, valid
+    lights  6 L: stop-point x, y, red, yellow, green, valid
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from closedloop.data.scenario import (
+    LIGHT_ARROW_CAUTION,
+    LIGHT_ARROW_GO,
+    LIGHT_ARROW_STOP,
+    LIGHT_CAUTION,
+    LIGHT_FLASHING_CAUTION,
+    LIGHT_FLASHING_STOP,
+    LIGHT_GO,
+    LIGHT_STOP,
+    TYPE_CYCLIST,
+    TYPE_PEDESTRIAN,
+    TYPE_VEHICLE,
+)
+from closedloop.envs.core import SimState
+from closedloop.envs.map_index import nearest_items
+
+POSITION_SCALE = 50.0
+SPEED_SCALE = 20.0
+
+
+@dataclass(frozen=True)
+class ObservationConfig:
+    num_agents: int = 8
+    num_road_points: int = 32
+    num_lights: int = 4
+    road_candidates: int = 256  # road points kept per agent between refreshes
+    refresh_every: int = 10
+
+    @property
+    def size(self) -> int:
+        return 8 + 9 * self.num_agents + 9 * self.num_road_points + 6 * self.num_lights
+
+
+def _to_frame(dx: torch.Tensor, dy: torch.Tensor, yaw: torch.Tensor):
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+class Observer:
+    """Builds observations ``[B, N, size]`` for every agent of a rollout."""
+
+    def __init__(self, config: ObservationConfig = ObservationConfig()):
+        self.config = config
+        self._candidates: torch.Tensor | None = None
+        self._refreshed_at: int | None = None
+
+    def __call__(self, state: SimState) -> torch.Tensor:
+        cfg, b, t = self.config, state.batch, state.t
+        pose = state.pose[:, :, t]
+        x, y, yaw, vx, vy = pose.unbind(-1)
+        dims = b.agent_dims[:, :, b.current_time_index]
+        valid = state.valid[:, :, t] & b.agent_mask
+        B, N = valid.shape
+        fwd, lat = _to_frame(vx, vy, yaw)
+        own = torch.stack([torch.hypot(vx, vy) / SPEED_SCALE, fwd / SPEED_SCALE, lat / SPEED_SCALE,
+                           dims[..., 0] / 10, dims[..., 1] / 5,
+                           (b.agent_type == TYPE_VEHICLE).float(), (b.agent_type == TYPE_PEDESTRIAN).float(),
+                           (b.agent_type == TYPE_CYCLIST).float()], -1)
+
+        # Nearest other agents.
+        k = min(cfg.num_agents, max(N - 1, 1))
+        d = torch.cdist(pose[..., :2].float(), pose[..., :2].float())
+        d = d.masked_fill(~valid[:, None, :] | torch.eye(N, dtype=torch.bool, device=d.device), float("inf"))
+        near = d.topk(k, dim=-1, largest=False)
+        idx = near.indices
+        bidx = torch.arange(B, device=d.device)[:, None, None]
+        ox, oy = _to_frame(x[bidx, idx] - x[..., None], y[bidx, idx] - y[..., None], yaw[..., None])
+        ovx, ovy = _to_frame(vx[bidx, idx] - vx[..., None], vy[bidx, idx] - vy[..., None], yaw[..., None])
+        dh = yaw[bidx, idx] - yaw[..., None]
+        ok = torch.isfinite(near.values).float()
+        agents = torch.stack([ox / POSITION_SCALE, oy / POSITION_SCALE, torch.cos(dh), torch.sin(dh),
+                              ovx / SPEED_SCALE, ovy / SPEED_SCALE, dims[bidx, idx, 0] / 10,
+                              dims[bidx, idx, 1] / 5, ok], -1) * ok[..., None]
+        agents = _pad(agents, cfg.num_agents)
+
+        # Nearest roadgraph points, from each agent's refreshed neighbourhood.
+        if self._refreshed_at is None or t - self._refreshed_at >= cfg.refresh_every or t < self._refreshed_at:
+            self._candidates = nearest_items(pose[..., :2], b.road_xyz[..., :2], b.road_mask, cfg.road_candidates)
+            self._refreshed_at = t
+        cand = self._candidates
+        rx, ry = b.road_xyz[bidx, cand, 0], b.road_xyz[bidx, cand, 1]
+        rd = torch.hypot(rx - x[..., None], ry - y[..., None]).masked_fill(~b.road_mask[bidx, cand], float("inf"))
+        m = min(cfg.num_road_points, cand.shape[-1])
+        pick = rd.topk(m, dim=-1, largest=False)
+        pts = cand.gather(-1, pick.indices)
+        px, py = _to_frame(b.road_xyz[bidx, pts, 0] - x[..., None], b.road_xyz[bidx, pts, 1] - y[..., None], yaw[..., None])
+        direction = b.road_dir[bidx, pts, :2]
+        direction = direction / torch.linalg.norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
+        dx, dy = _to_frame(direction[..., 0], direction[..., 1], yaw[..., None])
+        code = b.road_type[bidx, pts]
+        ok = torch.isfinite(pick.values).float()
+        road = torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy, (code <= 3).float(),
+                            ((code >= 5) & (code <= 13)).float(), ((code >= 14) & (code <= 16)).float(),
+                            (code >= 17).float(), ok], -1) * ok[..., None]
+        road = _pad(road, cfg.num_road_points)
+
+        # Nearest traffic lights (their stop points) and their state now.
+        L = b.light_lane_id.shape[1]
+        lights = torch.zeros(B, N, cfg.num_lights, 6, device=pose.device)
+        if bool(b.light_mask.any()):
+            stop = b.light_stop_point[..., :2]
+            ld = torch.cdist(pose[..., :2].float(), stop.float()).masked_fill(~b.light_mask[:, None], float("inf"))
+            nl = min(cfg.num_lights, L)
+            pick = ld.topk(nl, dim=-1, largest=False)
+            li = pick.indices
+            sx, sy = _to_frame(stop[bidx, li, 0] - x[..., None], stop[bidx, li, 1] - y[..., None], yaw[..., None])
+            st = b.light_state[:, :, t][bidx, li]
+            red = (st == LIGHT_STOP) | (st == LIGHT_ARROW_STOP) | (st == LIGHT_FLASHING_STOP)
+            yellow = (st == LIGHT_CAUTION) | (st == LIGHT_ARROW_CAUTION) | (st == LIGHT_FLASHING_CAUTION)
+            green = (st == LIGHT_GO) | (st == LIGHT_ARROW_GO)
+            ok = torch.isfinite(pick.values).float()
+            lights[:, :, :nl] = torch.stack([sx / POSITION_SCALE, sy / POSITION_SCALE, red.float(),
+                                             yellow.float(), green.float(), ok], -1) * ok[..., None]
+        obs = torch.cat([own, agents.flatten(2), road.flatten(2), lights.flatten(2)], -1)
+        return torch.nan_to_num(obs.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[2] == size:
+        return x
+    pad = torch.zeros(*x.shape[:2], size - x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+    return torch.cat([x, pad], dim=2)

@@ -1,0 +1,55 @@
+"""RGB frames of simulated scenes (road graph, boxes coloured by state, traffic lights)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from closedloop.envs.core import SimState
+
+
+def render_state(state: SimState, scenario: int = 0, size: int = 512, radius: float = 60.0,
+                 ghosts: bool = False) -> np.ndarray:
+    """An ``[size, size, 3]`` uint8 frame centred on the SDC: road points, light stop points
+    (red/yellow/green), agent boxes (SDC dark blue, controlled blue, logged grey), and
+    optionally the logged boxes as ghosts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from closedloop.envs.events import agent_corners
+
+    b, t = state.batch, state.t
+    fig = Figure(figsize=(size / 100, size / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_facecolor("#f4f4f0")
+    road = b.road_xyz[scenario, b.road_mask[scenario], :2].cpu().numpy()
+    codes = b.road_type[scenario, b.road_mask[scenario]].cpu().numpy()
+    edge = (codes >= 14) & (codes <= 16)
+    ax.scatter(road[~edge, 0], road[~edge, 1], s=0.3, c="#9db4c0")
+    ax.scatter(road[edge, 0], road[edge, 1], s=0.6, c="#222222")
+    if bool(b.light_mask[scenario].any()):
+        stops = b.light_stop_point[scenario, b.light_mask[scenario], :2].cpu().numpy()
+        states = b.light_state[scenario, b.light_mask[scenario], t].cpu().numpy()
+        colors = np.where(np.isin(states, (1, 4, 7)), "#d62828", np.where(np.isin(states, (2, 5, 8)), "#f4a261", "#2a9d2a"))
+        ax.scatter(stops[:, 0], stops[:, 1], s=14, c=colors)
+    corners = agent_corners(state)[scenario].cpu().numpy()
+    valid = (state.valid[scenario, :, t] & b.agent_mask[scenario]).cpu().numpy()
+    controlled = state.controlled[scenario].cpu().numpy()
+    sdc = b.is_sdc[scenario].cpu().numpy()
+    if ghosts:
+        log = b.agent_xyz[scenario, :, t, :2].cpu().numpy()
+        ax.scatter(log[valid, 0], log[valid, 1], s=4, c="#999999", alpha=0.5)
+    for a in np.flatnonzero(valid):
+        color = "#1d3557" if sdc[a] else "#457b9d" if controlled[a] else "#a0a0a0"
+        ax.fill(corners[a, :, 0], corners[a, :, 1], color=color, alpha=0.85)
+    centre = state.pose[scenario, int(np.flatnonzero(sdc)[0]) if sdc.any() else 0, t, :2].cpu().numpy()
+    ax.set_xlim(centre[0] - radius, centre[0] + radius)
+    ax.set_ylim(centre[1] - radius, centre[1] + radius)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    canvas.draw()
+    frame = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return frame
