@@ -1,0 +1,99 @@
+"""PettingZoo and Gymnasium faces: API conformance, names, infos and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from closedloop.envs.faces import ego_env, parallel_env, register
+
+
+@pytest.fixture(scope="module")
+def small_scenarios():
+    from closedloop.data.synthetic import generate_scenarios
+
+    return list(generate_scenarios(2, seed=5, town="cross", agents=(12, 16)))
+
+
+def _vocabulary():
+    g = torch.Generator().manual_seed(0)
+    return torch.cumsum(torch.rand(32, 5, 3, generator=g) * torch.tensor([1.5, 0.2, 0.03]), dim=1)
+
+
+@pytest.mark.parametrize("dynamics", ["delta_global", "delta_local", "bicycle", "state", "trajectory", "tokens"])
+def test_parallel_api_for_every_dynamics(small_scenarios, dynamics):
+    from pettingzoo.test import parallel_api_test
+
+    env = parallel_env(small_scenarios[:1], dynamics=dynamics,
+                       vocabulary=_vocabulary() if dynamics == "tokens" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parallel_api_test(env, num_cycles=20)
+
+
+def test_agents_are_track_ids_and_infos_carry_the_log(real_scenarios):
+    scenario = real_scenarios["637f20cafde22ff8"]
+    env = parallel_env([scenario], dynamics="delta_global")
+    obs, infos = env.reset(seed=0)
+    expected = [str(i) for i in scenario.track_id[scenario.valid_at_current()]]
+    assert sorted(env.agents) == sorted(expected)
+    agent = env.agents[0]
+    assert obs[agent].shape == env.observation_space(agent).shape
+    assert infos[agent]["log_next"].shape == (5,)
+    # Acting with the logged next state (delta_global) keeps every agent on the log.
+    steps = 0
+    while env.agents:
+        actions = {}
+        for a in env.agents:
+            i = env._index[a]
+            cur = env.episode.state.current[0, i].numpy()
+            nxt = infos[a]["log_next"]
+            actions[a] = np.zeros(3, np.float32) if np.isnan(nxt).any() else (nxt[:3] - cur[:3]).astype(np.float32)
+        obs, rewards, terms, truncs, infos = env.step(actions)
+        steps += 1
+    assert steps == 80 and all(truncs.values())
+
+
+def test_parallel_bad_input(small_scenarios):
+    env = parallel_env(small_scenarios[:1], dynamics="delta_local")
+    env.reset(seed=0)
+    good = {a: np.zeros(3, np.float32) for a in env.agents}
+    with pytest.raises(KeyError, match="unknown or finished agents \\['nobody'\\]"):
+        env.step({**good, "nobody": np.zeros(3, np.float32)})
+    first = env.agents[0]
+    with pytest.raises(ValueError, match="NaN/inf"):
+        env.step({**good, first: np.array([np.nan, 0, 0], np.float32)})
+    with pytest.raises(ValueError, match=f"agent {first}: action shape \\[2\\]"):
+        env.step({**good, first: np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="no action for agents"):
+        env.step({first: np.zeros(3, np.float32)})
+    for _ in range(80):
+        env.step({a: np.zeros(3, np.float32) for a in env.agents})
+    with pytest.raises(ValueError, match="after the episode ended"):
+        env.step(good)
+
+
+def test_ego_env_passes_gymnasium_and_sb3_checkers(small_scenarios):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(ego_env(small_scenarios, dynamics="bicycle"))
+        sb3_check_env(ego_env(small_scenarios, dynamics="delta_local"))
+
+
+def test_ego_env_is_registered_and_renders(small_scenarios):
+    import gymnasium
+
+    register()
+    env = gymnasium.make("closedloop/Ego-v0", scenarios=small_scenarios, render_mode="rgb_array")
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+    frame = env.render()
+    assert frame.shape == (512, 512, 3) and frame.dtype == np.uint8 and frame.std() > 0
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert set(info) >= {"log_next", "collision", "offroad", "red_light", "distance_to_log"}
