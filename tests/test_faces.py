@@ -97,3 +97,23 @@ def test_ego_env_is_registered_and_renders(small_scenarios):
     assert frame.shape == (512, 512, 3) and frame.dtype == np.uint8 and frame.std() > 0
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert set(info) >= {"log_next", "collision", "offroad", "red_light", "distance_to_log"}
+
+
+def test_batched_env_steps_and_auto_resets(small_scenarios):
+    from closedloop.agents.baselines import Expert
+    from closedloop.envs.vector import BatchedEnv
+
+    env = BatchedEnv(small_scenarios, batch_size=2, max_agents=32, dynamics="delta_local")
+    obs, info = env.reset()
+    assert obs.shape == (2, 32, env.observation.size) and info["controlled"].shape == (2, 32)
+    expert = Expert()
+    for _ in range(80):
+        obs, rewards, terminated, truncated, info = env.step(expert(env.state, env.dynamics))
+        assert rewards.shape == (2, 32)
+    assert truncated.all()
+    # The expert follows the log: no distance penalty beyond float noise.
+    assert rewards[info["controlled"]].abs().max() < 1e-2 or info["collision"].any()
+    with pytest.raises(ValueError, match="episode has ended"):
+        expert(env.state, env.dynamics)
+    obs, rewards, terminated, truncated, info = env.step(torch.zeros(2, 32, 3))
+    assert info["reset"] and env.state.t == 10 and obs.shape == (2, 32, env.observation.size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from closedloop.envs.core import SimState
+from closedloop.envs.core import SimState, SimulationError
 from closedloop.envs.dynamics import DT, Dynamics
 
 
@@ -24,6 +24,8 @@ def _constant_velocity_targets(current: torch.Tensor, k: int) -> torch.Tensor:
 
 def _log_targets(state: SimState, k: int) -> torch.Tensor:
     """The logged next ``k`` states, or constant-velocity ones where the log is invalid."""
+    if state.t + k > state.num_steps - 1:
+        raise SimulationError(f"no logged states after step {state.t}: the episode has ended")
     window = slice(state.t + 1, state.t + 1 + k)
     log = state.log_states(window.start, window.stop)
     ok = state.batch.agent_valid[:, :, window].all(-1)

@@ -159,9 +159,11 @@ def collate_scenarios(
     scenarios: Sequence[Scenario],
     max_agents: int | None = None,
     allow_drop_scored: bool = False,
+    pad_agents: bool = False,
 ) -> ScenarioBatch:
     """Pad ``scenarios`` into one :class:`ScenarioBatch` (use as a DataLoader ``collate_fn``
-    via ``functools.partial`` to set ``max_agents``)."""
+    via ``functools.partial`` to set ``max_agents``). With ``pad_agents`` the agent
+    dimension is exactly ``max_agents`` (fixed shapes for trainers)."""
     if not scenarios:
         raise ValueError("cannot collate an empty list of scenarios")
     steps = {s.num_steps for s in scenarios}
@@ -175,6 +177,10 @@ def collate_scenarios(
     roads = [_road_points(s) for s in scenarios]
     lights = [_lights(s) for s in scenarios]
     N = max(max(len(k) for k, _ in kept), 1)
+    if pad_agents:
+        if max_agents is None:
+            raise ValueError("pad_agents needs max_agents")
+        N = max_agents
     P = max(max(len(r[0]) for r in roads), 1)
     L = max(max(len(l[0]) for l in lights), 1)
     cur = currents.pop()
