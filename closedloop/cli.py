@@ -148,6 +148,34 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from closedloop.data.womd import read_scenarios
+    from closedloop.envs.render import render_state, state_from_rollout, write_animation
+    from closedloop.metrics.rollouts import iter_rollout_files, load_rollouts
+
+    scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
+    files = list(iter_rollout_files(args.rollouts))
+    chosen = [load_rollouts(f) for f in files]
+    if args.scenario:
+        chosen = [r for r in chosen if r.scenario_id == args.scenario]
+        if not chosen:
+            raise ValueError(f"no rollouts for scenario {args.scenario} in {args.rollouts}")
+    rollouts = chosen[0]
+    if rollouts.scenario_id not in scenarios:
+        raise ValueError(f"{rollouts.path}: scenario {rollouts.scenario_id} is not in --data")
+    if not 0 <= args.rollout < rollouts.trajectories.shape[0]:
+        raise ValueError(f"--rollout {args.rollout}: the file has {rollouts.trajectories.shape[0]} rollouts")
+    final = state_from_rollout(scenarios[rollouts.scenario_id], rollouts.object_ids,
+                               rollouts.trajectories[args.rollout])
+    frames = [render_state(dataclasses.replace(final, t=t), size=args.size, ghosts=args.ghosts)
+              for t in range(final.batch.current_time_index, final.num_steps)]
+    write_animation(frames, args.out, fps=args.fps)
+    print(f"wrote {args.out}: {len(frames)} frames of scenario {rollouts.scenario_id}, rollout {args.rollout}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo
 
@@ -208,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("render", help="animate a rollout (GIF, or MP4 with imageio-ffmpeg)")
+    p.add_argument("--data", required=True, nargs="+")
+    p.add_argument("--rollouts", required=True, help="a rollout .npz or a directory of them")
+    p.add_argument("--out", required=True, help="file.gif or file.mp4")
+    p.add_argument("--scenario", help="which scenario (default: the first rollout file)")
+    p.add_argument("--rollout", type=int, default=0)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--fps", type=int, default=10)
+    p.add_argument("--ghosts", action="store_true", help="also draw the logged positions")
+    p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("metrics", help="score rollouts with the WOSAC realism metrics")
     p.add_argument("--data", required=True, nargs="+", help="the scenarios (TFRecords, dirs, globs)")

@@ -79,6 +79,25 @@ def _corners_in_frame(x, y, heading, half_l, half_w, fx, fy, fheading):
     return u, v
 
 
+def _separations(a, b) -> torch.Tensor:
+    """Largest separating-axis gap between rectangles (negative when they overlap)."""
+    xa, ya, ha, la, wa = a
+    xb, yb, hb, lb, wb = b
+    hla, hwa, hlb, hwb = la / 2, wa / 2, lb / 2, wb / 2
+    ua, va = _corners_in_frame(xa, ya, ha, hla, hwa, xb, yb, hb)
+    ub, vb = _corners_in_frame(xb, yb, hb, hlb, hwb, xa, ya, ha)
+    sep_b = torch.maximum(torch.maximum(ua.amin(-1) - hlb, -ua.amax(-1) - hlb),
+                          torch.maximum(va.amin(-1) - hwb, -va.amax(-1) - hwb))
+    sep_a = torch.maximum(torch.maximum(ub.amin(-1) - hla, -ub.amax(-1) - hla),
+                          torch.maximum(vb.amin(-1) - hwa, -vb.amax(-1) - hwa))
+    return torch.maximum(sep_a, sep_b), (ua, va, ub, vb)
+
+
+def rectangles_overlap(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Whether oriented rectangles ``(x, y, heading, length, width)`` overlap (SAT)."""
+    return _separations(a, b)[0] < 0
+
+
 def rectangle_distance(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Signed distance between oriented rectangles ``(x, y, heading, length, width)``:
     the gap when apart, minus the penetration depth when they overlap.
@@ -86,16 +105,8 @@ def rectangle_distance(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...])
     Works in each box's own frame, so it costs a few dozen flops per pair (no corner
     tensors of pairs x corners x corners).
     """
-    xa, ya, ha, la, wa = a
-    xb, yb, hb, lb, wb = b
-    hla, hwa, hlb, hwb = la / 2, wa / 2, lb / 2, wb / 2
-    ua, va = _corners_in_frame(xa, ya, ha, hla, hwa, xb, yb, hb)  # a's corners in b's frame
-    ub, vb = _corners_in_frame(xb, yb, hb, hlb, hwb, xa, ya, ha)
-    sep_b = torch.maximum(torch.maximum(ua.amin(-1) - hlb, -ua.amax(-1) - hlb),
-                          torch.maximum(va.amin(-1) - hwb, -va.amax(-1) - hwb))
-    sep_a = torch.maximum(torch.maximum(ub.amin(-1) - hla, -ub.amax(-1) - hla),
-                          torch.maximum(vb.amin(-1) - hwa, -vb.amax(-1) - hwa))
-    separation = torch.maximum(sep_a, sep_b)
+    hla, hwa, hlb, hwb = a[3] / 2, a[4] / 2, b[3] / 2, b[4] / 2
+    separation, (ua, va, ub, vb) = _separations(a, b)
     # Apart: the nearest corner-to-rectangle distance, in either frame.
     da = torch.hypot((ua.abs() - hlb[..., None]).clamp_min(0), (va.abs() - hwb[..., None]).clamp_min(0))
     db = torch.hypot((ub.abs() - hla[..., None]).clamp_min(0), (vb.abs() - hwa[..., None]).clamp_min(0))

@@ -206,3 +206,18 @@ def test_rollout_then_metrics(tmp_path, scenario_file):
     assert rows[0]["min_average_displacement_error"] < 0.2
     proc = run("rollout", "--data", scenario_file, "--dynamics", "tokens", "--out", out, check=False)
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
+
+
+def test_render_cli_writes_a_gif(tmp_path, scenario_file):
+    import imageio.v2 as imageio
+
+    out = tmp_path / "ro"
+    run("rollout", "--data", scenario_file, "--policy", "constant_velocity", "--num-rollouts", 1,
+        "--out", out, "--quiet")
+    gif = tmp_path / "movie.gif"
+    proc = run("render", "--data", scenario_file, "--rollouts", out, "--out", gif, "--size", 96)
+    assert "81 frames" in proc.stdout
+    frames = imageio.mimread(gif)
+    assert len(frames) == 81 and frames[0].shape[:2] == (96, 96)
+    bad = run("render", "--data", scenario_file, "--rollouts", out, "--out", gif, "--rollout", 5, check=False)
+    assert bad.returncode == 2 and "has 1 rollouts" in bad.stderr

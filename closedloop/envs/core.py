@@ -18,7 +18,7 @@ import torch
 
 from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.dynamics import Dynamics, wrap_angle
-from closedloop.geometry import box_corners, boxes_overlap
+from closedloop.geometry import rectangles_overlap
 
 Controlled = Literal["wosac", "sdc", "all_valid"] | torch.Tensor
 
@@ -120,17 +120,28 @@ def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState
 
 
 def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
-    """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``."""
+    """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``.
+
+    Only pairs whose bounding circles meet get the exact separating-axis test."""
     t = state.t if t is None else t
     b = state.batch
     p = state.pose[:, :, t]
     dims = b.agent_dims[:, :, b.current_time_index]
-    corners = box_corners(p[..., 0], p[..., 1], p[..., 2], dims[..., 0], dims[..., 1])
     valid = state.valid[:, :, t] & b.agent_mask
-    overlap = boxes_overlap(corners[:, :, None], corners[:, None])
-    overlap &= valid[:, :, None] & valid[:, None, :]
-    overlap &= ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
-    return overlap.any(-1)
+    radius = torch.hypot(dims[..., 0], dims[..., 1]) / 2
+    gap2 = (p[:, :, None, 0] - p[:, None, :, 0]) ** 2 + (p[:, :, None, 1] - p[:, None, :, 1]) ** 2
+    near = gap2 < (radius[:, :, None] + radius[:, None, :]) ** 2
+    near &= valid[:, :, None] & valid[:, None, :]
+    near = torch.triu(near, diagonal=1)
+    bi, i, j = torch.nonzero(near, as_tuple=True)
+    hit = torch.zeros_like(valid)
+    if bi.numel():
+        box_i = (p[bi, i, 0], p[bi, i, 1], p[bi, i, 2], dims[bi, i, 0], dims[bi, i, 1])
+        box_j = (p[bi, j, 0], p[bi, j, 1], p[bi, j, 2], dims[bi, j, 0], dims[bi, j, 1])
+        overlap = rectangles_overlap(box_i, box_j)
+        hit[bi[overlap], i[overlap]] = True
+        hit[bi[overlap], j[overlap]] = True
+    return hit
 
 
 def distance_to_log(state: SimState, t: int | None = None) -> torch.Tensor:

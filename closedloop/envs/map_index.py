@@ -32,9 +32,18 @@ class RoadEdges:
         for code in ROAD_EDGE_CODES:
             is_edge |= batch.road_type == code
         seg_len = torch.linalg.norm(batch.road_dir[..., :2], dim=-1)
-        self.start = batch.road_xyz[..., :2]
-        self.end = self.start + batch.road_dir[..., :2]
-        self.valid = is_edge & batch.road_mask & (seg_len > 1e-6)
+        valid = is_edge & batch.road_mask & (seg_len > 1e-6)
+        # Keep only the road-edge segments, packed to the left: [B, E].
+        P = valid.shape[1]
+        local = torch.arange(P, device=valid.device)
+        order = torch.where(valid, local, torch.full_like(local, P)).sort(dim=1).values
+        count = max(int(valid.sum(1).max()), 1)
+        order = order[:, :count]
+        self.valid = order < P
+        order = order.clamp_max(P - 1)
+        gather = order[..., None].expand(-1, -1, 2)
+        self.start = torch.gather(batch.road_xyz[..., :2], 1, gather)
+        self.end = self.start + torch.gather(batch.road_dir[..., :2], 1, gather)
         self.k = k
         self.candidates: torch.Tensor | None = None
 

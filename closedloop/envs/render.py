@@ -53,3 +53,42 @@ def render_state(state: SimState, scenario: int = 0, size: int = 512, radius: fl
     canvas.draw()
     frame = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     return frame
+
+
+def state_from_rollout(scenario, object_ids, trajectory, device: str = "cpu"):
+    """A finished :class:`SimState` whose controlled agents follow ``trajectory``
+    ``[A, 80, 4]`` (one rollout in the ``closedloop rollout`` format, world frame)."""
+    import dataclasses
+
+    import torch
+
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.envs.core import reset
+    from closedloop.metrics.wosac import check_rollouts
+
+    ordered = check_rollouts(scenario, np.asarray(object_ids), np.asarray(trajectory)[None])[0]
+    batch = collate_scenarios([scenario]).to(device)
+    state = reset(batch)
+    agents = torch.nonzero(state.controlled[0]).squeeze(-1)
+    traj = torch.as_tensor(ordered, dtype=torch.float64, device=device)
+    cur = batch.current_time_index
+    pose, z = state.pose.clone(), state.z.clone()
+    origin = batch.origin[0].to(device)
+    pose[0, agents, cur + 1:, 0:2] = (traj[..., :2] - origin).to(pose.dtype)
+    pose[0, agents, cur + 1:, 2] = traj[..., 3].to(pose.dtype)
+    z[0, agents, cur + 1:] = traj[..., 2].to(z.dtype)
+    return dataclasses.replace(state, pose=pose, z=z, t=state.num_steps - 1)
+
+
+def write_animation(frames: list[np.ndarray], path, fps: int = 10) -> None:
+    """Write frames as a GIF (or MP4 when imageio's ffmpeg plugin is installed)."""
+    import imageio.v2 as imageio
+
+    path = str(path)
+    if path.endswith(".mp4"):
+        try:
+            imageio.mimwrite(path, frames, fps=fps)
+        except (ImportError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: writing MP4 needs imageio-ffmpeg ({err}); write a .gif instead") from None
+    else:
+        imageio.mimwrite(path, frames, duration=1000 / fps, loop=0)

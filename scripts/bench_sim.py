@@ -1,0 +1,95 @@
+"""Simulator throughput: agent-steps/s of the batched core and of the PettingZoo face.
+
+  python scripts/bench_sim.py [--steps 20] [--device cpu|cuda]
+
+The core step measured is dynamics (delta_local) + collisions + off-road + red-light
+events, for B in {1, 8, 64} scenarios and N in {32, 128} agents per scenario (synthetic
+town scenarios padded to N). The PettingZoo row steps one scenario through the face
+(dict actions, per-agent observations and infos) and is compared with the core at B = 1.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from closedloop.data.batch import collate_scenarios
+from closedloop.data.synthetic import generate_scenarios
+from closedloop.envs.core import reset, step
+from closedloop.envs.dynamics import make_dynamics
+from closedloop.envs.events import EventTracker
+from closedloop.envs.faces import parallel_env
+
+
+def core_rate(scenarios, B: int, N: int, steps: int, device: str) -> float:
+    batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(B)], max_agents=N,
+                              allow_drop_scored=True, pad_agents=True).to(device)
+    dynamics = make_dynamics("delta_local")
+    state = reset(batch)
+    tracker = EventTracker(state)
+    actions = torch.zeros(B, N, 3, device=device)
+    actions[..., 0] = 0.8  # drive forward 8 m/s
+    for _ in range(2):  # warm-up
+        nxt = step(state, actions, dynamics)
+        tracker(state, nxt)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    current = state
+    for _ in range(steps):
+        nxt = step(current, actions, dynamics)
+        tracker(current, nxt)
+        current = nxt if not nxt.done else state
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return B * N * steps / seconds
+
+
+def face_rate(scenario, steps: int) -> tuple[float, int]:
+    env = parallel_env([scenario], dynamics="delta_local")
+    env.reset(seed=0)
+    agents = len(env.agents)
+    action = np.array([0.8, 0.0, 0.0], np.float32)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if not env.agents:
+            env.reset(seed=0)
+        env.step({a: action for a in env.agents})
+    return agents * steps / (time.perf_counter() - start), agents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    rows = []
+    devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'device':<7}{'B':>5}{'N':>6}{'agent-steps/s':>16}{'vs B=1':>9}")
+    for device in devices:
+        for N in (32, 128):
+            base = None
+            for B in (1, 8, 64):
+                rate = core_rate(scenarios, B, N, args.steps, device)
+                base = base or rate
+                rows.append({"device": device, "B": B, "N": N, "agent_steps_per_s": round(rate)})
+                print(f"{device:<7}{B:>5}{N:>6}{rate:>16,.0f}{rate / base:>8.1f}x")
+    face, agents = face_rate(scenarios[0], args.steps)
+    core_one = core_rate(scenarios[:1], 1, 128, args.steps, "cpu")
+    print(f"PettingZoo face, 1 scenario ({agents} controlled agents): {face:,.0f} agent-steps/s; "
+          f"core at B=1, N=128: {core_one:,.0f} -> face overhead {core_one / face:.1f}x per agent-step")
+    print(json.dumps({"rows": rows, "pettingzoo_agent_steps_per_s": round(face), "pettingzoo_agents": agents,
+                      "core_b1_n128": round(core_one)}))
+
+
+if __name__ == "__main__":
+    main()
