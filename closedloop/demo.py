@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +53,34 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     same = all(cache[i].equals(s) for i, s in enumerate(scenarios))
     _say(f"cached {result['scenarios']} scenarios in {cache_dir} (pickle-free npz); "
          f"read back identical: {same}")
+
+    from closedloop.agents.baselines import Expert
+    from closedloop.envs.dynamics import make_dynamics
+    from closedloop.envs.render import render_state, state_from_rollout, write_animation
+    from closedloop.envs.rollout import rollout_scenarios, write_rollouts
+    from closedloop.metrics import aggregate, score_scenarios
+
+    start = time.perf_counter()
+    results = list(rollout_scenarios(scenarios, Expert(), make_dynamics("bicycle"), num_rollouts=4))
+    rollout_dir = out / "rollouts"
+    write_rollouts(results, rollout_dir)
+    _say(f"simulated {len(results)} scenarios x 4 rollouts with the expert policy and bicycle "
+         f"dynamics in {time.perf_counter() - start:.1f} s: {rollout_dir}")
+    by_id = {s.scenario_id: s for s in scenarios}
+    start = time.perf_counter()
+    scores = score_scenarios([(by_id[sid], ids, traj) for sid, ids, traj in results])
+    total = aggregate(scores)
+    _say(f"WOSAC 2025 metrics in {time.perf_counter() - start:.1f} s: realism meta-metric "
+         f"{total['metametric']:.4f}, minADE {total['min_average_displacement_error']:.3f} m, "
+         f"collision rate {total['simulated_collision_rate']:.3f}, off-road rate "
+         f"{total['simulated_offroad_rate']:.3f}")
+    sid, ids, traj = results[0]
+    final = state_from_rollout(by_id[sid], ids, traj[0])
+    frames = [render_state(dataclasses.replace(final, t=t), size=256)
+              for t in range(final.batch.current_time_index, final.num_steps, 2)]
+    movie = out / f"{sid}.gif"
+    write_animation(frames, movie, fps=5)
+    _say(f"animated the first rollout of {sid}: {movie}")
     _say(f"outputs are in {out.resolve()}")
 
 
