@@ -1,4 +1,4 @@
-"""Baseline sim agents for the batched core: log replay, expert, constant velocity.
+"""Baseline sim agents for the batched core: log replay, expert, constant velocity, IDM.
 
 Each is a callable ``policy(state, dynamics) -> actions [B, N, ...]`` for every agent
 (the simulator uses the controlled agents' actions). Where the log has no next state
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from closedloop.envs.core import SimState, SimulationError
-from closedloop.envs.dynamics import DT, Dynamics
+from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_STOP
+from closedloop.envs.dynamics import DT, Dynamics, wrap_angle
 
 
 def _constant_velocity_targets(current: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,3 +60,103 @@ class ConstantVelocity:
 
 
 POLICIES = {"log": LogReplay, "expert": Expert, "constant_velocity": ConstantVelocity}
+
+
+class IDM:
+    """Intelligent Driver Model lane follower that stops for red lights.
+
+    Each agent steers towards the lane point ``lookahead`` metres ahead whose direction
+    agrees with its heading, keeps its desired speed (its speed at the first call, at
+    least ``min_desired_speed``), and brakes for the nearest agent ahead in its corridor
+    and for red stop lines ahead (a stopped virtual leader at the line).
+    """
+
+    def __init__(self, max_accel: float = 2.0, comfortable_decel: float = 3.0, headway: float = 1.5,
+                 min_gap: float = 2.0, min_desired_speed: float = 8.0, lookahead: float = 8.0,
+                 max_yaw_rate: float = 0.8):
+        self.max_accel, self.decel, self.headway, self.min_gap = max_accel, comfortable_decel, headway, min_gap
+        self.min_desired_speed, self.lookahead, self.max_yaw_rate = min_desired_speed, lookahead, max_yaw_rate
+        self._desired: torch.Tensor | None = None
+        self._stop_lines = None
+
+    def __call__(self, state: SimState, dynamics: Dynamics) -> torch.Tensor:
+        from closedloop.envs.events import StopLines
+
+        b = state.batch
+        cur = state.current
+        x, y, yaw, vx, vy = cur.unbind(-1)
+        speed = torch.hypot(vx, vy)
+        cos, sin = torch.cos(yaw), torch.sin(yaw)
+        lane = b.road_mask & (b.road_type >= 1) & (b.road_type <= 3)
+        direction = b.road_dir[..., :2]
+        aligned = (direction[:, None] * torch.stack([cos, sin], -1)[:, :, None]).sum(-1) > (
+            0.5 * torch.linalg.norm(direction, dim=-1)[:, None])
+        usable = lane[:, None] & aligned  # [B, N, P] lane points running our way
+        if self._desired is None or self._desired.shape != speed.shape or state.t == b.current_time_index:
+            # Standing agents away from any lane (parked) stay; the others drive.
+            own = torch.cdist(cur[..., :2].float(), b.road_xyz[..., :2].float()).masked_fill(~usable, float("inf"))
+            parked = (speed < 1.0) & (own.min(-1).values > 2.0)
+            self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
+            self._stop_lines = StopLines(state)
+        length = b.agent_dims[:, :, b.current_time_index, 0]
+        valid = state.valid[:, :, state.t] & b.agent_mask
+
+        # Leader: the nearest valid agent ahead within a 2 m corridor.
+        dx = x[:, None, :] - x[:, :, None]
+        dy = y[:, None, :] - y[:, :, None]
+        along = dx * cos[..., None] + dy * sin[..., None]
+        lateral = -dx * sin[..., None] + dy * cos[..., None]
+        gap = along - (length[:, :, None] + length[:, None, :]) / 2
+        ahead = (along > 0) & (lateral.abs() < 2.0) & valid[:, None, :]
+        ahead &= ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        gap = torch.where(ahead, gap, torch.full_like(gap, float("inf")))
+        lead_gap, lead = gap.min(-1)
+        lead_speed = torch.gather(speed, 1, lead) * torch.isfinite(lead_gap)
+
+        # Red stop lines ahead act as stopped leaders.
+        lines = self._stop_lines
+        rel = lines.point[:, None] - torch.stack([x, y], -1)[:, :, None]  # [B, N, L, 2]
+        line_along = rel[..., 0] * cos[..., None] + rel[..., 1] * sin[..., None]
+        line_lateral = -rel[..., 0] * sin[..., None] + rel[..., 1] * cos[..., None]
+        t = state.t
+        red = (lines.state[:, :, t] == LIGHT_STOP) | (lines.state[:, :, t] == LIGHT_ARROW_STOP)
+        facing = (lines.direction[:, None] * torch.stack([cos, sin], -1)[:, :, None]).sum(-1) > 0.7
+        stop = (line_along > 0) & (line_lateral.abs() < 2.0) & red[:, None] & lines.valid[:, None] & facing
+        stop_gap = torch.where(stop, line_along - length[..., None] / 2, torch.full_like(line_along, float("inf")))
+        stop_gap = stop_gap.min(-1).values
+
+        def interaction(g, dv):
+            s_star = self.min_gap + (speed * self.headway + speed * dv / (2 * (self.max_accel * self.decel) ** 0.5)).clamp_min(0)
+            return -self.max_accel * (s_star / g.clamp_min(0.1)) ** 2
+
+        free = self.max_accel * (1 - (speed / self._desired.clamp_min(1e-3)) ** 4)
+        free = torch.where(self._desired > 0, free, -self.decel * (speed > 0))
+        accel = free + torch.minimum(interaction(lead_gap, speed - lead_speed), interaction(stop_gap, speed))
+        accel = accel.clamp(-6.0, self.max_accel)
+
+        # Steering: towards the aligned lane point ahead.
+        probe = torch.stack([x + cos * self.lookahead, y + sin * self.lookahead], -1)
+        d = torch.cdist(probe.float(), b.road_xyz[..., :2].float()).masked_fill(~usable, float("inf"))
+        best = d.argmin(-1)
+        target = torch.gather(b.road_xyz[..., :2], 1, best[..., None].expand(-1, -1, 2))
+        # No lane ahead (the map ends, or only points behind us): keep the heading.
+        ahead_of_us = (target[..., 0] - x) * cos + (target[..., 1] - y) * sin > 1.0
+        has_lane = torch.isfinite(d.min(-1).values) & ahead_of_us
+        target_yaw = torch.atan2(target[..., 1] - y, target[..., 0] - x)
+        turn = torch.where(has_lane, wrap_angle(target_yaw - yaw), torch.zeros_like(yaw))
+
+        # Roll the command forward over the dynamics' chunk and invert it.
+        k = dynamics.chunk
+        states = []
+        px, py, pyaw, v = x, y, yaw, speed
+        for _ in range(k):
+            v_new = (v + accel * DT).clamp_min(0.0)
+            pyaw = pyaw + (turn / k).clamp(-self.max_yaw_rate * DT, self.max_yaw_rate * DT)
+            px = px + v_new * torch.cos(pyaw) * DT
+            py = py + v_new * torch.sin(pyaw) * DT
+            v = v_new
+            states.append(torch.stack([px, py, pyaw, v * torch.cos(pyaw), v * torch.sin(pyaw)], -1))
+        return dynamics.inverse(cur, torch.stack(states, dim=-2))
+
+
+POLICIES["idm"] = IDM
