@@ -146,3 +146,21 @@ def test_idm_follows_lanes_brakes_for_leaders_and_red_lights():
     assert idm["red_light"] == 0 < cv["red_light"]
     assert idm["collision"] * 5 < cv["collision"]
     assert idm["offroad"] <= cv["offroad"] + 10
+
+
+def test_normalized_and_discretized_actions():
+    state = _random_states(200)
+    normalized = make_dynamics("bicycle", normalize=True)
+    assert normalized.spec.low == (-1.0, -1.0) and normalized.spec.high == (1.0, 1.0)
+    g = torch.Generator().manual_seed(3)
+    action = torch.rand(200, 2, generator=g, dtype=torch.float64) * 2 - 1
+    target = normalized.forward(state, action)
+    assert torch.allclose(normalized.inverse(state, target), action, atol=1e-6)
+    discrete = make_dynamics("delta_local", bins=11)
+    index = torch.randint(0, 11, (200, 3), generator=g)
+    target = discrete.forward(state, index)
+    again = discrete.forward(state, discrete.inverse(state, target))  # +-pi are one heading
+    assert torch.allclose(again[..., :2], target[..., :2], atol=1e-6)
+    assert torch.allclose(torch.cos(again[..., 2] - target[..., 2]), torch.ones(200, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"integers in \[0, 11\)"):
+        discrete.check_action(index + 11, (200,))

@@ -117,3 +117,15 @@ def test_batched_env_steps_and_auto_resets(small_scenarios):
         expert(env.state, env.dynamics)
     obs, rewards, terminated, truncated, info = env.step(torch.zeros(2, 32, 3))
     assert info["reset"] and env.state.t == 10 and obs.shape == (2, 32, env.observation.size)
+
+
+@pytest.mark.parametrize("options", [{"normalize": True}, {"bins": 7}])
+def test_parallel_api_with_normalized_or_discretized_actions(small_scenarios, options):
+    from pettingzoo.test import parallel_api_test
+
+    from closedloop.envs.dynamics import make_dynamics
+
+    env = parallel_env(small_scenarios[:1], dynamics=make_dynamics("bicycle", **options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parallel_api_test(env, num_cycles=10)

@@ -56,7 +56,8 @@ class ActionSpec:
     shape: tuple[int, ...]
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
-    n: int | None = None  # discrete actions
+    n: int | None = None  # one discrete action of n values
+    bins: int | None = None  # one discrete value per dimension, of `bins` values each
 
 
 class Dynamics(abc.ABC):
@@ -224,8 +225,72 @@ class Tokens(Dynamics):
             raise ValueError(f"tokens actions must have shape {list(batch_shape)}, got {list(action.shape)}")
 
 
-def make_dynamics(name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5) -> Dynamics:
-    """A dynamics model by name."""
+class Normalized(Dynamics):
+    """Actions in [-1, 1] per dimension, mapped linearly onto the wrapped model's bounds."""
+
+    def __init__(self, inner: Dynamics):
+        if inner.spec.low is None:
+            raise ValueError(f"{inner.name} has no continuous bounds to normalise")
+        self.inner, self.name, self.chunk = inner, f"{inner.name}[-1,1]", inner.chunk
+        self.low = torch.tensor(inner.spec.low)
+        self.high = torch.tensor(inner.spec.high)
+        self.spec = ActionSpec(inner.spec.shape, tuple([-1.0] * len(inner.spec.low)), tuple([1.0] * len(inner.spec.low)))
+
+    def _bounds(self, like: torch.Tensor):
+        return self.low.to(like.device, like.dtype), self.high.to(like.device, like.dtype)
+
+    def forward(self, state, action):
+        low, high = self._bounds(state)
+        return self.inner.forward(state, low + (action.clamp(-1, 1) + 1) / 2 * (high - low))
+
+    def inverse(self, state, target):
+        low, high = self._bounds(state)
+        return ((self.inner.inverse(state, target) - low) / (high - low) * 2 - 1).clamp(-1, 1)
+
+
+class Discretized(Dynamics):
+    """``bins`` evenly spaced values per action dimension (integer actions per dimension)."""
+
+    def __init__(self, inner: Dynamics, bins: int):
+        if inner.spec.low is None or len(inner.spec.shape) != 1:
+            raise ValueError(f"{inner.name} actions cannot be discretised per dimension")
+        if bins < 2:
+            raise ValueError("discretisation needs at least 2 bins")
+        self.inner, self.name, self.chunk = inner, f"{inner.name}[{bins} bins]", inner.chunk
+        self.low, self.high = torch.tensor(inner.spec.low), torch.tensor(inner.spec.high)
+        self.spec = ActionSpec(inner.spec.shape, bins=bins)
+
+    def _values(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        low, high = self.low.to(like.device, like.dtype), self.high.to(like.device, like.dtype)
+        return low + index.to(like.dtype) * (high - low) / (self.spec.bins - 1)
+
+    def forward(self, state, action):
+        return self.inner.forward(state, self._values(action, state))
+
+    def inverse(self, state, target):
+        low, high = self.low.to(state.device, state.dtype), self.high.to(state.device, state.dtype)
+        value = self.inner.inverse(state, target)
+        return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
+
+    def check_action(self, action, batch_shape):
+        expected = (*batch_shape, *self.spec.shape)
+        if tuple(action.shape) != expected:
+            raise ValueError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
+        if action.dtype.is_floating_point or bool(((action < 0) | (action >= self.spec.bins)).any()):
+            raise ValueError(f"{self.name} actions are integers in [0, {self.spec.bins})")
+
+
+def make_dynamics(name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5,
+                  normalize: bool = False, bins: int | None = None) -> Dynamics:
+    """A dynamics model by name; continuous ones optionally take actions in [-1, 1]
+    (``normalize``) or as ``bins`` integer levels per dimension."""
+    model = _make(name, vocabulary, chunk)
+    if bins is not None:
+        return Discretized(model, bins)
+    return Normalized(model) if normalize else model
+
+
+def _make(name: str, vocabulary: torch.Tensor | None, chunk: int) -> Dynamics:
     if name == "tokens":
         if vocabulary is None:
             raise ValueError("the tokens dynamics needs a vocabulary tensor [V, k, 3]")

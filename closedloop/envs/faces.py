@@ -28,6 +28,8 @@ def action_space(dynamics: Dynamics) -> gymnasium.Space:
     spec = dynamics.spec
     if spec.n is not None:
         return gymnasium.spaces.Discrete(spec.n)
+    if spec.bins is not None:
+        return gymnasium.spaces.MultiDiscrete(np.full(spec.shape, spec.bins))
     low = np.broadcast_to(np.array(spec.low, np.float32), spec.shape).copy()
     high = np.broadcast_to(np.array(spec.high, np.float32), spec.shape).copy()
     return gymnasium.spaces.Box(low, high, dtype=np.float32)
@@ -88,6 +90,7 @@ class ClosedLoopParallelEnv(ParallelEnv):
                  vocabulary: torch.Tensor | None = None, device: str = "cpu"):
         self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
         self.episode = _Episode(scenarios, self.dynamics, controlled, observation, reward, device)
+        self._integer_actions = self.dynamics.spec.n is not None or self.dynamics.spec.bins is not None
         self.render_mode = render_mode
         self.terminate_on = (terminate_on_collision, terminate_on_offroad)
         self._observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
