@@ -129,3 +129,23 @@ def test_parallel_api_with_normalized_or_discretized_actions(small_scenarios, op
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parallel_api_test(env, num_cycles=10)
+
+
+def test_parallel_env_with_a_sim_agent_policy_for_the_others(real_scenarios):
+    from closedloop.agents.baselines import Expert
+
+    scenario = real_scenarios["637f20cafde22ff8"]
+    env = parallel_env([scenario], dynamics="delta_global", controlled="sdc", others=Expert())
+    env.reset(seed=0)
+    assert env.agents == [str(scenario.track_id[scenario.sdc_track_index])]
+    for _ in range(10):
+        env.step({a: np.array([1.0, 0.0, 0.0], np.float32) for a in env.agents})
+    state = env.episode.state
+    sdc = int(torch.nonzero(env.episode.batch.is_sdc[0])[0])
+    others = state.controlled[0].clone()
+    others[sdc] = False
+    # The expert keeps the other simulated agents on the log; the SDC went its own way.
+    error = torch.linalg.norm(state.pose[0, others, 20, :2] - env.episode.batch.agent_xyz[0, others, 20, :2], dim=-1)
+    logged = env.episode.batch.agent_valid[0, others, 20]
+    assert error[logged].max() < 1e-3
+    assert torch.linalg.norm(state.pose[0, sdc, 20, :2] - env.episode.batch.agent_xyz[0, sdc, 20, :2]) > 1.0

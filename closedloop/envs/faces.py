@@ -87,9 +87,13 @@ class ClosedLoopParallelEnv(ParallelEnv):
                  controlled="wosac", observation: ObservationConfig = ObservationConfig(),
                  reward: RewardConfig = RewardConfig(), render_mode: str | None = None,
                  terminate_on_collision: bool = False, terminate_on_offroad: bool = False,
-                 vocabulary: torch.Tensor | None = None, device: str = "cpu"):
+                 others: Callable | None = None, vocabulary: torch.Tensor | None = None, device: str = "cpu"):
         self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
-        self.episode = _Episode(scenarios, self.dynamics, controlled, observation, reward, device)
+        # With a sim-agent policy for the others, the core simulates every agent valid at the
+        # current step; the ``controlled`` ones are the agents people act for.
+        self.others, self._exposed = others, controlled
+        self.episode = _Episode(scenarios, self.dynamics, "wosac" if others else controlled, observation,
+                                reward, device)
         self._integer_actions = self.dynamics.spec.n is not None or self.dynamics.spec.bins is not None
         self.render_mode = render_mode
         self.terminate_on = (terminate_on_collision, terminate_on_offroad)
@@ -100,7 +104,9 @@ class ClosedLoopParallelEnv(ParallelEnv):
         self.agents: list[str] = []
 
     def _controlled_names(self) -> list[str]:
-        mask = self.episode.state.controlled[0].tolist()
+        from closedloop.envs.core import controlled_mask
+
+        mask = controlled_mask(self.episode.batch, self._exposed)[0].tolist()
         return [name for name, c in zip(self.episode.names, mask) if c]
 
     def observation_space(self, agent: str) -> gymnasium.Space:
@@ -130,7 +136,12 @@ class ClosedLoopParallelEnv(ParallelEnv):
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"no action for agents {sorted(missing)[:5]}")
-        batch_actions = self.episode.hold()
+        batch_actions = self.episode.hold() if self.others is None else self.others(
+            self.episode.state, self.dynamics)
+        finished = [i for i, name in enumerate(self.episode.names)
+                    if name in self.possible_agents and name not in self.agents]
+        if finished:  # terminated agents stand still
+            batch_actions[0, finished] = self.episode.hold()[0, finished]
         for name, action in actions.items():
             value = torch.as_tensor(np.asarray(action), dtype=batch_actions.dtype, device=batch_actions.device)
             if tuple(value.shape) != tuple(batch_actions.shape[2:]):
