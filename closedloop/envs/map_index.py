@@ -51,25 +51,44 @@ class RoadEdges:
         midpoints = (self.start + self.end) / 2
         self.candidates = nearest_items(positions, midpoints, self.valid, self.k)
 
-    def signed_distance(self, corners: torch.Tensor) -> torch.Tensor:
+    def signed_distance(self, corners: torch.Tensor, per_corner: int = 12) -> torch.Tensor:
         """Largest signed distance ``[B, N]`` of box corners ``[B, N, 4, 2]`` to the road
-        edge: negative on the road (edges keep the road on their left), positive off it."""
+        edge: negative on the road (edges keep the road on their left), positive off it.
+
+        The neighbourhood is narrowed in two stages: the ``per_corner`` segments nearest the
+        box centre are the only ones measured from the four corners (a corner is within half
+        a diagonal of the centre, so for boxes smaller than the edge spacing this is exact).
+        """
         if self.candidates is None:
             raise RuntimeError("RoadEdges.refresh must run before signed_distance")
         B, N, _ = self.candidates.shape
         b = torch.arange(B, device=corners.device)[:, None, None]
         s, e = self.start[b, self.candidates], self.end[b, self.candidates]  # [B, N, k, 2]
         ok = self.valid[b, self.candidates]
+        centre = corners.mean(2)  # [B, N, 2]
+        near = _point_segment_sq(centre[:, :, None], s, e).masked_fill(~ok, BIG)
+        k = min(per_corner, near.shape[-1])
+        pick = near.topk(k, dim=-1, largest=False).indices
+        s, e = s.gather(2, pick[..., None].expand(-1, -1, -1, 2)), e.gather(2, pick[..., None].expand(-1, -1, -1, 2))
+        ok = ok.gather(2, pick)
         p = corners[:, :, :, None, :]  # [B, N, 4, 1, 2]
         seg = (e - s)[:, :, None]
         to_p = p - s[:, :, None]
-        t = ((to_p * seg).sum(-1) / (seg * seg).sum(-1).clamp_min(1e-12)).clamp(0, 1)
-        foot = s[:, :, None] + seg * t[..., None]
-        dist = torch.linalg.norm(p - foot, dim=-1)  # [B, N, 4, k]
-        dist = dist.masked_fill(~ok[:, :, None], BIG)
+        dist = _point_segment_sq(p, s[:, :, None], e[:, :, None]).masked_fill(~ok[:, :, None], BIG)
         nearest = dist.argmin(-1, keepdim=True)
         side = seg[..., 0] * to_p[..., 1] - seg[..., 1] * to_p[..., 0]  # > 0: left of the edge
         sign = torch.where(side.gather(-1, nearest) > 0, -1.0, 1.0)
-        signed = sign[..., 0] * dist.gather(-1, nearest)[..., 0]
+        signed = sign[..., 0] * dist.gather(-1, nearest)[..., 0].sqrt()
         none = ~ok.any(-1)  # no edge near: call it on the road
         return signed.amax(-1).masked_fill(none, -BIG)
+
+
+def _point_segment_sq(p: torch.Tensor, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Squared distance from points to segments (broadcasting over leading dims)."""
+    seg = e - s
+    to_p = p - s
+    t = ((to_p[..., 0] * seg[..., 0] + to_p[..., 1] * seg[..., 1])
+         / (seg[..., 0] ** 2 + seg[..., 1] ** 2).clamp_min(1e-12)).clamp(0, 1)
+    dx = to_p[..., 0] - seg[..., 0] * t
+    dy = to_p[..., 1] - seg[..., 1] * t
+    return dx * dx + dy * dy
