@@ -1,4 +1,4 @@
-"""Batched planar geometry in torch: oriented boxes, box-box signed distances, segments.
+"""Batched planar geometry in torch: oriented boxes, their overlaps and signed distances.
 
 Every function broadcasts over leading dimensions and runs on any device. Boxes are
 ``(x, y, heading, length, width)``; corners go counter-clockwise starting front-left:
@@ -22,46 +22,6 @@ def box_corners(x: torch.Tensor, y: torch.Tensor, heading: torch.Tensor,
     cx = half[..., 0] * cos - half[..., 1] * sin
     cy = half[..., 0] * sin + half[..., 1] * cos
     return torch.stack([cx + x[..., None], cy + y[..., None]], dim=-1)
-
-
-def cross2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """z-component of the cross product of 2D vectors ``a x b``."""
-    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
-
-
-def point_segment_distance(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance from ``points`` to segments ``start``-``end`` (broadcasting)."""
-    d = end - start
-    t = ((points - start) * d).sum(-1) / (d * d).sum(-1).clamp_min(1e-12)
-    foot = start + d * t.clamp(0.0, 1.0)[..., None]
-    return torch.linalg.norm(points - foot, dim=-1)
-
-
-def _separation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Largest separation of convex polygon ``b`` from ``a`` along ``a``'s outward edge
-    normals (counter-clockwise vertices): max_i min_j n_i . (b_j - a_i)."""
-    edge = torch.roll(a, -1, dims=-2) - a
-    normal = torch.stack([edge[..., 1], -edge[..., 0]], dim=-1)
-    normal = normal / torch.linalg.norm(normal, dim=-1, keepdim=True).clamp_min(1e-12)
-    offsets = ((b[..., None, :, :] - a[..., :, None, :]) * normal[..., :, None, :]).sum(-1)
-    return offsets.min(-1).values.max(-1).values
-
-
-def polygon_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Signed distance between convex polygons ``[..., n, 2]`` (counter-clockwise):
-    the gap when apart, minus the penetration depth when they overlap."""
-    separation = torch.maximum(_separation(a, b), _separation(b, a))
-    a_start, a_end = a, torch.roll(a, -1, dims=-2)
-    b_start, b_end = b, torch.roll(b, -1, dims=-2)
-    gap_ab = point_segment_distance(a[..., :, None, :], b_start[..., None, :, :], b_end[..., None, :, :])
-    gap_ba = point_segment_distance(b[..., :, None, :], a_start[..., None, :, :], a_end[..., None, :, :])
-    gap = torch.minimum(gap_ab.flatten(-2).min(-1).values, gap_ba.flatten(-2).min(-1).values)
-    return torch.where(separation > 0, gap, separation)
-
-
-def boxes_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Whether convex polygons (box corners) ``a`` and ``b`` overlap (separating axes)."""
-    return torch.maximum(_separation(a, b), _separation(b, a)) < 0
 
 
 def _corners_in_frame(x, y, heading, half_l, half_w, fx, fy, fheading):
