@@ -20,13 +20,6 @@ DT = 0.1
 
 # Track object types, as in the proto's Track.ObjectType.
 TYPE_UNSET, TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST, TYPE_OTHER = range(5)
-TRACK_TYPE_NAMES = {
-    TYPE_UNSET: "unset",
-    TYPE_VEHICLE: "vehicle",
-    TYPE_PEDESTRIAN: "pedestrian",
-    TYPE_CYCLIST: "cyclist",
-    TYPE_OTHER: "other",
-}
 
 # Map feature kinds: the names of the proto's ``feature_data`` oneof, in its order.
 MAP_KINDS = ("lane", "road_line", "road_edge", "stop_sign", "crosswalk", "speed_bump", "driveway")

@@ -101,9 +101,6 @@ def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step "
                               f"{k} from step {state.t}")
     actions = torch.as_tensor(actions, device=state.pose.device)
-    if dynamics.spec.n is None:
-        actions = torch.where(state.controlled.reshape(B, N, *([1] * (actions.dim() - 2))),
-                              actions, torch.zeros_like(actions)) if actions.shape[:2] == (B, N) else actions
     dynamics.check_action(actions, (B, N))
     nxt = dynamics.forward(state.current, actions)  # [B, N, k, 5]
     window = slice(state.t + 1, state.t + 1 + k)

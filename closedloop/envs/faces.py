@@ -94,7 +94,6 @@ class ClosedLoopParallelEnv(ParallelEnv):
         self.others, self._exposed = others, controlled
         self.episode = _Episode(scenarios, self.dynamics, "wosac" if others else controlled, observation,
                                 reward, device)
-        self._integer_actions = self.dynamics.spec.n is not None or self.dynamics.spec.bins is not None
         self.render_mode = render_mode
         self.terminate_on = (terminate_on_collision, terminate_on_offroad)
         self._observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
@@ -136,12 +135,11 @@ class ClosedLoopParallelEnv(ParallelEnv):
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"no action for agents {sorted(missing)[:5]}")
-        batch_actions = self.episode.hold() if self.others is None else self.others(
-            self.episode.state, self.dynamics)
+        hold = self.episode.hold()
+        batch_actions = hold if self.others is None else self.others(self.episode.state, self.dynamics)
         finished = [i for i, name in enumerate(self.episode.names)
                     if name in self.possible_agents and name not in self.agents]
-        if finished:  # terminated agents stand still
-            batch_actions[0, finished] = self.episode.hold()[0, finished]
+        batch_actions[0, finished] = hold[0, finished]  # terminated agents stand still
         for name, action in actions.items():
             value = torch.as_tensor(np.asarray(action), dtype=batch_actions.dtype, device=batch_actions.device)
             if tuple(value.shape) != tuple(batch_actions.shape[2:]):

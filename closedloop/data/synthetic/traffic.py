@@ -171,7 +171,6 @@ class TrafficSimulation:
         self.v_reserved = np.full(cap, -1, np.int64)
         self.v_reserved_end = np.zeros(cap)
         self.v_stopped_for = np.zeros(cap)  # seconds standing at a stop line
-        self.v_stop_served = np.full(cap, -1, np.int64)  # route index whose stop was served
         self.n_vehicles = 0
         segments = [i for i, l in enumerate(self.net.lanes) if l.road >= 0]
         weights = np.array([self.lanes.length[i] for i in segments])
@@ -430,7 +429,6 @@ class TrafficSimulation:
         self.p_speed = np.zeros(n)
         self.p_want = np.zeros(n)
         self.p_heading = np.zeros(n)
-        self.p_turning = np.zeros(n, bool)
         self.p_crossing = np.full(n, -1, np.int64)
         self.p_active = np.ones(n, bool)
         self.p_dims = np.zeros((n, 3))
