@@ -33,6 +33,7 @@ def make_scenario(tracks: list[dict], road_edges=(), lanes=(), lights=(), scenar
             heading[i] = np.arctan2(d[:, 1], d[:, 0])
         dims[i] = t.get("size", (4.0, 2.0, 1.5))
         valid[i] = t.get("valid", True)
+        dims[i, ~valid[i]] = -1.0  # as WOMD marks invalid states
         types[i] = t.get("type", 1)
     polylines = [np.asarray(p, float) for p in road_edges] + [np.asarray(p, float) for p in lanes]
     polylines = [np.pad(p, ((0, 0), (0, 3 - p.shape[1]))) for p in polylines]

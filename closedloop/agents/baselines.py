@@ -98,7 +98,7 @@ class IDM:
             parked = (speed < 1.0) & (own.min(-1).values > 2.0)
             self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
             self._stop_lines = StopLines(state)
-        length = b.agent_dims[:, :, b.current_time_index, 0]
+        length = state.dims[..., 0]
         valid = state.valid[:, :, state.t] & b.agent_mask
 
         # Leader: the nearest valid agent ahead within a 2 m corridor.

@@ -37,6 +37,7 @@ class SimState:
     z: torch.Tensor  # [B, N, T]
     valid: torch.Tensor  # [B, N, T]
     controlled: torch.Tensor  # [B, N]
+    dims: torch.Tensor  # [B, N, 3] length, width, height of each agent's box
 
     @property
     def num_steps(self) -> int:
@@ -78,6 +79,16 @@ def controlled_mask(batch: ScenarioBatch, controlled: Controlled) -> torch.Tenso
     raise SimulationError(f"controlled must be 'wosac', 'sdc' or a mask, not {controlled!r}")
 
 
+def box_dims(batch: ScenarioBatch) -> torch.Tensor:
+    """Each agent's box ``[B, N, 3]``: as logged at the current step, or at its first valid
+    step for agents that appear later (the log marks invalid steps with -1)."""
+    valid = batch.agent_valid
+    first = valid.to(torch.uint8).argmax(-1)  # [B, N]
+    at_first = torch.gather(batch.agent_dims, 2, first[..., None, None].expand(-1, -1, 1, 3))[:, :, 0]
+    cur = batch.current_time_index
+    return torch.where(valid[:, :, cur, None], batch.agent_dims[:, :, cur], at_first)
+
+
 def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
     """The state at the current step (index 10), with the logged history."""
     if not bool(batch.agent_mask.any()):
@@ -89,7 +100,7 @@ def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
     # Controlled agents stay valid from the current step on, whatever the log says.
     valid[:, :, cur:] |= mask[..., None]
     return SimState(batch=batch, t=cur, pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid,
-                    controlled=mask)
+                    controlled=mask, dims=box_dims(batch))
 
 
 def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState:
@@ -121,15 +132,15 @@ def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
 
     Only pairs whose bounding circles meet get the exact separating-axis test."""
     t = state.t if t is None else t
-    b = state.batch
     p = state.pose[:, :, t]
-    dims = b.agent_dims[:, :, b.current_time_index]
-    valid = state.valid[:, :, t] & b.agent_mask
-    radius = torch.hypot(dims[..., 0], dims[..., 1]) / 2
-    gap2 = (p[:, :, None, 0] - p[:, None, :, 0]) ** 2 + (p[:, :, None, 1] - p[:, None, :, 1]) ** 2
-    near = gap2 < (radius[:, :, None] + radius[:, None, :]) ** 2
-    near &= valid[:, :, None] & valid[:, None, :]
-    near = torch.triu(near, diagonal=1)
+    dims = state.dims
+    valid = state.valid[:, :, t] & state.batch.agent_mask
+    N = valid.shape[1]
+    # Invalid agents get a negative radius, so no pair with them passes the circle test.
+    radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)
+    gap = torch.cdist(p[..., :2], p[..., :2], compute_mode="donot_use_mm_for_euclid_dist")
+    near = gap < radius[:, :, None] + radius[:, None, :]
+    near &= torch.ones(N, N, dtype=torch.bool, device=near.device).triu(1)
     bi, i, j = torch.nonzero(near, as_tuple=True)
     hit = torch.zeros_like(valid)
     if bi.numel():

@@ -15,8 +15,7 @@ STOP_LINE_HALF_WIDTH = 1.75  # a lane
 def agent_corners(state: SimState, t: int | None = None) -> torch.Tensor:
     t = state.t if t is None else t
     p = state.pose[:, :, t]
-    dims = state.batch.agent_dims[:, :, state.batch.current_time_index]
-    return box_corners(p[..., 0], p[..., 1], p[..., 2], dims[..., 0], dims[..., 1])
+    return box_corners(p[..., 0], p[..., 1], p[..., 2], state.dims[..., 0], state.dims[..., 1])
 
 
 class StopLines:
@@ -29,39 +28,40 @@ class StopLines:
         nearest = d.masked_fill(~same_lane, float("inf")).argmin(-1)  # [B, L]
         direction = torch.gather(b.road_dir[..., :2], 1, nearest[..., None].expand(-1, -1, 2))
         norm = torch.linalg.norm(direction, dim=-1, keepdim=True)
-        self.direction = direction / norm.clamp_min(1e-6)
-        self.valid = b.light_mask & same_lane.any(-1) & (norm[..., 0] > 1e-6)
+        self.direction = direction = direction / norm.clamp_min(1e-6)
         self.point = b.light_stop_point[..., :2]
+        self.valid = b.light_mask & same_lane.any(-1) & (norm[..., 0] > 1e-6)
         self.state = b.light_state  # [B, L, T]
+        # Along-lane and lateral coordinates relative to each stop line are one product:
+        # position @ axes - offsets, with axes [B, 2, 2L] (lane directions, then normals).
+        normal = torch.stack([-direction[..., 1], direction[..., 0]], -1)
+        axes = torch.cat([direction, normal], dim=1)  # [B, 2L, 2]
+        self.axes = axes.transpose(1, 2).contiguous()
+        self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
 
     def violations(self, before: torch.Tensor, after: torch.Tensor, t: int) -> torch.Tensor:
         """Agents ``[B, N]`` whose centre went from behind to past a red stop line between
         positions ``before`` and ``after`` ``[B, N, 2]`` (state at step ``t``)."""
-        rel0 = before[:, :, None] - self.point[:, None]  # [B, N, L, 2]
-        rel1 = after[:, :, None] - self.point[:, None]
-        along0 = (rel0 * self.direction[:, None]).sum(-1)
-        along1 = (rel1 * self.direction[:, None]).sum(-1)
-        perp = torch.stack([-self.direction[..., 1], self.direction[..., 0]], -1)
-        lateral = (((rel0 + rel1) / 2) * perp[:, None]).sum(-1).abs()
-        red = (self.state[:, :, t] == LIGHT_STOP) | (self.state[:, :, t] == LIGHT_ARROW_STOP)
-        crossed = (along0 < 0) & (along1 >= 0) & (lateral < STOP_LINE_HALF_WIDTH)
-        return (crossed & red[:, None] & self.valid[:, None]).any(-1)
+        L = self.valid.shape[1]
+        red = ((self.state[:, :, t] == LIGHT_STOP) | (self.state[:, :, t] == LIGHT_ARROW_STOP)) & self.valid
+        if not bool(red.any()):
+            return torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
+        rel0 = torch.baddbmm(self.offsets, before, self.axes, alpha=1, beta=-1)  # [B, N, 2L]
+        rel1 = torch.baddbmm(self.offsets, after, self.axes, alpha=1, beta=-1)
+        lateral = (rel0[..., L:] + rel1[..., L:]).abs() < 2 * STOP_LINE_HALF_WIDTH
+        crossed = (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & red[:, None]
+        return crossed.any(-1)
 
 
 class EventTracker:
     """Computes the per-step events of a rollout, keeping its roadgraph neighbourhoods."""
 
-    def __init__(self, state: SimState, refresh_every: int = 10):
+    def __init__(self, state: SimState):
         self.edges = RoadEdges(state.batch)
         self.stop_lines = StopLines(state)
-        self.refresh_every = refresh_every
-        self._last_refresh = None
 
     def __call__(self, previous: SimState, state: SimState) -> dict[str, torch.Tensor]:
         """Events ``[B, N]`` at ``state.t`` (after a step from ``previous``)."""
-        if self._last_refresh is None or state.t - self._last_refresh >= self.refresh_every:
-            self.edges.refresh(state.pose[:, :, state.t, :2])
-            self._last_refresh = state.t
         valid = state.valid[:, :, state.t] & state.batch.agent_mask
         offroad = self.edges.signed_distance(agent_corners(state)) > 0
         red = torch.zeros_like(valid)

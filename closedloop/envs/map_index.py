@@ -1,8 +1,17 @@
 """Per-agent neighbourhoods of the roadgraph, refreshed as agents move.
 
-A full agents x roadgraph-points search every step is too costly at scale, so each agent
-keeps the K roadgraph items nearest to it (refreshed every ``refresh_every`` steps, which
-bounds how far it can move in between) and exact per-step work looks only at those.
+A full agents x roadgraph search every step is too costly at scale, so each agent keeps a
+neighbourhood of roadgraph items near it and per-step work looks only at those.
+
+Road edges are grouped into *chunks*: up to ``chunk`` consecutive segments of one
+polyline with a bounding circle. A refresh ranks chunks by the lower bound
+``|p - centre| - radius`` of their distance to the agent, keeps the nearest chunks'
+segments as the agent's candidates (contiguous tensors, no indexing into the whole
+roadgraph per step), and remembers the smallest lower bound ``L`` among the chunks it
+left out. An agent that has since moved by ``delta`` can have no left-out segment nearer
+than ``L - delta``: while its nearest candidate is nearer than that, the candidates hold
+the true nearest segment and the answer is exact. Agents for which this no longer holds
+are refreshed, alone, at the step where it fails.
 """
 
 from __future__ import annotations
@@ -24,71 +33,220 @@ def nearest_items(positions: torch.Tensor, items: torch.Tensor, valid: torch.Ten
     return d.topk(k, dim=-1, largest=False).indices
 
 
-class RoadEdges:
-    """Road-edge segments of a batch (start, end) and each agent's nearest ones."""
+# Columns of RoadEdges.features: a segment (start, direction, 1/length^2, valid), then
+# its neighbours on the polyline (start, direction, present) and the turn at each vertex.
+SX, SY, GX, GY, INV_LEN2, OK = range(6)
+PRIOR, HAS_PRIOR, LEFT_AT_START = 6, 10, 11
+NEXT, HAS_NEXT, LEFT_AT_END = 12, 16, 17
 
-    def __init__(self, batch: ScenarioBatch, k: int = 64):
+
+class RoadEdges:
+    """Road-edge segments of a batch, grouped in chunks, and each agent's candidates.
+
+    ``chunks_per_agent`` chunks of up to ``chunk`` segments make an agent's neighbourhood;
+    more of them mean fewer refreshes where road edges are dense, and more work per step.
+    """
+
+    def __init__(self, batch: ScenarioBatch, chunk: int = 8, chunks_per_agent: int = 8):
         is_edge = torch.zeros_like(batch.road_mask)
         for code in ROAD_EDGE_CODES:
             is_edge |= batch.road_type == code
         seg_len = torch.linalg.norm(batch.road_dir[..., :2], dim=-1)
         valid = is_edge & batch.road_mask & (seg_len > 1e-6)
-        # Keep only the road-edge segments, packed to the left: [B, E].
+        # Pack the road-edge segments to the left, in roadgraph order: [B, E].
         P = valid.shape[1]
         local = torch.arange(P, device=valid.device)
         order = torch.where(valid, local, torch.full_like(local, P)).sort(dim=1).values
-        count = max(int(valid.sum(1).max()), 1)
-        order = order[:, :count]
-        self.valid = order < P
+        E = max(int(valid.sum(1).max()), 1)
+        order = order[:, :E]
+        seg_valid = order < P
         order = order.clamp_max(P - 1)
-        gather = order[..., None].expand(-1, -1, 2)
-        self.start = torch.gather(batch.road_xyz[..., :2], 1, gather)
-        self.end = self.start + torch.gather(batch.road_dir[..., :2], 1, gather)
-        self.k = k
-        self.candidates: torch.Tensor | None = None
+        start = torch.gather(batch.road_xyz[..., :2], 1, order[..., None].expand(-1, -1, 2))
+        direction = torch.gather(batch.road_dir[..., :2], 1, order[..., None].expand(-1, -1, 2))
+        inv_len2 = 1.0 / (direction ** 2).sum(-1, keepdim=True).clamp_min(1e-12)
+        segment = torch.cat([start, direction, inv_len2, seg_valid[..., None].float()], -1)  # [B, E, 6]
+        road_id = torch.gather(batch.road_id, 1, order)
+        pos = torch.arange(E, device=order.device).expand(order.shape)
+        new_run = torch.ones_like(seg_valid)
+        new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1)
+        self.features = self._with_neighbours(segment, new_run, pos)
+        self._build_chunks(new_run, pos, chunk)
+        self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1])
+        self.candidates: torch.Tensor | None = None  # [B, N, 6, K] segment columns SX..OK
+        self.candidate_index: torch.Tensor | None = None  # [B, N, K] rows of ``features``
+        self.anchor: torch.Tensor | None = None  # [B, N, 2] where each agent was last refreshed
+        self.left_out: torch.Tensor | None = None  # [B, N] the bound L of that refresh
+        self.refreshed = 0  # agent refreshes so far (each agent's first included)
 
-    def refresh(self, positions: torch.Tensor) -> None:
-        midpoints = (self.start + self.end) / 2
-        self.candidates = nearest_items(positions, midpoints, self.valid, self.k)
+    @staticmethod
+    def _with_neighbours(segment: torch.Tensor, new_run: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[B, E, 18]``: each segment with its neighbours on the polyline
+        (closed polylines wrap) and whether the polyline turns left at each vertex."""
+        E = pos.shape[1]
+        run_end = torch.ones_like(new_run)
+        run_end[:, :-1] = new_run[:, 1:]
+        run_start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        run_last = torch.where(run_end, pos, torch.full_like(pos, E)).flip(1).cummin(1).values.flip(1)
+        first, last = _take(segment, run_start), _take(segment, run_last)
+        gap = torch.linalg.norm(last[..., SX:GX] + last[..., GX:INV_LEN2] - first[..., SX:GX], dim=-1)
+        closed = (gap < 0.1) & (run_last > run_start)
+        valid = segment[..., OK] > 0
+        has_prior = valid & (~new_run | closed)
+        has_next = valid & (~run_end | closed)
+        prior = _take(segment, torch.where(new_run, run_last, pos - 1).clamp(0, E - 1))
+        nxt = _take(segment, torch.where(run_end, run_start, pos + 1).clamp(0, E - 1))
 
-    def signed_distance(self, corners: torch.Tensor, per_corner: int = 12) -> torch.Tensor:
+        def turns_left(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a[..., GX] * b[..., GY] - a[..., GY] * b[..., GX] > 0).float()[..., None]
+
+        return torch.cat([segment, prior[..., :4], has_prior[..., None].float(), turns_left(prior, segment),
+                          nxt[..., :4], has_next[..., None].float(), turns_left(segment, nxt)], -1).contiguous()
+
+    def _build_chunks(self, new_run: torch.Tensor, pos: torch.Tensor, chunk: int) -> None:
+        """Chunk table ``[B, C, chunk]`` of segment rows (-1: none), centres and radii."""
+        B, E = pos.shape
+        valid = self.features[..., OK] > 0
+        run_start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        slot = (pos - run_start) % chunk
+        chunk_id = torch.cumsum(new_run | (slot == 0), dim=1) - 1
+        C = max(int(chunk_id.masked_fill(~valid, -1).max()) + 1, 1)
+        # Padding segments all go to an extra last row, dropped afterwards.
+        chunk_id = torch.where(valid, chunk_id, torch.full_like(chunk_id, C))
+        table = torch.full((B, C + 1, chunk), -1, dtype=torch.long, device=pos.device)
+        rows = torch.arange(B, device=pos.device)[:, None].expand(B, E)
+        table[rows, chunk_id, slot] = torch.where(valid, pos, -1)
+        self.chunk_table = table[:, :C]
+        has = self.chunk_table >= 0
+        self.chunk_valid = has.any(-1)
+        # Bounding circle of each chunk around its bounding-box centre.
+        seg = _take(self.features, self.chunk_table.clamp_min(0))  # [B, C, chunk, F]
+        ends = torch.stack([seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2)  # [B, C, chunk, 2, 2]
+        ok = has[..., None, None].expand_as(ends)
+        lo = ends.masked_fill(~ok, BIG).amin((2, 3))
+        hi = ends.masked_fill(~ok, -BIG).amax((2, 3))
+        self.chunk_centre = (lo + hi) / 2  # [B, C, 2]
+        reach = torch.linalg.norm(ends - self.chunk_centre[:, :, None, None], dim=-1)
+        self.chunk_radius = reach.masked_fill(~has[..., None], 0).amax((2, 3))
+
+    def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+        """Signed distance (positive off the road) from points to the road-edge segments
+        ``index`` of scenarios ``rows`` (broadcast together). Where a point's nearest spot
+        is a vertex, the side comes from both segments meeting there (the larger at a left
+        turn, the smaller at a right one), as WOSAC's reference does."""
+        f = self.features[rows, index]  # [..., F]
+
+        def off_side(at: int) -> torch.Tensor:  # +1 right of that segment (off the road), -1 left
+            cross = (px - f[..., at + SX]) * f[..., at + GY] - (py - f[..., at + SY]) * f[..., at + GX]
+            return torch.where(cross > 0, 1.0, -1.0)
+
+        tx, ty = px - f[..., SX], py - f[..., SY]
+        t = (tx * f[..., GX] + ty * f[..., GY]) * f[..., INV_LEN2]
+        tc = t.clamp(0, 1)
+        distance = torch.hypot(tx - f[..., GX] * tc, ty - f[..., GY] * tc)
+        own, before, after = off_side(0), off_side(PRIOR), off_side(NEXT)
+        at_start = torch.where(f[..., LEFT_AT_START] > 0, torch.maximum(own, before), torch.minimum(own, before))
+        at_end = torch.where(f[..., LEFT_AT_END] > 0, torch.maximum(own, after), torch.minimum(own, after))
+        sign = torch.where((t < 0) & (f[..., HAS_PRIOR] > 0), at_start,
+                           torch.where((t > 1) & (f[..., HAS_NEXT] > 0), at_end, own))
+        return sign * distance
+
+    def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
+        """Candidate columns ``[M, 6, K]``, their rows ``[M, K]`` and the left-out bound
+        ``[M]`` for M agents at ``positions`` ``[M, 2]`` in scenarios ``rows`` ``[M]``."""
+        lower = torch.linalg.norm(positions[:, None] - self.chunk_centre[rows], dim=-1) - self.chunk_radius[rows]
+        lower = lower.masked_fill(~self.chunk_valid[rows], BIG)
+        k = self.chunks_per_agent
+        ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
+        left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
+        index = self.chunk_table[rows[:, None], ranked.indices[:, :k]].flatten(1)  # [M, K], -1: none
+        columns = self.features[rows[:, None], index.clamp_min(0), :OK + 1]  # [M, K, 6]
+        columns[..., OK] *= index >= 0
+        return columns.transpose(1, 2).contiguous(), index.clamp_min(0), left_out
+
+    def refresh(self, positions: torch.Tensor, agents: torch.Tensor | None = None) -> None:
+        """Rebuild the neighbourhoods of ``agents`` (a ``[B, N]`` mask; all when None) at
+        ``positions`` ``[B, N, 2]``."""
+        B, N, _ = positions.shape
+        if agents is None or self.candidates is None:
+            rows = torch.arange(B, device=positions.device).repeat_interleave(N)
+            columns, index, left_out = self._neighbourhoods(rows, positions.reshape(-1, 2))
+            self.candidates = columns.reshape(B, N, *columns.shape[1:])
+            self.candidate_index = index.reshape(B, N, -1)
+            self.left_out = left_out.reshape(B, N)
+            self.anchor = positions.clone()
+            self.refreshed += B * N
+            return
+        b, n = torch.nonzero(agents, as_tuple=True)
+        if not b.numel():
+            return
+        columns, index, left_out = self._neighbourhoods(b, positions[b, n])
+        self.candidates[b, n] = columns
+        self.candidate_index[b, n] = index
+        self.left_out[b, n] = left_out
+        self.anchor[b, n] = positions[b, n]
+        self.refreshed += int(b.numel())
+
+    def _centre_distance(self, centre: torch.Tensor) -> torch.Tensor:
+        """Signed distance ``[B, N]`` from box centres to their nearest candidate (BIG
+        where there is none)."""
+        d2 = _point_segment_sq(centre[..., 0:1], centre[..., 1:2], self.candidates)
+        best, nearest = d2.min(-1)
+        rows = torch.arange(centre.shape[0], device=centre.device)[:, None]
+        index = self.candidate_index.gather(-1, nearest[..., None])[..., 0]
+        return self._signed(rows, index, centre[..., 0], centre[..., 1]).masked_fill(best >= BIG, BIG)
+
+    def signed_distance(self, corners: torch.Tensor) -> torch.Tensor:
         """Largest signed distance ``[B, N]`` of box corners ``[B, N, 4, 2]`` to the road
         edge: negative on the road (edges keep the road on their left), positive off it.
 
-        The neighbourhood is narrowed in two stages: the ``per_corner`` segments nearest the
-        box centre are the only ones measured from the four corners (a corner is within half
-        a diagonal of the centre, so for boxes smaller than the edge spacing this is exact).
+        Exact (against every road edge of the scenario) for boxes within reach of an edge.
+        A box farther than its half-diagonal from every edge lies wholly on one side; its
+        value is then the centre's signed distance shrunk by the half-diagonal (a bound
+        with the exact sign). An agent's neighbourhood is rebuilt when it can no longer
+        vouch for the nearest segments it needs. Agents with no road edge in the scenario
+        are on the road (``-1e9``).
         """
+        centre = corners.mean(2)
+        reach = torch.linalg.norm(corners[:, :, 0] - centre, dim=-1)  # half the diagonal
         if self.candidates is None:
-            raise RuntimeError("RoadEdges.refresh must run before signed_distance")
-        B, N, _ = self.candidates.shape
-        b = torch.arange(B, device=corners.device)[:, None, None]
-        s, e = self.start[b, self.candidates], self.end[b, self.candidates]  # [B, N, k, 2]
-        ok = self.valid[b, self.candidates]
-        centre = corners.mean(2)  # [B, N, 2]
-        near = _point_segment_sq(centre[:, :, None], s, e).masked_fill(~ok, BIG)
-        k = min(per_corner, near.shape[-1])
-        pick = near.topk(k, dim=-1, largest=False).indices
-        s, e = s.gather(2, pick[..., None].expand(-1, -1, -1, 2)), e.gather(2, pick[..., None].expand(-1, -1, -1, 2))
-        ok = ok.gather(2, pick)
-        p = corners[:, :, :, None, :]  # [B, N, 4, 1, 2]
-        seg = (e - s)[:, :, None]
-        to_p = p - s[:, :, None]
-        dist = _point_segment_sq(p, s[:, :, None], e[:, :, None]).masked_fill(~ok[:, :, None], BIG)
-        nearest = dist.argmin(-1, keepdim=True)
-        side = seg[..., 0] * to_p[..., 1] - seg[..., 1] * to_p[..., 0]  # > 0: left of the edge
-        sign = torch.where(side.gather(-1, nearest) > 0, -1.0, 1.0)
-        signed = sign[..., 0] * dist.gather(-1, nearest)[..., 0].sqrt()
-        none = ~ok.any(-1)  # no edge near: call it on the road
-        return signed.amax(-1).masked_fill(none, -BIG)
+            self.refresh(centre)
+        centre_signed = self._centre_distance(centre)
+        distance = centre_signed.abs()
+        # A box away from the edges needs the centre's nearest segment, a box near one its
+        # corners' (each within distance + 2 reach of the centre); a left-out segment is at
+        # least left_out - moved from the centre.
+        moved = torch.linalg.norm(centre - self.anchor, dim=-1)
+        needed = torch.where(distance > reach, distance, distance + 2 * reach)
+        stale = (needed > self.left_out - moved) & (moved > 0) & (distance < BIG)
+        if bool(stale.any()):
+            self.refresh(centre, stale)
+            centre_signed = self._centre_distance(centre)
+            distance = centre_signed.abs()
+        signed = centre_signed - torch.sign(centre_signed) * reach
+        b, n = torch.nonzero(distance <= reach, as_tuple=True)  # may reach an edge: every corner
+        if b.numel():
+            signed[b, n] = self._corner_distance(b, n, corners[b, n])
+        return signed.masked_fill(distance >= BIG, -BIG)
+
+    def _corner_distance(self, b: torch.Tensor, n: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+        """Exact largest signed corner distance ``[M]`` for M boxes ``corners`` ``[M, 4, 2]``."""
+        d2 = _point_segment_sq(corners[..., 0:1], corners[..., 1:2], self.candidates[b, n][:, None])  # [M, 4, K]
+        index = self.candidate_index[b, n][:, None].expand_as(d2).gather(-1, d2.argmin(-1, keepdim=True))
+        return self._signed(b[:, None], index[..., 0], corners[..., 0], corners[..., 1]).amax(-1)
 
 
-def _point_segment_sq(p: torch.Tensor, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """Squared distance from points to segments (broadcasting over leading dims)."""
-    seg = e - s
-    to_p = p - s
-    t = ((to_p[..., 0] * seg[..., 0] + to_p[..., 1] * seg[..., 1])
-         / (seg[..., 0] ** 2 + seg[..., 1] ** 2).clamp_min(1e-12)).clamp(0, 1)
-    dx = to_p[..., 0] - seg[..., 0] * t
-    dy = to_p[..., 1] - seg[..., 1] * t
-    return dx * dx + dy * dy
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, ...]]`` for ``values`` ``[B, E, F]`` and ``index`` ``[B, ...]``."""
+    flat = index.reshape(index.shape[0], -1, 1).expand(-1, -1, values.shape[-1])
+    return torch.gather(values, 1, flat).reshape(*index.shape, values.shape[-1])
+
+
+def _point_segment_sq(px: torch.Tensor, py: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Squared distance from points to candidate segments ``columns`` ``[..., 6, K]``
+    (broadcasting; BIG for empty slots)."""
+    sx, sy, gx, gy, inv_len2, ok = columns.unbind(-2)
+    tx, ty = px - sx, py - sy
+    t = ((tx * gx + ty * gy) * inv_len2).clamp_(0, 1)
+    dx = tx - gx * t
+    dy = ty - gy * t
+    return torch.where(ok > 0, dx * dx + dy * dy, BIG)

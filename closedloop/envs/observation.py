@@ -66,7 +66,7 @@ class Observer:
         cfg, b, t = self.config, state.batch, state.t
         pose = state.pose[:, :, t]
         x, y, yaw, vx, vy = pose.unbind(-1)
-        dims = b.agent_dims[:, :, b.current_time_index]
+        dims = state.dims
         valid = state.valid[:, :, t] & b.agent_mask
         B, N = valid.shape
         fwd, lat = _to_frame(vx, vy, yaw)
