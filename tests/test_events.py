@@ -12,7 +12,7 @@ from closedloop.data import collate_scenarios
 from closedloop.data.scenario import LIGHT_GO, LIGHT_STOP
 from closedloop.envs import collisions, reset
 from closedloop.envs.events import EventTracker, StopLines, agent_corners
-from closedloop.envs.map_index import RoadEdges, _point_segment_sq
+from closedloop.envs.map_index import FAR, RoadEdges, _point_segment_sq
 from scenes import STEPS, make_scenario, straight
 
 
@@ -72,7 +72,9 @@ def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_sce
     batch = collate_scenarios(list(real_scenarios.values()))
     state = reset(batch)  # the log, every step
     edges = RoadEdges(batch)
-    columns = edges.features[..., :6].transpose(1, 2)[:, None, None]  # every segment
+    columns = edges.features[..., :5].clone()  # every segment, padding far away
+    columns[edges.features[..., 5] == 0] = torch.tensor([FAR, FAR, 0.0, 0.0, 0.0])
+    columns = columns.transpose(1, 2)[:, None, None]
     rows = torch.arange(batch.batch_size)[:, None, None]
     checked = 0
     for t in range(10, STEPS):

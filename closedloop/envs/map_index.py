@@ -22,6 +22,7 @@ from closedloop.data.batch import ScenarioBatch
 from closedloop.data.scenario import ROAD_EDGE_CODES
 
 BIG = 1e9
+FAR = 1e6  # where empty candidate slots sit (metres); squared, still finite in float32
 
 
 def nearest_items(positions: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ class RoadEdges:
         self.features = self._with_neighbours(segment, new_run, pos)
         self._build_chunks(new_run, pos, chunk)
         self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1])
-        self.candidates: torch.Tensor | None = None  # [B, N, 6, K] segment columns SX..OK
+        self.candidates: torch.Tensor | None = None  # [B, N, 5, K] segment columns SX..INV_LEN2
         self.candidate_index: torch.Tensor | None = None  # [B, N, K] rows of ``features``
         self.anchor: torch.Tensor | None = None  # [B, N, 2] where each agent was last refreshed
         self.left_out: torch.Tensor | None = None  # [B, N] the bound L of that refresh
@@ -151,7 +152,7 @@ class RoadEdges:
         return sign * distance
 
     def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
-        """Candidate columns ``[M, 6, K]``, their rows ``[M, K]`` and the left-out bound
+        """Candidate columns ``[M, 5, K]``, their rows ``[M, K]`` and the left-out bound
         ``[M]`` for M agents at ``positions`` ``[M, 2]`` in scenarios ``rows`` ``[M]``."""
         lower = torch.linalg.norm(positions[:, None] - self.chunk_centre[rows], dim=-1) - self.chunk_radius[rows]
         lower = lower.masked_fill(~self.chunk_valid[rows], BIG)
@@ -159,8 +160,9 @@ class RoadEdges:
         ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
         left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
         index = self.chunk_table[rows[:, None], ranked.indices[:, :k]].flatten(1)  # [M, K], -1: none
-        columns = self.features[rows[:, None], index.clamp_min(0), :OK + 1]  # [M, K, 6]
-        columns[..., OK] *= index >= 0
+        columns = self.features[rows[:, None], index.clamp_min(0), :INV_LEN2 + 1]  # [M, K, 5]
+        # Empty slots become a point segment far away, so no mask is needed per step.
+        columns = torch.where((index >= 0)[..., None], columns, columns.new_tensor([FAR, FAR, 0.0, 0.0, 0.0]))
         return columns.transpose(1, 2).contiguous(), index.clamp_min(0), left_out
 
     def refresh(self, positions: torch.Tensor, agents: torch.Tensor | None = None) -> None:
@@ -186,14 +188,19 @@ class RoadEdges:
         self.anchor[b, n] = positions[b, n]
         self.refreshed += int(b.numel())
 
-    def _centre_distance(self, centre: torch.Tensor) -> torch.Tensor:
-        """Signed distance ``[B, N]`` from box centres to their nearest candidate (BIG
-        where there is none)."""
-        d2 = _point_segment_sq(centre[..., 0:1], centre[..., 1:2], self.candidates)
+    def _centre_distance(self, rows: torch.Tensor, centre: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Signed distance ``[M]`` from box centres ``[M, 2]`` of agents ``slots`` (flat
+        ``b * N + n``; all when None) in scenarios ``rows`` to their nearest candidate
+        (BIG for none)."""
+        K = self.candidate_index.shape[-1]
+        candidates = self.candidates.view(-1, *self.candidates.shape[2:])  # [B * N, 5, K]
+        index = self.candidate_index.view(-1, K)
+        if slots is not None:
+            candidates, index = candidates[slots], index[slots]
+        d2 = _point_segment_sq(centre[:, 0:1], centre[:, 1:2], candidates)
         best, nearest = d2.min(-1)
-        rows = torch.arange(centre.shape[0], device=centre.device)[:, None]
-        index = self.candidate_index.gather(-1, nearest[..., None])[..., 0]
-        return self._signed(rows, index, centre[..., 0], centre[..., 1]).masked_fill(best >= BIG, BIG)
+        index = index.gather(-1, nearest[:, None])[:, 0]
+        return self._signed(rows, index, centre[:, 0], centre[:, 1]).masked_fill(best >= (FAR / 2) ** 2, BIG)
 
     def signed_distance(self, corners: torch.Tensor) -> torch.Tensor:
         """Largest signed distance ``[B, N]`` of box corners ``[B, N, 4, 2]`` to the road
@@ -210,7 +217,9 @@ class RoadEdges:
         reach = torch.linalg.norm(corners[:, :, 0] - centre, dim=-1)  # half the diagonal
         if self.candidates is None:
             self.refresh(centre)
-        centre_signed = self._centre_distance(centre)
+        B, N = reach.shape
+        rows = torch.arange(B, device=centre.device).repeat_interleave(N)
+        centre_signed = self._centre_distance(rows, centre.reshape(-1, 2)).view(B, N)
         distance = centre_signed.abs()
         # A box away from the edges needs the centre's nearest segment, a box near one its
         # corners' (each within distance + 2 reach of the centre); a left-out segment is at
@@ -220,7 +229,8 @@ class RoadEdges:
         stale = (needed > self.left_out - moved) & (moved > 0) & (distance < BIG)
         if bool(stale.any()):
             self.refresh(centre, stale)
-            centre_signed = self._centre_distance(centre)
+            b, n = torch.nonzero(stale, as_tuple=True)
+            centre_signed[b, n] = self._centre_distance(b, centre[b, n], slots=b * N + n)
             distance = centre_signed.abs()
         signed = centre_signed - torch.sign(centre_signed) * reach
         b, n = torch.nonzero(distance <= reach, as_tuple=True)  # may reach an edge: every corner
@@ -242,11 +252,11 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _point_segment_sq(px: torch.Tensor, py: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Squared distance from points to candidate segments ``columns`` ``[..., 6, K]``
-    (broadcasting; BIG for empty slots)."""
-    sx, sy, gx, gy, inv_len2, ok = columns.unbind(-2)
+    """Squared distance from points to candidate segments ``columns`` ``[..., 5, K]``
+    (broadcasting). Written with fused and in-place operations: this is the hot loop."""
+    sx, sy, gx, gy, inv_len2 = columns.unbind(-2)
     tx, ty = px - sx, py - sy
-    t = ((tx * gx + ty * gy) * inv_len2).clamp_(0, 1)
-    dx = tx - gx * t
-    dy = ty - gy * t
-    return torch.where(ok > 0, dx * dx + dy * dy, BIG)
+    t = (tx * gx).addcmul_(ty, gy).mul_(inv_len2).clamp_(0, 1)
+    dx = tx.addcmul_(gx, t, value=-1)
+    dy = ty.addcmul_(gy, t, value=-1)
+    return dx.mul_(dx).addcmul_(dy, dy)
