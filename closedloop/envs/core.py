@@ -138,8 +138,10 @@ def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
     N = valid.shape[1]
     # Invalid agents get a negative radius, so no pair with them passes the circle test.
     radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)
-    gap = torch.cdist(p[..., :2], p[..., :2], compute_mode="donot_use_mm_for_euclid_dist")
-    near = gap < radius[:, :, None] + radius[:, None, :]
+    x, y = p[..., 0:1], p[..., 1:2]
+    dx, dy = x - x.transpose(1, 2), y - y.transpose(1, 2)  # [B, N, N]
+    reach = radius[:, :, None] + radius[:, None, :]
+    near = dx.mul_(dx).addcmul_(dy, dy) < reach.clamp_(min=0).square_()
     near &= torch.ones(N, N, dtype=torch.bool, device=near.device).triu(1)
     bi, i, j = torch.nonzero(near, as_tuple=True)
     hit = torch.zeros_like(valid)
