@@ -4,8 +4,11 @@
 
 The core step measured is dynamics (delta_local) + collisions + off-road + red-light
 events, for B in {1, 8, 64} scenarios and N in {32, 128} agents per scenario (synthetic
-town scenarios padded to N). The PettingZoo row steps one scenario through the face
-(dict actions, per-agent observations and infos) and is compared with the core at B = 1.
+town scenarios of 60-90 agents, truncated or padded to N slots; rates count real
+agents, not padding), every agent controlled and replaying its logged motion
+(actions precomputed, so no policy is timed). The PettingZoo row steps one scenario
+through the face (dict actions, per-agent observations and infos) with every agent
+driving straight ahead, and is compared with the core at B = 1 on that same workload.
 Prints a table and one JSON line.
 """
 
@@ -19,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from closedloop.agents.baselines import LogReplay
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.synthetic import generate_scenarios
 from closedloop.envs.core import reset, step
@@ -32,29 +36,42 @@ def best_of(repeats: int, measure, *args) -> float:
     return max(measure(*args) for _ in range(repeats))
 
 
-def core_rate(scenarios, B: int, N: int, steps: int, device: str) -> float:
+def workload_actions(state, dynamics, workload: str) -> list[torch.Tensor]:
+    """Actions for every step of an episode: ``log`` replays the logged motion (the
+    open-loop log-replay policy, precomputed so its cost is not timed), ``forward``
+    drives every agent straight ahead at 8 m/s (off the roads too)."""
+    if workload == "forward":
+        forward = torch.zeros(*state.controlled.shape, 3, device=state.pose.device)
+        forward[..., 0] = 0.8
+        return [forward] * ((state.num_steps - 1 - state.t) // dynamics.chunk)
+    policy, actions, current = LogReplay(), [], state
+    while not current.done:
+        actions.append(policy(current, dynamics))
+        current = step(current, actions[-1], dynamics)
+    return actions
+
+
+def core_rate(scenarios, B: int, N: int, steps: int, device: str, workload: str = "log") -> float:
     batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(B)], max_agents=N,
                               allow_drop_scored=True, pad_agents=True).to(device)
     dynamics = make_dynamics("delta_local")
     state = reset(batch)
+    actions = workload_actions(state, dynamics, workload)
     tracker = EventTracker(state)
-    actions = torch.zeros(B, N, 3, device=device)
-    actions[..., 0] = 0.8  # drive forward 8 m/s
-    for _ in range(2):  # warm-up
-        nxt = step(state, actions, dynamics)
-        tracker(state, nxt)
+    for action in actions[:2]:  # warm-up
+        tracker(state, step(state, action, dynamics))
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    current = state
+    current, index = state, 0
     for _ in range(steps):
-        nxt = step(current, actions, dynamics)
+        nxt = step(current, actions[index], dynamics)
         tracker(current, nxt)
-        current = nxt if not nxt.done else state
+        current, index = (nxt, index + 1) if not nxt.done else (state, 0)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return B * N * steps / seconds
+    return int(batch.agent_mask.sum()) * steps / seconds  # real agents, not padding slots
 
 
 def face_rate(scenario, steps: int) -> tuple[float, int]:
@@ -90,7 +107,7 @@ def main() -> None:
                 rows.append({"device": device, "B": B, "N": N, "agent_steps_per_s": round(rate)})
                 print(f"{device:<7}{B:>5}{N:>6}{rate:>16,.0f}{rate / base:>8.1f}x")
     face, agents = max(face_rate(scenarios[0], args.steps) for _ in range(args.repeats))
-    core_one = best_of(args.repeats, core_rate, scenarios[:1], 1, 128, args.steps, "cpu")
+    core_one = best_of(args.repeats, core_rate, scenarios[:1], 1, 128, args.steps, "cpu", "forward")
     print(f"PettingZoo face, 1 scenario ({agents} controlled agents): {face:,.0f} agent-steps/s; "
           f"core at B=1, N=128: {core_one:,.0f} -> face overhead {core_one / face:.1f}x per agent-step")
     print(json.dumps({"rows": rows, "pettingzoo_agent_steps_per_s": round(face), "pettingzoo_agents": agents,

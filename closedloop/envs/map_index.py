@@ -34,8 +34,9 @@ def nearest_items(positions: torch.Tensor, items: torch.Tensor, valid: torch.Ten
     return d.topk(k, dim=-1, largest=False).indices
 
 
-# Columns of RoadEdges.features: a segment (start, direction, 1/length^2, valid), then
-# its neighbours on the polyline (start, direction, present) and the turn at each vertex.
+# Columns of RoadEdges.features, three blocks of six: the segment (start, direction,
+# 1/length^2, valid), then its neighbour before and after it on the polyline (start,
+# direction, present, whether the polyline turns left at the vertex they share).
 SX, SY, GX, GY, INV_LEN2, OK = range(6)
 PRIOR, HAS_PRIOR, LEFT_AT_START = 6, 10, 11
 NEXT, HAS_NEXT, LEFT_AT_END = 12, 16, 17
@@ -132,24 +133,22 @@ class RoadEdges:
     def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
         """Signed distance (positive off the road) from points to the road-edge segments
         ``index`` of scenarios ``rows`` (broadcast together). Where a point's nearest spot
-        is a vertex, the side comes from both segments meeting there (the larger at a left
-        turn, the smaller at a right one), as WOSAC's reference does."""
-        f = self.features[rows, index]  # [..., F]
-
-        def off_side(at: int) -> torch.Tensor:  # +1 right of that segment (off the road), -1 left
-            cross = (px - f[..., at + SX]) * f[..., at + GY] - (py - f[..., at + SY]) * f[..., at + GX]
-            return torch.where(cross > 0, 1.0, -1.0)
-
-        tx, ty = px - f[..., SX], py - f[..., SY]
-        t = (tx * f[..., GX] + ty * f[..., GY]) * f[..., INV_LEN2]
+        is a vertex, the side comes from both segments meeting there (off the road if
+        either says so at a left turn, if both do at a right one), as WOSAC's reference
+        does."""
+        f = self.features[rows, index].unflatten(-1, (3, 6))  # [..., 3, 6]: own, prior, next
+        dx, dy = px[..., None] - f[..., SX], py[..., None] - f[..., SY]
+        off = (dx * f[..., GY]).addcmul_(dy, f[..., GX], value=-1) > 0  # right of each segment
+        own, before, after = off.unbind(-1)
+        gx, gy = f[..., 0, GX], f[..., 0, GY]
+        t = (dx[..., 0] * gx).addcmul_(dy[..., 0], gy).mul_(f[..., 0, INV_LEN2])
         tc = t.clamp(0, 1)
-        distance = torch.hypot(tx - f[..., GX] * tc, ty - f[..., GY] * tc)
-        own, before, after = off_side(0), off_side(PRIOR), off_side(NEXT)
-        at_start = torch.where(f[..., LEFT_AT_START] > 0, torch.maximum(own, before), torch.minimum(own, before))
-        at_end = torch.where(f[..., LEFT_AT_END] > 0, torch.maximum(own, after), torch.minimum(own, after))
-        sign = torch.where((t < 0) & (f[..., HAS_PRIOR] > 0), at_start,
-                           torch.where((t > 1) & (f[..., HAS_NEXT] > 0), at_end, own))
-        return sign * distance
+        distance = torch.hypot(dx[..., 0] - gx * tc, dy[..., 0] - gy * tc)
+        at_start = torch.where(f[..., 1, LEFT_AT_START - PRIOR] > 0, own | before, own & before)
+        at_end = torch.where(f[..., 2, LEFT_AT_END - NEXT] > 0, own | after, own & after)
+        off_road = torch.where((t < 0) & (f[..., 1, HAS_PRIOR - PRIOR] > 0), at_start,
+                               torch.where((t > 1) & (f[..., 2, HAS_NEXT - NEXT] > 0), at_end, own))
+        return torch.where(off_road, distance, -distance)
 
     def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
         """Candidate columns ``[M, 5, K]``, their rows ``[M, K]`` and the left-out bound
