@@ -140,23 +140,28 @@ class ClosedLoopParallelEnv(ParallelEnv):
         finished = [i for i, name in enumerate(self.episode.names)
                     if name in self.possible_agents and name not in self.agents]
         batch_actions[0, finished] = hold[0, finished]  # terminated agents stand still
+        expected = tuple(batch_actions.shape[2:])
         for name, action in actions.items():
-            value = torch.as_tensor(np.asarray(action), dtype=batch_actions.dtype, device=batch_actions.device)
-            if tuple(value.shape) != tuple(batch_actions.shape[2:]):
-                raise ValueError(f"agent {name}: action shape {list(value.shape)}, expected "
-                                 f"{list(batch_actions.shape[2:])}")
-            batch_actions[0, self._index[name]] = value
+            if np.shape(action) != expected:
+                raise ValueError(f"agent {name}: action shape {list(np.shape(action))}, expected {list(expected)}")
+        if actions:
+            slots = [self._index[name] for name in actions]
+            values = np.stack([np.asarray(action) for action in actions.values()])
+            batch_actions[0, slots] = torch.as_tensor(values, device=batch_actions.device).to(batch_actions.dtype)
         events, rewards = self.episode.advance(batch_actions)
         done = self.episode.state.done
         log_next = self.episode.log_next()
         terminated = events["collision"][0] & self.terminate_on[0]
         terminated |= events["offroad"][0] & self.terminate_on[1]
         obs = self._observations()
-        rew = {a: float(rewards[0, self._index[a]]) for a in self.agents}
-        term = {a: bool(terminated[self._index[a]]) for a in self.agents}
+        # One transfer per tensor, then plain indexing per agent.
+        rewards, terminated = rewards[0].cpu().numpy(), terminated.cpu().numpy()
+        events = {k: v[0].float().cpu().numpy() for k, v in events.items()}
+        slot = {a: self._index[a] for a in self.agents}
+        rew = {a: float(rewards[i]) for a, i in slot.items()}
+        term = {a: bool(terminated[i]) for a, i in slot.items()}
         trunc = {a: done for a in self.agents}
-        infos = {a: {"log_next": log_next[self._index[a]],
-                     **{k: float(v[0, self._index[a]]) for k, v in events.items()}} for a in self.agents}
+        infos = {a: {"log_next": log_next[i], **{k: float(v[i]) for k, v in events.items()}} for a, i in slot.items()}
         self.agents = [a for a in self.agents if not (term[a] or trunc[a])]
         return obs, rew, term, trunc, infos
 
