@@ -4,6 +4,7 @@ collisions, a brute-force search over every road edge for the neighbourhoods."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from shapely.geometry import Point, Polygon, box
 from shapely.affinity import rotate, translate
@@ -12,6 +13,7 @@ from closedloop.data import collate_scenarios
 from closedloop.data.scenario import LIGHT_GO, LIGHT_STOP
 from closedloop.envs import collisions, reset
 from closedloop.envs.events import EventTracker, StopLines, agent_corners
+from closedloop.envs import map_index
 from closedloop.envs.map_index import FAR, RoadEdges, _point_segment_sq
 from scenes import STEPS, make_scenario, straight
 
@@ -40,7 +42,14 @@ def _shapely_box(track: dict) -> Polygon:
     return translate(rotate(shape, track["heading"], use_radians=True, origin=(0, 0)), *track["xy"])
 
 
-def test_offroad_signed_distance_matches_shapely_on_a_road_with_an_island():
+@pytest.fixture(params=["selected", "whole_batch"])
+def offroad_mode(request, monkeypatch):
+    """Both ways RoadEdges works: on selected agents (large batches) and on all (small)."""
+    monkeypatch.setattr(map_index, "DENSE_AGENTS", 0 if request.param == "selected" else 10**9)
+    return request.param
+
+
+def test_offroad_signed_distance_matches_shapely_on_a_road_with_an_island(offroad_mode):
     # An L-shaped road (concave and convex vertices) with a square island in it. Edges keep
     # the road on their left: the outer ring runs counter-clockwise, the island clockwise.
     outer = [(0, 0), (60, 0), (60, 25), (25, 25), (25, 60), (0, 60)]
@@ -68,7 +77,7 @@ def test_offroad_signed_distance_matches_shapely_on_a_road_with_an_island():
     assert exact_checked > 50
 
 
-def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_scenarios):
+def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_scenarios, offroad_mode):
     batch = collate_scenarios(list(real_scenarios.values()))
     state = reset(batch)  # the log, every step
     edges = RoadEdges(batch)
@@ -94,8 +103,8 @@ def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_sce
         assert torch.equal(got[valid] > 0, brute[valid] > 0)
         checked += int(exact.sum())
     assert checked > 500
-    # Neighbourhoods are rebuilt only where needed, not for every agent at every step.
-    assert edges.refreshed < 0.3 * int(batch.agent_mask.sum()) * (STEPS - 10)
+    if offroad_mode == "selected":  # neighbourhoods are rebuilt only where needed
+        assert edges.refreshed < 0.3 * int(batch.agent_mask.sum()) * (STEPS - 10)
 
 
 def test_collisions_match_shapely_for_every_pair():

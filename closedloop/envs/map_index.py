@@ -22,6 +22,7 @@ from closedloop.data.batch import ScenarioBatch
 from closedloop.data.scenario import ROAD_EDGE_CODES
 
 BIG = 1e9
+DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
 FAR = 1e6  # where empty candidate slots sit (metres); squared, still finite in float32
 
 
@@ -226,22 +227,37 @@ class RoadEdges:
         moved = torch.linalg.norm(centre - self.anchor, dim=-1)
         needed = torch.where(distance > reach, distance, distance + 2 * reach)
         stale = (needed > self.left_out - moved) & (moved > 0) & (distance < BIG)
+        # Small batches do whole-batch work: cheaper there than selecting agents.
+        dense = B * N <= DENSE_AGENTS
         if bool(stale.any()):
-            self.refresh(centre, stale)
-            b, n = torch.nonzero(stale, as_tuple=True)
-            centre_signed[b, n] = self._centre_distance(b, centre[b, n], slots=b * N + n)
+            if dense:
+                self.refresh(centre)
+                centre_signed = self._centre_distance(rows, centre.reshape(-1, 2)).view(B, N)
+            else:
+                self.refresh(centre, stale)
+                b, n = torch.nonzero(stale, as_tuple=True)
+                centre_signed[b, n] = self._centre_distance(b, centre[b, n], slots=b * N + n)
             distance = centre_signed.abs()
         signed = centre_signed - torch.sign(centre_signed) * reach
-        b, n = torch.nonzero(distance <= reach, as_tuple=True)  # may reach an edge: every corner
-        if b.numel():
-            signed[b, n] = self._corner_distance(b, n, corners[b, n])
+        near = distance <= reach  # the box may reach an edge: measure every corner
+        if dense:
+            exact = self._corner_distance(rows.view(B, N, 1), self.candidates, self.candidate_index, corners)
+            signed = torch.where(near, exact, signed)
+        else:
+            b, n = torch.nonzero(near, as_tuple=True)
+            if b.numel():
+                signed[b, n] = self._corner_distance(b[:, None], self.candidates[b, n], self.candidate_index[b, n],
+                                                     corners[b, n])
         return signed.masked_fill(distance >= BIG, -BIG)
 
-    def _corner_distance(self, b: torch.Tensor, n: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-        """Exact largest signed corner distance ``[M]`` for M boxes ``corners`` ``[M, 4, 2]``."""
-        d2 = _point_segment_sq(corners[..., 0:1], corners[..., 1:2], self.candidates[b, n][:, None])  # [M, 4, K]
-        index = self.candidate_index[b, n][:, None].expand_as(d2).gather(-1, d2.argmin(-1, keepdim=True))
-        return self._signed(b[:, None], index[..., 0], corners[..., 0], corners[..., 1]).amax(-1)
+    def _corner_distance(self, rows: torch.Tensor, candidates: torch.Tensor, candidate_index: torch.Tensor,
+                         corners: torch.Tensor) -> torch.Tensor:
+        """Exact largest signed corner distance ``[...]`` of boxes ``corners`` ``[..., 4, 2]``
+        against their ``candidates`` ``[..., 5, K]`` (rows of ``features``:
+        ``candidate_index`` ``[..., K]``) in scenarios ``rows``."""
+        d2 = _point_segment_sq(corners[..., 0:1], corners[..., 1:2], candidates.unsqueeze(-3))  # [..., 4, K]
+        index = candidate_index.unsqueeze(-2).expand_as(d2).gather(-1, d2.argmin(-1, keepdim=True))[..., 0]
+        return self._signed(rows, index, corners[..., 0], corners[..., 1]).amax(-1)
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
