@@ -164,3 +164,24 @@ def test_normalized_and_discretized_actions():
     assert torch.allclose(torch.cos(again[..., 2] - target[..., 2]), torch.ones(200, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"integers in \[0, 11\)"):
         discrete.check_action(index + 11, (200,))
+
+
+def test_rollouts_share_history_and_branches_copy_it(real_scenarios):
+    batch = collate_scenarios([real_scenarios["637f20cafde22ff8"]])
+    dynamics = make_dynamics("delta_local")
+    start = reset(batch)
+    B, N = start.controlled.shape
+    ahead, left = torch.zeros(B, N, 3), torch.zeros(B, N, 3)
+    ahead[..., 0], left[..., 1] = 0.5, 0.5
+    first = step(start, ahead, dynamics)
+    second = step(first, ahead, dynamics)
+    assert second.pose.data_ptr() == start.pose.data_ptr()  # no copy along one rollout
+    branch = step(first, left, dynamics)  # first stepped again: a branch, on its own copy
+    assert branch.pose.data_ptr() != first.pose.data_ptr()
+    ctrl = start.controlled
+    assert torch.equal(branch.pose[:, :, :12], second.pose[:, :, :12])  # shared past
+    assert not torch.allclose(branch.pose[ctrl][:, 12, :2], second.pose[ctrl][:, 12, :2])
+    third = step(second, ahead, dynamics)  # the first rollout goes on, unaffected
+    expected = step(step(step(reset(batch), ahead, dynamics), ahead, dynamics), ahead, dynamics)
+    assert torch.equal(third.pose[:, :, :14], expected.pose[:, :, :14])
+    assert torch.equal(first.current, expected.pose[:, :, 11])  # history up to t never changes

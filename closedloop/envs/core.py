@@ -27,9 +27,28 @@ class SimulationError(ValueError):
     """Invalid use of the simulator: bad actions, stepping past the end."""
 
 
+@dataclass(eq=False)
+class _Timeline:
+    """The pose buffer a chain of states shares, and the step it has been written to.
+
+    Only the state at ``head`` may write new steps into it in place; stepping any other
+    state of the chain (branching) copies the buffers first.
+    """
+
+    pose: torch.Tensor
+    head: int
+
+
 @dataclass(frozen=True)
 class SimState:
-    """One moment of B simulated scenarios; tensors are never modified in place."""
+    """One moment of B simulated scenarios.
+
+    A state's history up to ``t`` never changes. Stepping the newest state of a rollout
+    writes the new steps into the history buffers it shares with the states before it
+    (no copy of the whole history per step); stepping an older state again copies them
+    first, so branching from any state is safe. Entries after ``t`` are not part of a
+    state's history (they hold the log, or a later step of its rollout).
+    """
 
     batch: ScenarioBatch
     t: int  # the current step index
@@ -38,6 +57,7 @@ class SimState:
     valid: torch.Tensor  # [B, N, T]
     controlled: torch.Tensor  # [B, N]
     dims: torch.Tensor  # [B, N, 3] length, width, height of each agent's box
+    timeline: _Timeline = dataclasses.field(repr=False)
 
     @property
     def num_steps(self) -> int:
@@ -100,7 +120,7 @@ def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
     # Controlled agents stay valid from the current step on, whatever the log says.
     valid[:, :, cur:] |= mask[..., None]
     return SimState(batch=batch, t=cur, pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid,
-                    controlled=mask, dims=box_dims(batch))
+                    controlled=mask, dims=box_dims(batch), timeline=_Timeline(pose, cur))
 
 
 def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState:
@@ -115,16 +135,21 @@ def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState
     dynamics.check_action(actions, (B, N))
     nxt = dynamics.forward(state.current, actions)  # [B, N, k, 5]
     window = slice(state.t + 1, state.t + 1 + k)
+    timeline = state.timeline
+    if timeline.pose is state.pose and timeline.head == state.t:
+        pose, z = state.pose, state.z  # the newest state of its rollout: write in place
+    else:
+        pose, z = state.pose.clone(), state.z.clone()
+        timeline = _Timeline(pose, state.t)
     ctrl = state.controlled[:, :, None, None]
-    pose = state.pose.clone()
-    pose[:, :, window] = torch.where(ctrl, nxt, state.pose[:, :, window])
+    pose[:, :, window] = torch.where(ctrl, nxt, pose[:, :, window])  # the others keep the log
     pose[:, :, window, 2] = wrap_angle(pose[:, :, window, 2])
-    z = state.z.clone()
     # Controlled agents keep the logged ground height where the log has one, else hold.
-    held = torch.where(state.batch.agent_valid[:, :, window], state.z[:, :, window],
-                       state.z[:, :, state.t:state.t + 1].expand(-1, -1, k))
-    z[:, :, window] = torch.where(state.controlled[..., None], held, state.z[:, :, window])
-    return dataclasses.replace(state, t=state.t + k, pose=pose, z=z)
+    log_z = state.batch.agent_xyz[:, :, window, 2]
+    held = torch.where(state.batch.agent_valid[:, :, window], log_z, z[:, :, state.t:state.t + 1].expand(-1, -1, k))
+    z[:, :, window] = torch.where(state.controlled[..., None], held, log_z)
+    timeline.head = state.t + k
+    return dataclasses.replace(state, t=state.t + k, pose=pose, z=z, timeline=timeline)
 
 
 def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
