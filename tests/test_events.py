@@ -3,6 +3,8 @@ collisions, a brute-force search over every road edge for the neighbourhoods."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,9 @@ from shapely.geometry import Point, Polygon, box
 from shapely.affinity import rotate, translate
 
 from closedloop.data import collate_scenarios
-from closedloop.data.scenario import LIGHT_GO, LIGHT_STOP
+from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_GO, LIGHT_STOP
 from closedloop.envs import collisions, reset
-from closedloop.envs.events import EventTracker, StopLines, agent_corners
+from closedloop.envs.events import EventTracker, agent_corners
 from closedloop.envs import map_index
 from closedloop.envs.map_index import FAR, RoadEdges, _point_segment_sq
 from scenes import STEPS, make_scenario, straight
@@ -130,20 +132,41 @@ def test_late_agents_have_their_logged_box():
     assert batch.agent_dims[0, slot.index(1), 10].tolist() == [-1.0, -1.0, -1.0]
 
 
+def _red_light_steps(scenario) -> dict[int, list[int]]:
+    """Steps at which each track (by index) runs a red light when replaying the log."""
+    batch = collate_scenarios([scenario])
+    state = reset(batch)
+    tracker = EventTracker(state)
+    steps: dict[int, list[int]] = {}
+    for t in range(11, STEPS):
+        previous, state = dataclasses.replace(state, t=t - 1), dataclasses.replace(state, t=t)
+        for slot in torch.nonzero(tracker(previous, state)["red_light"][0])[:, 0].tolist():
+            steps.setdefault(int(batch.agent_track_index[0, slot]), []).append(t)
+    return steps
+
+
 def test_red_light_violation_at_the_crossing_step_only():
-    lane = np.stack([np.linspace(-50, 50, 101), np.zeros(101)], -1)
-    red = np.full(STEPS, LIGHT_STOP)
-    green = np.full(STEPS, LIGHT_GO)
-    cars = [{"xy": straight(-20.0, 0.0, 10.0)}, {"xy": straight(-20.0, 0.3, 10.0)}]
-    for states, expected in ((red, True), (green, False)):
-        batch = collate_scenarios([make_scenario(cars, lanes=[lane], lights=[(0, states, (0.0, 0.0))])])
-        state = reset(batch)
-        lines = StopLines(state)
-        hits = {t: lines.violations(state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2], t)[0]
-                for t in range(11, STEPS)}
-        crossing = [t for t, h in hits.items() if bool(h.any())]
-        assert crossing == ([20] if expected else []), crossing
-        if expected:
-            assert hits[20][batch.agent_mask[0]].all()
-        tracker = EventTracker(state)
-        assert tracker(state, state)["red_light"].shape == state.controlled.shape
+    lane = np.stack([np.linspace(0, 50, 51), np.zeros(51)], -1)
+    cars = [{"xy": straight(-20.0, 0.0, 10.0)}, {"xy": straight(-20.0, 0.3, 10.0)}, {"xy": straight(-20.0, 5.0, 10.0)}]
+    for states, expected in ((np.full(STEPS, LIGHT_STOP), {0: [20], 1: [20]}), (np.full(STEPS, LIGHT_GO), {})):
+        scenario = make_scenario(cars, lanes=[lane], lights=[(0, states, (0.0, 0.0))])
+        assert _red_light_steps(scenario) == expected  # the car 5 m to the side is in another lane
+
+
+def test_red_left_arrow_beside_a_green_through_light():
+    # One stop line at (0, 0), two lanes leaving it: straight on (green) and a left turn
+    # of radius 15 m (red arrow). Only the car that turns runs the red light, and that is
+    # known once it is clearly on the turn lane.
+    through = np.stack([np.linspace(0, 40, 81), np.zeros(81)], -1)
+    angle = np.linspace(0, np.pi / 2, 48)
+    left = np.stack([15 * np.sin(angle), 15 - 15 * np.cos(angle)], -1)
+    t = np.arange(STEPS) * 0.1
+    s = -20.0 + 10.0 * t  # metres along each car's path, past the stop line from step 20
+    arc = np.clip(s, 0, None) / 15
+    turning = np.where(s[:, None] < 0, np.stack([s, np.zeros_like(s)], -1),
+                       np.stack([15 * np.sin(arc), 15 - 15 * np.cos(arc)], -1))
+    turning[s > 15 * np.pi / 2] = [15.0, 15.0]  # done turning: wait there
+    cars = [{"xy": straight(-20.0, 0.0, 10.0)}, {"xy": turning, "heading": np.where(s < 0, 0.0, np.minimum(arc, np.pi / 2))}]
+    lights = [(0, np.full(STEPS, LIGHT_GO), (0.0, 0.0)), (1, np.full(STEPS, LIGHT_ARROW_STOP), (0.0, 0.0))]
+    steps = _red_light_steps(make_scenario(cars, lanes=[through, left], lights=lights))
+    assert list(steps) == [1] and len(steps[1]) == 1 and 21 <= steps[1][0] <= 35, steps

@@ -10,6 +10,10 @@ from closedloop.envs.map_index import RoadEdges
 from closedloop.geometry import box_corners
 
 STOP_LINE_HALF_WIDTH = 1.75  # a lane
+SIBLING_RADIUS = 0.5  # stop points nearer than this are one stop line
+FOLLOW_DISTANCE = 1.0  # an agent this near a lane, and FOLLOW_MARGIN nearer than to its
+FOLLOW_MARGIN = 1.0  # siblings, is following it
+LEFT_LANES_DISTANCE = 5.0  # an agent this far from all the lanes of a stop line has left them
 
 
 def agent_corners(state: SimState, t: int | None = None) -> torch.Tensor:
@@ -19,7 +23,13 @@ def agent_corners(state: SimState, t: int | None = None) -> torch.Tensor:
 
 
 class StopLines:
-    """Each traffic-light lane's stop line: the stop point and the lane's direction there."""
+    """Each traffic-light lane's stop line: the stop point and the lane's direction there.
+
+    Lanes leaving one stop line (a through lane and a left-turn lane, say) often have
+    lights of their own, and the left arrow can be red while the through light is green.
+    Such lights are *siblings*; each light's lane is kept as points so that a tracker can
+    tell later which of the siblings an agent went on to follow.
+    """
 
     def __init__(self, state: SimState):
         b = state.batch
@@ -38,38 +48,91 @@ class StopLines:
         axes = torch.cat([direction, normal], dim=1)  # [B, 2L, 2]
         self.axes = axes.transpose(1, 2).contiguous()
         self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
-
-    def violations(self, before: torch.Tensor, after: torch.Tensor, t: int) -> torch.Tensor:
-        """Agents ``[B, N]`` whose centre went from behind to past a red stop line between
-        positions ``before`` and ``after`` ``[B, N, 2]`` (state at step ``t``)."""
         L = self.valid.shape[1]
-        red = ((self.state[:, :, t] == LIGHT_STOP) | (self.state[:, :, t] == LIGHT_ARROW_STOP)) & self.valid
-        if not bool(red.any()):
-            return torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
+        pair = self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
+        self.siblings = pair & (torch.cdist(self.point, self.point) < SIBLING_RADIUS)  # [B, L, L]
+        # Each light's lane as points [B, L, M, 2], padding far away.
+        P = same_lane.shape[-1]
+        order = torch.where(same_lane, torch.arange(P, device=same_lane.device), P).sort(-1).values
+        order = order[..., :max(int(same_lane.sum(-1).max()), 1)]
+        points = torch.gather(b.road_xyz[:, None, :, :2].expand(-1, L, -1, -1), 2,
+                              order.clamp_max(P - 1)[..., None].expand(-1, -1, -1, 2))
+        self.lane_points = points.masked_fill((order >= P)[..., None], 1e6)
+
+    def red(self, t: int) -> torch.Tensor:
+        """Lights ``[B, L]`` that say stop at step ``t``."""
+        state = self.state[:, :, t]
+        return ((state == LIGHT_STOP) | (state == LIGHT_ARROW_STOP)) & self.valid
+
+    def crossings(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """Whether each agent's centre went from behind to past each stop line between
+        positions ``before`` and ``after`` ``[B, N, 2]``: ``[B, N, L]``."""
+        L = self.valid.shape[1]
         rel0 = torch.baddbmm(self.offsets, before, self.axes, alpha=1, beta=-1)  # [B, N, 2L]
         rel1 = torch.baddbmm(self.offsets, after, self.axes, alpha=1, beta=-1)
         lateral = (rel0[..., L:] + rel1[..., L:]).abs() < 2 * STOP_LINE_HALF_WIDTH
-        crossed = (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & red[:, None]
-        return crossed.any(-1)
+        return (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & self.valid[:, None]
+
+    def lane_distance(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Distance ``[M, L]`` from M agents at ``positions`` ``[M, 2]`` in scenarios
+        ``rows`` to each light's lane."""
+        return torch.linalg.norm(self.lane_points[rows] - positions[:, None, None], dim=-1).amin(-1)
 
 
 class EventTracker:
-    """Computes the per-step events of a rollout, keeping its roadgraph neighbourhoods."""
+    """Computes the per-step events of a rollout, keeping its roadgraph neighbourhoods.
+
+    A red-light violation is crossing a stop line whose light says stop, on the lane that
+    light controls. Where all lights at that stop line say stop it is reported at the
+    crossing step. Where a sibling lane may go (a green through light beside a red left
+    arrow), the crossing stays pending until the agent is clearly on one of the lanes
+    (within ``FOLLOW_DISTANCE`` of it and ``FOLLOW_MARGIN`` nearer than to its siblings):
+    it is reported then if that lane's light was red at the crossing, and dropped if the
+    agent follows a lane that could go or leaves them all.
+    """
 
     def __init__(self, state: SimState):
         self.edges = RoadEdges(state.batch)
         self.stop_lines = StopLines(state)
+        B, N = state.controlled.shape
+        self.pending = torch.zeros(B, N, self.stop_lines.valid.shape[1], dtype=torch.bool, device=state.pose.device)
+        self._t: int | None = None
 
     def __call__(self, previous: SimState, state: SimState) -> dict[str, torch.Tensor]:
         """Events ``[B, N]`` at ``state.t`` (after a step from ``previous``)."""
+        if previous.t != self._t:  # a new rollout: forget pending crossings
+            self.pending.zero_()
+        self._t = state.t
         valid = state.valid[:, :, state.t] & state.batch.agent_mask
         offroad = self.edges.signed_distance(agent_corners(state)) > 0
         red = torch.zeros_like(valid)
         for t in range(previous.t + 1, state.t + 1):  # every step a chunked action covered
-            red |= self.stop_lines.violations(state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2], t)
+            red |= self._red_light(state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2], t)
         return {
             "collision": collisions(state) & valid,
             "offroad": offroad & valid,
             "red_light": red & valid,
             "distance_to_log": distance_to_log(state),
         }
+
+    def _red_light(self, before: torch.Tensor, after: torch.Tensor, t: int) -> torch.Tensor:
+        lines = self.stop_lines
+        violation = torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
+        red = lines.red(t)
+        if bool(red.any()):
+            on_red = lines.crossings(before, after) & red[:, None]
+            sibling_may_go = (lines.siblings & ~red[:, None, :]).any(-1)  # [B, L]
+            violation |= (on_red & ~sibling_may_go[:, None]).any(-1)
+            self.pending |= on_red & sibling_may_go[:, None]
+        b, n = torch.nonzero(self.pending.any(-1), as_tuple=True)
+        if b.numel():
+            d = lines.lane_distance(b, after[b, n])  # [M, L]
+            siblings = lines.siblings[b]  # [M, L, L]
+            nearest_sibling = torch.where(siblings, d[:, None, :], float("inf")).amin(-1)
+            follows = (d < FOLLOW_DISTANCE) & (d + FOLLOW_MARGIN < nearest_sibling)
+            follows_sibling = (siblings & follows[:, None, :]).any(-1)
+            left_them = torch.minimum(d, nearest_sibling) > LEFT_LANES_DISTANCE
+            pending = self.pending[b, n]
+            violation[b, n] |= (pending & follows).any(-1)
+            self.pending[b, n] = pending & ~(follows | follows_sibling | left_them)
+        return violation
