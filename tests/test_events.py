@@ -170,3 +170,20 @@ def test_red_left_arrow_beside_a_green_through_light():
     lights = [(0, np.full(STEPS, LIGHT_GO), (0.0, 0.0)), (1, np.full(STEPS, LIGHT_ARROW_STOP), (0.0, 0.0))]
     steps = _red_light_steps(make_scenario(cars, lanes=[through, left], lights=lights))
     assert list(steps) == [1] and len(steps[1]) == 1 and 21 <= steps[1][0] <= 35, steps
+
+
+def test_nearest_points_stay_exact_as_agents_move():
+    g = torch.Generator().manual_seed(3)
+    points = torch.rand(2, 3000, 2, generator=g) * 200
+    valid = torch.rand(2, 3000, generator=g) > 0.1
+    near = map_index.NearestPoints(points, valid, keep=64)
+    positions = torch.rand(2, 16, 2, generator=g) * 200
+    for step_index in range(60):
+        jump = 30.0 if step_index == 30 else 1.5  # a reset-like jump halfway
+        positions = positions + (torch.rand(2, 16, 2, generator=g) - 0.5) * 2 * jump
+        index, distance = near(positions, 8)
+        brute = torch.cdist(positions, points, compute_mode="donot_use_mm_for_euclid_dist").masked_fill(~valid[:, None], float("inf")).topk(8, largest=False)
+        assert torch.allclose(distance, brute.values, atol=1e-4)
+        found = torch.linalg.norm(points[torch.arange(2)[:, None, None], index] - positions[:, :, None], dim=-1)
+        assert torch.allclose(found, brute.values, atol=1e-4)
+    assert near.searched < 0.5 * 2 * 16 * 60  # searches only where the kept points no longer vouch

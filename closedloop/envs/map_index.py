@@ -23,16 +23,90 @@ from closedloop.data.scenario import ROAD_EDGE_CODES
 
 BIG = 1e9
 DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
+SEARCH_BLOCK = 1 << 22  # distances computed at once by a NearestPoints search
 FAR = 1e6  # where empty candidate slots sit (metres); squared, still finite in float32
 
 
-def nearest_items(positions: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[B, N, k]`` of the ``k`` nearest valid ``items`` ``[B, P, 2]`` to each of
-    ``positions`` ``[B, N, 2]`` (padded with the nearest when there are fewer)."""
-    d = torch.cdist(positions.float(), items.float())  # [B, N, P]
-    d = d.masked_fill(~valid[:, None, :], BIG)
-    k = max(1, min(k, items.shape[1]))
-    return d.topk(k, dim=-1, largest=False).indices
+class NearestPoints:
+    """The ``k`` nearest valid points of a fixed set ``[B, P, 2]`` to moving agents,
+    exact at every query.
+
+    Each agent keeps its ``keep`` nearest points from its last search and the distance to
+    the nearest point it left out. While its k-th nearest kept point is nearer than that
+    distance less how far the agent has moved since, the kept points hold its true k
+    nearest; agents for which this fails are searched again, alone.
+    """
+
+    def __init__(self, points: torch.Tensor, valid: torch.Tensor, keep: int = 256):
+        self.points = torch.where(valid[..., None], points.float(), FAR)  # padding far away
+        self.keep = max(1, min(keep, points.shape[1]))
+        self.index: torch.Tensor | None = None  # [B, N, keep]
+        self.anchor: torch.Tensor | None = None  # [B, N, 2]
+        self.left_out: torch.Tensor | None = None  # [B, N]
+        self.searched = 0  # agent searches so far
+
+    def _search(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept indices ``[M, keep]`` and left-out distance ``[M]`` for M agents, in
+        blocks that bound memory to about ``SEARCH_BLOCK`` distances."""
+        P = self.points.shape[1]
+        index, left_out = [], []
+        per_block = max(1, SEARCH_BLOCK // P)
+        for start in range(0, len(rows), per_block):
+            r, p = rows[start:start + per_block], positions[start:start + per_block]
+            d = torch.linalg.norm(self.points[r] - p[:, None], dim=-1)  # [m, P]
+            if self.keep < P:
+                top = d.topk(self.keep + 1, dim=-1, largest=False)
+                index.append(top.indices[:, :self.keep])
+                left_out.append(top.values[:, self.keep])
+            else:  # every point is kept: nothing is left out
+                index.append(torch.arange(P, device=d.device).expand(len(r), P))
+                left_out.append(torch.full((len(r),), float("inf"), device=d.device))
+        self.searched += len(rows)
+        return torch.cat(index), torch.cat(left_out)
+
+    def _search_all(self, positions: torch.Tensor) -> None:
+        """Search for every agent, a block of scenarios at a time."""
+        B, N, _ = positions.shape
+        P = self.points.shape[1]
+        index, left_out = [], []
+        per_block = max(1, SEARCH_BLOCK // (N * P))
+        for start in range(0, B, per_block):
+            d = torch.cdist(positions[start:start + per_block], self.points[start:start + per_block],
+                            compute_mode="donot_use_mm_for_euclid_dist")  # [b, N, P]
+            if self.keep < P:
+                top = d.topk(self.keep + 1, dim=-1, largest=False)
+                index.append(top.indices[..., :self.keep])
+                left_out.append(top.values[..., self.keep])
+            else:
+                index.append(torch.arange(P, device=d.device).expand(*d.shape[:2], P))
+                left_out.append(torch.full(d.shape[:2], float("inf"), device=d.device))
+        self.index, self.left_out = torch.cat(index), torch.cat(left_out)
+        self.anchor = positions.clone()
+        self.searched += B * N
+
+    def __call__(self, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and distances ``[B, N, k]`` of the ``k`` nearest points to each of
+        ``positions`` ``[B, N, 2]``, nearest first (distances >= 1e5 for padding)."""
+        B, N, _ = positions.shape
+        positions = positions.float()
+        k = min(k, self.keep)
+        if self.index is None:
+            self._search_all(positions)
+        distance, nearest = self._nearest(positions, k)
+        moved = torch.linalg.norm(positions - self.anchor, dim=-1)
+        stale = distance[..., -1] > self.left_out - moved
+        if bool(stale.any()):
+            b, n = torch.nonzero(stale, as_tuple=True)
+            self.index[b, n], self.left_out[b, n] = self._search(b, positions[b, n])
+            self.anchor[b, n] = positions[b, n]
+            distance, nearest = self._nearest(positions, k)
+        return nearest, distance
+
+    def _nearest(self, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None, None]
+        d = torch.linalg.norm(self.points[rows, self.index] - positions[:, :, None], dim=-1)  # [B, N, keep]
+        top = d.topk(k, dim=-1, largest=False)
+        return top.values, self.index.gather(-1, top.indices)
 
 
 # Columns of RoadEdges.features, three blocks of six: the segment (start, direction,

@@ -30,7 +30,7 @@ from closedloop.data.scenario import (
     TYPE_VEHICLE,
 )
 from closedloop.envs.core import SimState
-from closedloop.envs.map_index import nearest_items
+from closedloop.envs.map_index import FAR, NearestPoints
 
 POSITION_SCALE = 50.0
 SPEED_SCALE = 20.0
@@ -41,8 +41,7 @@ class ObservationConfig:
     num_agents: int = 8
     num_road_points: int = 32
     num_lights: int = 4
-    road_candidates: int = 256  # road points kept per agent between refreshes
-    refresh_every: int = 10
+    road_candidates: int = 256  # road points each agent keeps between searches
 
     @property
     def size(self) -> int:
@@ -59,8 +58,8 @@ class Observer:
 
     def __init__(self, config: ObservationConfig = ObservationConfig()):
         self.config = config
-        self._candidates: torch.Tensor | None = None
-        self._refreshed_at: int | None = None
+        self._road: NearestPoints | None = None
+        self._road_batch = None  # the batch _road indexes
 
     def __call__(self, state: SimState) -> torch.Tensor:
         cfg, b, t = self.config, state.batch, state.t
@@ -91,22 +90,18 @@ class Observer:
                               dims[bidx, idx, 1] / 5, ok], -1) * ok[..., None]
         agents = _pad(agents, cfg.num_agents)
 
-        # Nearest roadgraph points, from each agent's refreshed neighbourhood.
-        if self._refreshed_at is None or t - self._refreshed_at >= cfg.refresh_every or t < self._refreshed_at:
-            self._candidates = nearest_items(pose[..., :2], b.road_xyz[..., :2], b.road_mask, cfg.road_candidates)
-            self._refreshed_at = t
-        cand = self._candidates
-        rx, ry = b.road_xyz[bidx, cand, 0], b.road_xyz[bidx, cand, 1]
-        rd = torch.hypot(rx - x[..., None], ry - y[..., None]).masked_fill(~b.road_mask[bidx, cand], float("inf"))
-        m = min(cfg.num_road_points, cand.shape[-1])
-        pick = rd.topk(m, dim=-1, largest=False)
-        pts = cand.gather(-1, pick.indices)
+        # Nearest roadgraph points (exact: see NearestPoints).
+        if self._road is None or self._road_batch is not b:
+            self._road = NearestPoints(b.road_xyz[..., :2], b.road_mask, cfg.road_candidates)
+            self._road_batch = b
+        m = min(cfg.num_road_points, b.road_xyz.shape[1])
+        pts, road_distance = self._road(pose[..., :2], m)
         px, py = _to_frame(b.road_xyz[bidx, pts, 0] - x[..., None], b.road_xyz[bidx, pts, 1] - y[..., None], yaw[..., None])
         direction = b.road_dir[bidx, pts, :2]
         direction = direction / torch.linalg.norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
         dx, dy = _to_frame(direction[..., 0], direction[..., 1], yaw[..., None])
         code = b.road_type[bidx, pts]
-        ok = torch.isfinite(pick.values).float()
+        ok = (road_distance < FAR / 2).float()
         road = torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy, (code <= 3).float(),
                             ((code >= 5) & (code <= 13)).float(), ((code >= 14) & (code <= 16)).float(),
                             (code >= 17).float(), ok], -1) * ok[..., None]
