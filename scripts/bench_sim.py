@@ -9,6 +9,8 @@ agents, not padding), every agent controlled and replaying its logged motion
 (actions precomputed, so no policy is timed). The PettingZoo row steps one scenario
 through the face (dict actions, per-agent observations and infos) with every agent
 driving straight ahead, and is compared with the core at B = 1 on that same workload.
+The BatchedEnv rows time the trainers' env (core + observations + rewards) at B = 1 and
+64 on that straight-ahead workload.
 Prints a table and one JSON line.
 """
 
@@ -29,6 +31,7 @@ from closedloop.envs.core import reset, step
 from closedloop.envs.dynamics import make_dynamics
 from closedloop.envs.events import EventTracker
 from closedloop.envs.faces import parallel_env
+from closedloop.envs.vector import BatchedEnv
 
 
 def best_of(repeats: int, measure, *args) -> float:
@@ -74,6 +77,25 @@ def core_rate(scenarios, B: int, N: int, steps: int, device: str, workload: str 
     return int(batch.agent_mask.sum()) * steps / seconds  # real agents, not padding slots
 
 
+def env_rate(scenarios, B: int, N: int, steps: int, device: str) -> float:
+    """Agent-steps/s of the trainers' ``BatchedEnv``: the core plus observations and
+    rewards, every agent driving straight ahead (real agents counted)."""
+    env = BatchedEnv(scenarios, batch_size=B, max_agents=N, device=device)
+    env.reset()
+    agents = int(env.state.batch.agent_mask.sum())
+    forward = torch.zeros(B, N, 3, device=device)
+    forward[..., 0] = 0.8
+    env.step(forward)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(forward)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return agents * steps / (time.perf_counter() - start)
+
+
 def face_rate(scenario, steps: int) -> tuple[float, int]:
     env = parallel_env([scenario], dynamics="delta_local")
     env.reset(seed=0)
@@ -106,11 +128,16 @@ def main() -> None:
                 base = base or rate
                 rows.append({"device": device, "B": B, "N": N, "agent_steps_per_s": round(rate)})
                 print(f"{device:<7}{B:>5}{N:>6}{rate:>16,.0f}{rate / base:>8.1f}x")
+    env_rows = []
+    for B in (1, 64):
+        rate = best_of(args.repeats, env_rate, scenarios, B, 128, args.steps, devices[-1])
+        env_rows.append({"device": devices[-1], "B": B, "N": 128, "agent_steps_per_s": round(rate)})
+        print(f"BatchedEnv ({devices[-1]}, observations + rewards + events), B={B}, N=128: {rate:,.0f} agent-steps/s")
     face, agents = max(face_rate(scenarios[0], args.steps) for _ in range(args.repeats))
     core_one = best_of(args.repeats, core_rate, scenarios[:1], 1, 128, args.steps, "cpu", "forward")
     print(f"PettingZoo face, 1 scenario ({agents} controlled agents): {face:,.0f} agent-steps/s; "
           f"core at B=1, N=128: {core_one:,.0f} -> face overhead {core_one / face:.1f}x per agent-step")
-    print(json.dumps({"rows": rows, "pettingzoo_agent_steps_per_s": round(face), "pettingzoo_agents": agents,
+    print(json.dumps({"rows": rows, "batched_env": env_rows, "pettingzoo_agent_steps_per_s": round(face), "pettingzoo_agents": agents,
                       "core_b1_n128": round(core_one)}))
 
 

@@ -172,18 +172,32 @@ def test_red_left_arrow_beside_a_green_through_light():
     assert list(steps) == [1] and len(steps[1]) == 1 and 21 <= steps[1][0] <= 35, steps
 
 
+def _walk_and_compare(near, points, valid, positions, g, steps=60):
+    for step_index in range(steps):
+        jump = 30.0 if step_index == steps // 2 else 1.5  # a reset-like jump halfway
+        positions = positions + (torch.rand(positions.shape, generator=g) - 0.5) * 2 * jump
+        index, distance = near(positions, 8)
+        brute = torch.cdist(positions, points, compute_mode="donot_use_mm_for_euclid_dist")
+        brute = brute.masked_fill(~valid[:, None], float("inf")).topk(8, largest=False)
+        assert torch.allclose(distance, brute.values, atol=1e-4)
+        rows = torch.arange(len(points))[:, None, None]
+        found = torch.linalg.norm(points[rows, index] - positions[:, :, None], dim=-1)
+        assert torch.allclose(found, brute.values, atol=1e-4)
+
+
 def test_nearest_points_stay_exact_as_agents_move():
     g = torch.Generator().manual_seed(3)
     points = torch.rand(2, 3000, 2, generator=g) * 200
     valid = torch.rand(2, 3000, generator=g) > 0.1
     near = map_index.NearestPoints(points, valid, keep=64)
-    positions = torch.rand(2, 16, 2, generator=g) * 200
-    for step_index in range(60):
-        jump = 30.0 if step_index == 30 else 1.5  # a reset-like jump halfway
-        positions = positions + (torch.rand(2, 16, 2, generator=g) - 0.5) * 2 * jump
-        index, distance = near(positions, 8)
-        brute = torch.cdist(positions, points, compute_mode="donot_use_mm_for_euclid_dist").masked_fill(~valid[:, None], float("inf")).topk(8, largest=False)
-        assert torch.allclose(distance, brute.values, atol=1e-4)
-        found = torch.linalg.norm(points[torch.arange(2)[:, None, None], index] - positions[:, :, None], dim=-1)
-        assert torch.allclose(found, brute.values, atol=1e-4)
+    _walk_and_compare(near, points, valid, torch.rand(2, 16, 2, generator=g) * 200, g)
     assert near.searched < 0.5 * 2 * 16 * 60  # searches only where the kept points no longer vouch
+
+
+def test_nearest_roadgraph_points_of_real_scenarios(real_scenarios):
+    batch = collate_scenarios(list(real_scenarios.values()))
+    points, valid = batch.road_xyz[..., :2], batch.road_mask
+    near = map_index.NearestPoints(points, valid, keep=128, polyline_id=batch.road_id)
+    g = torch.Generator().manual_seed(4)
+    start = batch.agent_xyz[:, :24, 10, :2]  # logged agents: on and near the roads
+    _walk_and_compare(near, points, valid, start, g, steps=30)

@@ -73,10 +73,14 @@ class StopLines:
         lateral = (rel0[..., L:] + rel1[..., L:]).abs() < 2 * STOP_LINE_HALF_WIDTH
         return (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & self.valid[:, None]
 
-    def lane_distance(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def lane_distance(self, rows: torch.Tensor, positions: torch.Tensor, lights: torch.Tensor) -> torch.Tensor:
         """Distance ``[M, L]`` from M agents at ``positions`` ``[M, 2]`` in scenarios
-        ``rows`` to each light's lane."""
-        return torch.linalg.norm(self.lane_points[rows] - positions[:, None, None], dim=-1).amin(-1)
+        ``rows`` to the lanes of ``lights`` ``[M, L]`` (inf for the other lights)."""
+        agent, light = torch.nonzero(lights, as_tuple=True)
+        lane = self.lane_points[rows[agent], light]  # [Q, points, 2]
+        distance = torch.full(lights.shape, float("inf"), device=positions.device)
+        distance[agent, light] = torch.linalg.norm(lane - positions[agent, None], dim=-1).amin(-1)
+        return distance
 
 
 class EventTracker:
@@ -126,13 +130,14 @@ class EventTracker:
             self.pending |= on_red & sibling_may_go[:, None]
         b, n = torch.nonzero(self.pending.any(-1), as_tuple=True)
         if b.numel():
-            d = lines.lane_distance(b, after[b, n])  # [M, L]
+            pending = self.pending[b, n]  # [M, L]
             siblings = lines.siblings[b]  # [M, L, L]
+            group = pending | (siblings & pending[:, :, None]).any(1)  # pending lights and their siblings
+            d = lines.lane_distance(b, after[b, n], group)  # [M, L]
             nearest_sibling = torch.where(siblings, d[:, None, :], float("inf")).amin(-1)
             follows = (d < FOLLOW_DISTANCE) & (d + FOLLOW_MARGIN < nearest_sibling)
             follows_sibling = (siblings & follows[:, None, :]).any(-1)
             left_them = torch.minimum(d, nearest_sibling) > LEFT_LANES_DISTANCE
-            pending = self.pending[b, n]
             violation[b, n] |= (pending & follows).any(-1)
             self.pending[b, n] = pending & ~(follows | follows_sibling | left_them)
         return violation

@@ -27,90 +27,143 @@ from closedloop.data.scenario import ROAD_EDGE_CODES
 
 BIG = 1e9
 DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
-SEARCH_BLOCK = 1 << 22  # distances computed at once by a NearestPoints search
+SEARCH_BLOCK = 1 << 22  # chunk bounds computed at once by a NearestPoints search
 FAR = 1e6  # where empty candidate slots sit (metres); squared, still finite in float32
+
+
+def chunk_table(new_run: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """Group items ``[B, E]`` in order into chunks of up to ``size`` consecutive valid
+    items, starting a new chunk wherever ``new_run`` is set (a new polyline): the table
+    ``[B, C, size]`` of item indices, -1 for empty slots."""
+    B, E = valid.shape
+    pos = torch.arange(E, device=valid.device).expand(B, E)
+    run_start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    slot = (pos - run_start) % size
+    chunk_id = torch.cumsum(new_run | (slot == 0), dim=1) - 1
+    C = max(int(chunk_id.masked_fill(~valid, -1).max()) + 1, 1)
+    # Invalid items all go to an extra last row, dropped afterwards.
+    chunk_id = torch.where(valid, chunk_id, torch.full_like(chunk_id, C))
+    table = torch.full((B, C + 1, size), -1, dtype=torch.long, device=valid.device)
+    table[torch.arange(B, device=valid.device)[:, None].expand(B, E), chunk_id, slot] = torch.where(valid, pos, -1)
+    return table[:, :C]
+
+
+def bounding_circles(points: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre ``[B, C, 2]`` (of the bounding box) and radius ``[B, C]`` of the points
+    ``[B, C, m, 2]`` of each chunk where ``present`` ``[B, C, m]``."""
+    ok = present[..., None].expand_as(points)
+    lo = points.masked_fill(~ok, BIG).amin(2)
+    hi = points.masked_fill(~ok, -BIG).amax(2)
+    centre = (lo + hi) / 2
+    radius = torch.linalg.norm(points - centre[:, :, None], dim=-1).masked_fill(~present, 0).amax(-1)
+    return centre, radius
 
 
 class NearestPoints:
     """The ``k`` nearest valid points of a fixed set ``[B, P, 2]`` to moving agents,
     exact at every query.
 
-    Each agent keeps its ``keep`` nearest points from its last search and the distance to
-    the nearest point it left out. While its k-th nearest kept point is nearer than that
-    distance less how far the agent has moved since, the kept points hold its true k
-    nearest; agents for which this fails are searched again, alone.
+    Points are grouped in chunks of ``chunk`` consecutive points (of one polyline when
+    ``polyline_id`` is given) with bounding circles. Each agent keeps the points of its
+    nearest chunks and the smallest lower bound on the distance to a chunk it left out.
+    While its k-th nearest kept point is nearer than that bound less how far the agent
+    has moved since, the kept points hold its true k nearest; agents for which this fails
+    are searched again, alone.
     """
 
-    def __init__(self, points: torch.Tensor, valid: torch.Tensor, keep: int = 256):
-        self.points = torch.where(valid[..., None], points.float(), FAR)  # padding far away
-        self.keep = max(1, min(keep, points.shape[1]))
-        self.index: torch.Tensor | None = None  # [B, N, keep]
+    def __init__(self, points: torch.Tensor, valid: torch.Tensor, keep: int = 256, chunk: int = 8,
+                 polyline_id: torch.Tensor | None = None):
+        B, P, _ = points.shape
+        self.points = points.float()
+        new_run = torch.zeros_like(valid)
+        new_run[:, 0] = True
+        if polyline_id is not None:
+            new_run[:, 1:] |= polyline_id[:, 1:] != polyline_id[:, :-1]
+        self.table = chunk_table(new_run, valid, chunk)  # [B, C, chunk]
+        present = self.table >= 0
+        members = torch.gather(self.points, 1, self.table.clamp_min(0).reshape(B, -1, 1).expand(-1, -1, 2))
+        self.centre, self.radius = bounding_circles(members.view(*self.table.shape, 2), present)
+        self.chunk_valid = present.any(-1)
+        self.chunks_per_agent = max(1, min(-(-keep // chunk), self.table.shape[1]))
+        self.index: torch.Tensor | None = None  # [B, N, keep] kept points (0 for empty slots)
+        self.kept: torch.Tensor | None = None  # [B, N, 2, keep] their x and y (FAR for empty slots)
         self.anchor: torch.Tensor | None = None  # [B, N, 2]
         self.left_out: torch.Tensor | None = None  # [B, N]
         self.searched = 0  # agent searches so far
+        self._k = 1  # the k of the latest query
 
-    def _search(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept indices ``[M, keep]`` and left-out distance ``[M]`` for M agents, in
-        blocks that bound memory to about ``SEARCH_BLOCK`` distances."""
-        P = self.points.shape[1]
-        index, left_out = [], []
-        per_block = max(1, SEARCH_BLOCK // P)
+    def _search(self, rows: torch.Tensor, positions: torch.Tensor, widen: int = 1):
+        """Kept indices ``[M, keep]``, their x and y ``[M, 2, keep]`` and the left-out
+        bound ``[M]`` for M agents at ``positions`` ``[M, 2]`` in scenarios ``rows``,
+        looking at the ``widen`` x ``chunks_per_agent`` nearest chunks."""
+        index, kept, left_out = [], [], []
+        C = self.table.shape[1]
+        keep = self.chunks_per_agent * self.table.shape[-1]
+        k = min(self.chunks_per_agent * widen, C)
+        per_block = max(1, SEARCH_BLOCK // (C * widen))
         for start in range(0, len(rows), per_block):
             r, p = rows[start:start + per_block], positions[start:start + per_block]
-            d = torch.linalg.norm(self.points[r] - p[:, None], dim=-1)  # [m, P]
-            if self.keep < P:
-                top = d.topk(self.keep + 1, dim=-1, largest=False)
-                index.append(top.indices[:, :self.keep])
-                left_out.append(top.values[:, self.keep])
-            else:  # every point is kept: nothing is left out
-                index.append(torch.arange(P, device=d.device).expand(len(r), P))
-                left_out.append(torch.full((len(r),), float("inf"), device=d.device))
-        self.searched += len(rows)
-        return torch.cat(index), torch.cat(left_out)
+            lower = torch.linalg.norm(self.centre[r] - p[:, None], dim=-1) - self.radius[r]  # [m, C]
+            lower = lower.masked_fill(~self.chunk_valid[r], BIG)
+            ranked = lower.topk(min(k + 1, C), dim=-1, largest=False)
+            bound = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(p[:, 0], BIG)
+            members = self.table[r[:, None], ranked.indices[:, :k]].flatten(1)  # [m, k * chunk], -1: empty
+            xy = self.points[r[:, None], members.clamp_min(0)].masked_fill((members < 0)[..., None], FAR)
+            if widen > 1:  # keep the nearest of the wider set; the next one bounds the rest
+                d = torch.linalg.norm(xy - p[:, None], dim=-1)
+                top = d.topk(min(keep + 1, d.shape[-1]), dim=-1, largest=False)
+                if top.values.shape[-1] > keep:
+                    bound = torch.minimum(bound, top.values[:, keep])
+                pick = top.indices[:, :keep]
+                members, xy = members.gather(1, pick), xy.gather(1, pick[..., None].expand(-1, -1, 2))
+            index.append(members.clamp_min(0))
+            kept.append(xy.transpose(1, 2))
+            left_out.append(bound)
+        index, kept, left_out = torch.cat(index), torch.cat(kept).contiguous(), torch.cat(left_out)
+        # Where the kept points cannot vouch for the k-th nearest (a left-out chunk may hold
+        # a nearer one), look wider: 4x the chunks, and so on up to every chunk.
+        d2 = (kept[:, 0] - positions[:, 0:1]) ** 2 + (kept[:, 1] - positions[:, 1:2]) ** 2
+        kth = d2.kthvalue(min(self._k, d2.shape[-1]), dim=-1).values.sqrt()
+        (short,) = torch.nonzero(kth > left_out, as_tuple=True)
+        if short.numel() and k < C:
+            index[short], kept[short], left_out[short] = self._search(rows[short], positions[short], 4 * widen)
+        if widen == 1:
+            self.searched += len(rows)
+        return index, kept, left_out
 
-    def _search_all(self, positions: torch.Tensor) -> None:
-        """Search for every agent, a block of scenarios at a time."""
-        B, N, _ = positions.shape
-        P = self.points.shape[1]
-        index, left_out = [], []
-        per_block = max(1, SEARCH_BLOCK // (N * P))
-        for start in range(0, B, per_block):
-            d = torch.cdist(positions[start:start + per_block], self.points[start:start + per_block],
-                            compute_mode="donot_use_mm_for_euclid_dist")  # [b, N, P]
-            if self.keep < P:
-                top = d.topk(self.keep + 1, dim=-1, largest=False)
-                index.append(top.indices[..., :self.keep])
-                left_out.append(top.values[..., self.keep])
-            else:
-                index.append(torch.arange(P, device=d.device).expand(*d.shape[:2], P))
-                left_out.append(torch.full(d.shape[:2], float("inf"), device=d.device))
-        self.index, self.left_out = torch.cat(index), torch.cat(left_out)
-        self.anchor = positions.clone()
-        self.searched += B * N
-
-    def __call__(self, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor, k: int, active: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and distances ``[B, N, k]`` of the ``k`` nearest points to each of
-        ``positions`` ``[B, N, 2]``, nearest first (distances >= 1e5 for padding)."""
+        ``positions`` ``[B, N, 2]``, nearest first (distance >= FAR / 2 where a scenario
+        has fewer than k points). Agents outside ``active`` ``[B, N]`` (padding, say) are
+        never searched: their answer is whatever their kept points give."""
         B, N, _ = positions.shape
         positions = positions.float()
-        k = min(k, self.keep)
+        self._k = k
         if self.index is None:
-            self._search_all(positions)
+            keep = self.chunks_per_agent * self.table.shape[-1]
+            self.index = torch.zeros(B, N, keep, dtype=torch.long, device=positions.device)
+            self.kept = torch.full((B, N, 2, keep), FAR, device=positions.device)
+            self.left_out = torch.full((B, N), -BIG, device=positions.device)  # stale: never searched
+            self.anchor = torch.full((B, N, 2), FAR, device=positions.device)
+        k = min(k, self.index.shape[-1])
         distance, nearest = self._nearest(positions, k)
         moved = torch.linalg.norm(positions - self.anchor, dim=-1)
-        stale = distance[..., -1] > self.left_out - moved
+        stale = (distance[..., -1] > self.left_out - moved) & (moved > 0)
+        if active is not None:
+            stale &= active
         if bool(stale.any()):
             b, n = torch.nonzero(stale, as_tuple=True)
-            self.index[b, n], self.left_out[b, n] = self._search(b, positions[b, n])
+            self.index[b, n], self.kept[b, n], self.left_out[b, n] = self._search(b, positions[b, n])
             self.anchor[b, n] = positions[b, n]
             distance, nearest = self._nearest(positions, k)
         return nearest, distance
 
     def _nearest(self, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None, None]
-        d = torch.linalg.norm(self.points[rows, self.index] - positions[:, :, None], dim=-1)  # [B, N, keep]
-        top = d.topk(k, dim=-1, largest=False)
-        return top.values, self.index.gather(-1, top.indices)
+        dx = self.kept[:, :, 0] - positions[..., 0:1]  # [B, N, keep]
+        dy = self.kept[:, :, 1] - positions[..., 1:2]
+        top = dx.mul_(dx).addcmul_(dy, dy).topk(k, dim=-1, largest=False)
+        return top.values.sqrt(), self.index.gather(-1, top.indices)
 
 
 # Columns of RoadEdges.features, three blocks of six: the segment (start, direction,

@@ -60,6 +60,7 @@ class Observer:
         self.config = config
         self._road: NearestPoints | None = None
         self._road_batch = None  # the batch _road indexes
+        self._road_table: torch.Tensor | None = None
 
     def __call__(self, state: SimState) -> torch.Tensor:
         cfg, b, t = self.config, state.batch, state.t
@@ -92,19 +93,18 @@ class Observer:
 
         # Nearest roadgraph points (exact: see NearestPoints).
         if self._road is None or self._road_batch is not b:
-            self._road = NearestPoints(b.road_xyz[..., :2], b.road_mask, cfg.road_candidates)
+            self._road = NearestPoints(b.road_xyz[..., :2], b.road_mask, cfg.road_candidates, polyline_id=b.road_id)
+            self._road_table = _road_table(b)
             self._road_batch = b
         m = min(cfg.num_road_points, b.road_xyz.shape[1])
-        pts, road_distance = self._road(pose[..., :2], m)
-        px, py = _to_frame(b.road_xyz[bidx, pts, 0] - x[..., None], b.road_xyz[bidx, pts, 1] - y[..., None], yaw[..., None])
-        direction = b.road_dir[bidx, pts, :2]
-        direction = direction / torch.linalg.norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
-        dx, dy = _to_frame(direction[..., 0], direction[..., 1], yaw[..., None])
-        code = b.road_type[bidx, pts]
+        pts, road_distance = self._road(pose[..., :2], m, active=valid)
+        table = self._road_table
+        point = torch.gather(table, 1, pts.reshape(B, -1, 1).expand(-1, -1, table.shape[-1])).view(B, N, m, -1)
+        px, py = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
+        dx, dy = _to_frame(point[..., 2], point[..., 3], yaw[..., None])
         ok = (road_distance < FAR / 2).float()
-        road = torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy, (code <= 3).float(),
-                            ((code >= 5) & (code <= 13)).float(), ((code >= 14) & (code <= 16)).float(),
-                            (code >= 17).float(), ok], -1) * ok[..., None]
+        road = torch.cat([torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy], -1), point[..., 4:],
+                          ok[..., None]], -1) * ok[..., None]
         road = _pad(road, cfg.num_road_points)
 
         # Nearest traffic lights (their stop points) and their state now.
@@ -125,7 +125,17 @@ class Observer:
             lights[:, :, :nl] = torch.stack([sx / POSITION_SCALE, sy / POSITION_SCALE, red.float(),
                                              yellow.float(), green.float(), ok], -1) * ok[..., None]
         obs = torch.cat([own, agents.flatten(2), road.flatten(2), lights.flatten(2)], -1)
-        return torch.nan_to_num(obs.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        return obs.float().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _road_table(b) -> torch.Tensor:
+    """Per roadgraph point ``[B, P, 8]``: x, y, unit direction, and whether it is a lane,
+    a road line, a road edge, or a crossing / stop sign / speed bump / driveway."""
+    direction = b.road_dir[..., :2]
+    direction = direction / torch.linalg.norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
+    code = b.road_type
+    kinds = torch.stack([code <= 3, (code >= 5) & (code <= 13), (code >= 14) & (code <= 16), code >= 17], -1)
+    return torch.cat([b.road_xyz[..., :2], direction, kinds.float()], -1).float().contiguous()
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
