@@ -1,6 +1,6 @@
 """Simulator throughput: agent-steps/s of the batched core and of the PettingZoo face.
 
-  python scripts/bench_sim.py [--steps 20] [--device cpu|cuda]
+  python scripts/bench_sim.py [--steps 40] [--repeats 5] [--device cpu|cuda]
 
 The core step measured is dynamics (delta_local) + collisions + off-road + red-light
 events, for B in {1, 8, 64} scenarios and N in {32, 128} agents per scenario (synthetic
@@ -111,8 +111,8 @@ def face_rate(scenario, steps: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per cell; the best is reported")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per cell; the best is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
