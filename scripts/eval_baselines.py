@@ -20,9 +20,8 @@ import torch
 from closedloop.agents.baselines import POLICIES, Expert
 from closedloop.data import collate_scenarios, read_scenarios
 from closedloop.data.synthetic import generate_scenarios
-from closedloop.envs import make_dynamics, reset, step
-from closedloop.envs.events import EventTracker
-from closedloop.envs.rollout import run_episode
+from closedloop.envs import make_dynamics, reset
+from closedloop.envs.rollout import count_events, run_episode
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
 
@@ -45,17 +44,8 @@ def main() -> None:
     print(f"vehicle event steps on 4 synthetic cross scenarios ({args.dynamics})")
     for name, policy_type in POLICIES.items():
         state = reset(synthetic)
-        dynamics = make_dynamics(args.dynamics)
-        tracker = EventTracker(state)
-        policy = policy_type()
         vehicles = (synthetic.agent_type == 1) & state.controlled
-        counts = {"collision": 0, "offroad": 0, "red_light": 0}
-        while not state.done:
-            nxt = step(state, policy(state, dynamics), dynamics)
-            events = tracker(state, nxt)
-            state = nxt
-            for key in counts:
-                counts[key] += int((events[key] & vehicles).sum())
+        _, counts = count_events(state, policy_type(), make_dynamics(args.dynamics), vehicles)
         counts["vehicle_steps"] = int(vehicles.sum()) * 80
         results["events"][name] = counts
         print(f"  {name:<18} " + "  ".join(f"{k} {v}" for k, v in counts.items()))

@@ -11,7 +11,7 @@ import torch
 from closedloop.agents.baselines import ConstantVelocity, Expert
 from closedloop.data import collate_scenarios
 from closedloop.envs import SimulationError, collisions, make_dynamics, reset, step
-from closedloop.envs.rollout import rollout_scenarios, run_episode
+from closedloop.envs.rollout import count_events, rollout_scenarios, run_episode
 from scenes import make_scenario, straight
 
 
@@ -125,23 +125,13 @@ def test_rollouts_are_scored_like_the_log(real_scenarios):
 def test_idm_follows_lanes_brakes_for_leaders_and_red_lights():
     from closedloop.agents.baselines import IDM
     from closedloop.data.synthetic import generate_scenarios
-    from closedloop.envs.events import EventTracker
 
     batch = collate_scenarios(list(generate_scenarios(4, seed=9, town="cross")))
     totals = {}
     for policy in (IDM(), ConstantVelocity()):
         state = reset(batch)
-        dynamics = make_dynamics("bicycle")
-        tracker = EventTracker(state)
         vehicles = (batch.agent_type == 1) & state.controlled
-        counts = {"collision": 0, "offroad": 0, "red_light": 0}
-        while not state.done:
-            nxt = step(state, policy(state, dynamics), dynamics)
-            events = tracker(state, nxt)
-            state = nxt
-            for key in counts:
-                counts[key] += int((events[key] & vehicles).sum())
-        totals[type(policy).__name__] = counts
+        _, totals[type(policy).__name__] = count_events(state, policy, make_dynamics("bicycle"), vehicles)
     idm, cv = totals["IDM"], totals["ConstantVelocity"]
     assert idm["red_light"] == 0 < cv["red_light"]
     assert idm["collision"] * 5 < cv["collision"]

@@ -204,7 +204,7 @@ class RoadEdges:
         new_run = torch.ones_like(seg_valid)
         new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1)
         self.features = self._with_neighbours(segment, new_run, pos)
-        self._build_chunks(new_run, pos, chunk)
+        self._build_chunks(new_run, chunk)
         self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1])
         self.candidates: torch.Tensor | None = None  # [B, N, 5, K] segment columns SX..INV_LEN2
         self.candidate_index: torch.Tensor | None = None  # [B, N, K] rows of ``features``
@@ -236,31 +236,14 @@ class RoadEdges:
         return torch.cat([segment, prior[..., :4], has_prior[..., None].float(), turns_left(prior, segment),
                           nxt[..., :4], has_next[..., None].float(), turns_left(segment, nxt)], -1).contiguous()
 
-    def _build_chunks(self, new_run: torch.Tensor, pos: torch.Tensor, chunk: int) -> None:
+    def _build_chunks(self, new_run: torch.Tensor, chunk: int) -> None:
         """Chunk table ``[B, C, chunk]`` of segment rows (-1: none), centres and radii."""
-        B, E = pos.shape
-        valid = self.features[..., OK] > 0
-        run_start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
-        slot = (pos - run_start) % chunk
-        chunk_id = torch.cumsum(new_run | (slot == 0), dim=1) - 1
-        C = max(int(chunk_id.masked_fill(~valid, -1).max()) + 1, 1)
-        # Padding segments all go to an extra last row, dropped afterwards.
-        chunk_id = torch.where(valid, chunk_id, torch.full_like(chunk_id, C))
-        table = torch.full((B, C + 1, chunk), -1, dtype=torch.long, device=pos.device)
-        rows = torch.arange(B, device=pos.device)[:, None].expand(B, E)
-        table[rows, chunk_id, slot] = torch.where(valid, pos, -1)
-        self.chunk_table = table[:, :C]
+        self.chunk_table = chunk_table(new_run, self.features[..., OK] > 0, chunk)
         has = self.chunk_table >= 0
         self.chunk_valid = has.any(-1)
-        # Bounding circle of each chunk around its bounding-box centre.
         seg = _take(self.features, self.chunk_table.clamp_min(0))  # [B, C, chunk, F]
-        ends = torch.stack([seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2)  # [B, C, chunk, 2, 2]
-        ok = has[..., None, None].expand_as(ends)
-        lo = ends.masked_fill(~ok, BIG).amin((2, 3))
-        hi = ends.masked_fill(~ok, -BIG).amax((2, 3))
-        self.chunk_centre = (lo + hi) / 2  # [B, C, 2]
-        reach = torch.linalg.norm(ends - self.chunk_centre[:, :, None, None], dim=-1)
-        self.chunk_radius = reach.masked_fill(~has[..., None], 0).amax((2, 3))
+        ends = torch.cat([seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2)  # both ends: [B, C, 2 chunk, 2]
+        self.chunk_centre, self.chunk_radius = bounding_circles(ends, torch.cat([has, has], -1))
 
     def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
         """Signed distance (positive off the road) from points to the road-edge segments

@@ -27,6 +27,24 @@ def run_episode(state: SimState, policy: Policy, dynamics: Dynamics) -> SimState
     return state
 
 
+def count_events(state: SimState, policy: Policy, dynamics: Dynamics,
+                 agents: torch.Tensor | None = None) -> tuple[SimState, dict[str, int]]:
+    """Step ``policy`` to the end, counting the steps at which ``agents`` ``[B, N]``
+    (default: the controlled ones) collide, leave the road or run a red light."""
+    from closedloop.envs.events import EventTracker
+
+    agents = state.controlled if agents is None else agents
+    tracker = EventTracker(state)
+    counts = {"collision": 0, "offroad": 0, "red_light": 0}
+    while not state.done:
+        nxt = step(state, policy(state, dynamics), dynamics)
+        events = tracker(state, nxt)
+        state = nxt
+        for key in counts:
+            counts[key] += int((events[key] & agents).sum())
+    return state, counts
+
+
 def rollout_scenarios(scenarios: Iterable[Scenario], policy: Policy, dynamics: Dynamics,
                       num_rollouts: int = 32, batch_size: int = 8, device: str = "cpu",
                       seed: int = 0) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
