@@ -147,7 +147,7 @@ class NearestPoints:
             self.left_out = torch.full((B, N), -BIG, device=positions.device)  # stale: never searched
             self.anchor = torch.full((B, N, 2), FAR, device=positions.device)
         k = min(k, self.index.shape[-1])
-        distance, nearest = self._nearest(positions, k)
+        distance, nearest = _k_nearest(self.kept, self.index, positions, k)
         moved = torch.linalg.norm(positions - self.anchor, dim=-1)
         stale = (distance[..., -1] > self.left_out - moved) & (moved > 0)
         if active is not None:
@@ -156,14 +156,17 @@ class NearestPoints:
             b, n = torch.nonzero(stale, as_tuple=True)
             self.index[b, n], self.kept[b, n], self.left_out[b, n] = self._search(b, positions[b, n])
             self.anchor[b, n] = positions[b, n]
-            distance, nearest = self._nearest(positions, k)
+            distance[b, n], nearest[b, n] = _k_nearest(self.kept[b, n], self.index[b, n], positions[b, n], k)
         return nearest, distance
 
-    def _nearest(self, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dx = self.kept[:, :, 0] - positions[..., 0:1]  # [B, N, keep]
-        dy = self.kept[:, :, 1] - positions[..., 1:2]
-        top = dx.mul_(dx).addcmul_(dy, dy).topk(k, dim=-1, largest=False)
-        return top.values.sqrt(), self.index.gather(-1, top.indices)
+
+def _k_nearest(kept: torch.Tensor, index: torch.Tensor, positions: torch.Tensor, k: int):
+    """Distances and indices ``[..., k]`` of the k nearest of the kept points (x and y
+    ``[..., 2, keep]``, indices ``[..., keep]``) to ``positions`` ``[..., 2]``."""
+    dx = kept[..., 0, :] - positions[..., 0:1]
+    dy = kept[..., 1, :] - positions[..., 1:2]
+    top = dx.mul_(dx).addcmul_(dy, dy).topk(k, dim=-1, largest=False)
+    return top.values.sqrt(), index.gather(-1, top.indices)
 
 
 # Columns of RoadEdges.features, three blocks of six: the segment (start, direction,
