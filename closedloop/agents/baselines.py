@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from closedloop.envs.core import SimState, SimulationError
-from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_STOP
 from closedloop.envs.dynamics import DT, Dynamics, wrap_angle
 
 
@@ -118,10 +117,8 @@ class IDM:
         rel = lines.point[:, None] - torch.stack([x, y], -1)[:, :, None]  # [B, N, L, 2]
         line_along = rel[..., 0] * cos[..., None] + rel[..., 1] * sin[..., None]
         line_lateral = -rel[..., 0] * sin[..., None] + rel[..., 1] * cos[..., None]
-        t = state.t
-        red = (lines.state[:, :, t] == LIGHT_STOP) | (lines.state[:, :, t] == LIGHT_ARROW_STOP)
         facing = (lines.direction[:, None] * torch.stack([cos, sin], -1)[:, :, None]).sum(-1) > 0.7
-        stop = (line_along > 0) & (line_lateral.abs() < 2.0) & red[:, None] & lines.valid[:, None] & facing
+        stop = (line_along > 0) & (line_lateral.abs() < 2.0) & lines.red(state.t)[:, None] & facing
         stop_gap = torch.where(stop, line_along - length[..., None] / 2, torch.full_like(line_along, float("inf")))
         stop_gap = stop_gap.min(-1).values
 

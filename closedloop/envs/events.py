@@ -6,7 +6,7 @@ import torch
 
 from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_STOP
 from closedloop.envs.core import SimState, collisions, distance_to_log
-from closedloop.envs.map_index import RoadEdges
+from closedloop.envs.map_index import FAR, RoadEdges
 from closedloop.geometry import box_corners
 
 STOP_LINE_HALF_WIDTH = 1.75  # a lane
@@ -57,7 +57,7 @@ class StopLines:
         order = order[..., :max(int(same_lane.sum(-1).max()), 1)]
         points = torch.gather(b.road_xyz[:, None, :, :2].expand(-1, L, -1, -1), 2,
                               order.clamp_max(P - 1)[..., None].expand(-1, -1, -1, 2))
-        self.lane_points = points.masked_fill((order >= P)[..., None], 1e6)
+        self.lane_points = points.masked_fill((order >= P)[..., None], FAR)
 
     def red(self, t: int) -> torch.Tensor:
         """Lights ``[B, L]`` that say stop at step ``t``."""

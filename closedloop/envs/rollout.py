@@ -12,6 +12,7 @@ from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
 from closedloop.envs.core import SimState, global_trajectories, reset, step
 from closedloop.envs.dynamics import Dynamics
+from closedloop.envs.events import EventTracker
 from closedloop.metrics.rollouts import save_rollouts
 
 Policy = Callable[[SimState, Dynamics], torch.Tensor]
@@ -31,8 +32,6 @@ def count_events(state: SimState, policy: Policy, dynamics: Dynamics,
                  agents: torch.Tensor | None = None) -> tuple[SimState, dict[str, int]]:
     """Step ``policy`` to the end, counting the steps at which ``agents`` ``[B, N]``
     (default: the controlled ones) collide, leave the road or run a red light."""
-    from closedloop.envs.events import EventTracker
-
     agents = state.controlled if agents is None else agents
     tracker = EventTracker(state)
     counts = {"collision": 0, "offroad": 0, "red_light": 0}
