@@ -86,3 +86,35 @@ def test_wrong_file_type(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.tfrecord"):
         list(iter_records(tmp_path / "nope.tfrecord"))
+
+
+def test_huge_declared_length_fails_before_allocating(tmp_path):
+    import struct
+    import tracemalloc
+
+    length = struct.pack("<Q", 2**31 - 1)  # a valid header CRC, but far more than the file holds
+    path = _corrupt(tmp_path, encode_record(b"a" * 1000) + length + struct.pack("<I", masked_crc32c(length))
+                    + b"b" * 500_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TFRecordError, match=r"record 1 .*declares 2147483647 payload bytes.*500000 bytes left"):
+            list(iter_records(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * path.stat().st_size
+
+
+def test_corrupt_payload_inside_intact_framing_can_be_passed_over(tmp_path):
+    from closedloop.data.tfrecord import iter_record_spans
+
+    records = [encode_record(p) for p in (b"first", b"second", b"third")]
+    data = bytearray(b"".join(records))
+    data[len(records[0]) + 12] ^= 0x10  # one bit of record 1's payload; its framing is intact
+    path = _corrupt(tmp_path, bytes(data))
+    errors = []
+    spans = list(iter_record_spans(path, on_corrupt_payload=errors.append))
+    assert [payload for _, _, payload in spans] == [b"first", None, b"third"]
+    assert len(errors) == 1 and errors[0].record_index == 1 and "CRC mismatch in the payload" in str(errors[0])
+    with pytest.raises(TFRecordError, match="record 1"):  # without the callback it is an error
+        list(iter_records(path))

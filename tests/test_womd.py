@@ -11,7 +11,7 @@ from closedloop.data import (
     write_scenarios,
 )
 from closedloop.data.scenario import MAP_KINDS, Scenario
-from closedloop.data.tfrecord import encode_record, iter_records
+from closedloop.data.tfrecord import TFRecordError, encode_record, iter_records
 from closedloop.inspect import summarize
 
 
@@ -157,3 +157,93 @@ def test_skip_mode_counts_bad_records(tmp_path, scenario_file):
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         list(read_scenarios(str(tmp_path / "nothing-here*.tfrecord")))
+
+
+def test_skip_mode_skips_only_a_record_with_a_corrupt_payload(tmp_path, scenario_file):
+    good = encode_record(next(iter_records(scenario_file)))
+    data = bytearray(good * 2)
+    data[12 + 1000] ^= 0x01  # one bit in record 0's payload; length and header CRC intact
+    path = tmp_path / "flipped.tfrecord"
+    path.write_bytes(bytes(data))
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match=r"skipping bad record: .*record 0 .*CRC mismatch in the payload"):
+        scenarios = list(read_scenarios(path, on_error="skip", skipped=skipped))
+    assert [s.scenario_id for s in scenarios] == ["637f20cafde22ff8"] and len(skipped) == 1
+    with pytest.raises(TFRecordError, match="record 0"):
+        list(read_scenarios(path))
+
+
+def test_skip_mode_ends_the_file_at_broken_framing(tmp_path, scenario_file):
+    good = encode_record(next(iter_records(scenario_file)))
+    data = bytearray(good * 2)
+    data[1] ^= 0x01  # record 0's length: nothing after it can be located
+    path = tmp_path / "framing.tfrecord"
+    path.write_bytes(bytes(data))
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match=r"rest of a corrupt file: .*record 0 .*length header"):
+        assert list(read_scenarios(path, on_error="skip", skipped=skipped)) == []
+    assert len(skipped) == 1
+
+
+def _mutated_example(example_file, mutate) -> bytes:
+    from closedloop.data.tfexample import example_class
+
+    example = example_class()()
+    example.ParseFromString(next(iter_records(example_file)))
+    mutate(example.features.feature)
+    return example.SerializeToString()
+
+
+def _set_bytes(feature, value: list[bytes]) -> None:
+    feature.bytes_list.value[:] = value  # assigning the oneof member drops the numbers
+
+
+@pytest.mark.parametrize("feature, mutate", [
+    ("scenario/id", lambda f: f["scenario/id"].bytes_list.value.pop()),
+    ("state/current/x", lambda f: _set_bytes(f["state/current/x"], [b"1.0"] * 128)),
+    ("state/tracks_to_predict", lambda f: f["state/tracks_to_predict"].int64_list.value.__delitem__(slice(5, None))),
+    ("roadgraph_samples/valid", lambda f: f["roadgraph_samples/valid"].int64_list.value.__delitem__(slice(100, None))),
+    ("state/is_sdc", lambda f: f.__delitem__("state/is_sdc")),
+    ("state/id", lambda f: f["state/id"].float_list.value.__setitem__(0, 0.5)),
+    ("roadgraph_samples/type", lambda f: f["roadgraph_samples/type"].int64_list.value.__setitem__(0, 99)),
+    ("traffic_light_state/past/state", lambda f: f["traffic_light_state/past/state"].int64_list.value.append(1)),
+])
+def test_malformed_tf_example_names_record_and_feature(tmp_path, example_file, feature, mutate):
+    good = next(iter_records(example_file))
+    path = tmp_path / "bad_example.tfrecord"
+    path.write_bytes(encode_record(_mutated_example(example_file, mutate)) + encode_record(good))
+    with pytest.raises(ScenarioDecodeError, match=rf"bad_example.tfrecord: record 0: .*'{feature}'"):
+        list(read_scenarios(path))
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match=feature):
+        scenarios = list(read_scenarios(path, on_error="skip", skipped=skipped))
+    assert [s.scenario_id for s in scenarios] == ["a3bb37c25ce56418"] and len(skipped) == 1
+
+
+def _set_neighbor_index(proto) -> None:
+    lane = next(f.lane for f in proto.map_features if f.lane.left_neighbors)
+    lane.left_neighbors[0].self_end_index = 10**6
+
+
+def _set_boundary_index(proto) -> None:
+    lane = next(f.lane for f in proto.map_features if f.lane.right_boundaries)
+    lane.right_boundaries[0].lane_start_index = -3
+
+
+@pytest.mark.parametrize("field, mutate", [
+    ("sdc_track_index", lambda p: setattr(p, "sdc_track_index", 83)),
+    ("current_time_index", lambda p: setattr(p, "current_time_index", 91)),
+    ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[1], "track_index", -1)),
+    ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[0], "track_index", 1000)),
+    ("left_neighbors", _set_neighbor_index),
+    ("right_boundaries", _set_boundary_index),
+    ("dynamic_map_states", lambda p: p.dynamic_map_states.add()),
+    ("tracks", lambda p: p.tracks[3].states.add()),
+])
+def test_out_of_range_references_are_decode_errors(tmp_path, scenario_file, field, mutate):
+    proto = _proto(scenario_file)
+    mutate(proto)
+    path = tmp_path / "refs.tfrecord"
+    path.write_bytes(encode_record(proto.SerializeToString()))
+    with pytest.raises(ScenarioDecodeError, match=rf"refs.tfrecord: record 0: malformed scenario: .*{field}"):
+        list(read_scenarios(path))

@@ -26,8 +26,10 @@ from closedloop._atomic import atomic_write
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
-# A single WOMD scenario is a few MB; anything claiming more than this is not a record.
-MAX_RECORD_BYTES = 1 << 31
+# A single WOMD scenario is a few MB; anything claiming more than this is not a record. The
+# declared length is also checked against the bytes left in the file before anything is
+# allocated, so a corrupt length can never make the reader allocate more than the file holds.
+MAX_RECORD_BYTES = 1 << 30
 
 
 class TFRecordError(ValueError):
@@ -68,12 +70,19 @@ def iter_records(
 def iter_record_spans(
     path: str | os.PathLike, *, allow_empty: bool = False, verify: bool = True,
     keep: Callable[[int], bool] | None = None,
+    on_corrupt_payload: Callable[[TFRecordError], None] | None = None,
 ) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield ``(record_index, byte_offset, payload)`` for each record.
 
     ``keep(record_index)`` may return False to skip a record's payload without reading or
     checking it (its length header is still verified); the payload is then ``None``. This is
     how DataLoader workers share one file without each decoding all of it.
+
+    A payload whose own checksum fails, inside intact framing (good length header, the whole
+    record present), does not hide the records after it: with ``on_corrupt_payload`` the
+    error is handed to that callback, the payload is yielded as ``None`` and reading goes on.
+    Without it the error is raised. Broken framing (a bad length header, a truncated record)
+    always raises: nothing after it can be located.
     """
     path = Path(path)
     try:
@@ -81,6 +90,7 @@ def iter_record_spans(
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such TFRecord file") from None
     with handle:
+        size = os.fstat(handle.fileno()).st_size
         index = 0
         offset = 0
         while True:
@@ -100,25 +110,33 @@ def iter_record_spans(
                     path, index, offset,
                     "CRC mismatch in the length header (corrupt, or not a TFRecord file)",
                 )
+            left = size - offset - _HEADER.size
+            if length + _FOOTER.size > left:
+                raise TFRecordError(
+                    path, index, offset,
+                    f"truncated record: declares {length} payload bytes and a checksum, "
+                    f"the file has {left} bytes left",
+                )
             if length > MAX_RECORD_BYTES:
                 raise TFRecordError(path, index, offset, f"implausible record length {length}")
-            wanted = keep is None or keep(index)
-            if wanted:
+            if keep is not None and not keep(index):
+                handle.seek(length + _FOOTER.size, os.SEEK_CUR)
+                yield index, offset, None
+            else:
                 payload = _read_exact(handle, length)
                 footer = _read_exact(handle, _FOOTER.size)
-                if len(payload) < length or len(footer) < _FOOTER.size:
+                if len(payload) < length or len(footer) < _FOOTER.size:  # the file shrank
                     raise TFRecordError(
                         path, index, offset,
                         f"truncated record: expected {length} payload bytes and a checksum",
                     )
                 if verify and masked_crc32c(payload) != _FOOTER.unpack(footer)[0]:
-                    raise TFRecordError(path, index, offset, "CRC mismatch in the payload (corrupt)")
+                    error = TFRecordError(path, index, offset, "CRC mismatch in the payload (corrupt)")
+                    if on_corrupt_payload is None:
+                        raise error
+                    on_corrupt_payload(error)
+                    payload = None
                 yield index, offset, payload
-            else:
-                end = handle.seek(length + _FOOTER.size, os.SEEK_CUR)
-                if end > os.fstat(handle.fileno()).st_size:
-                    raise TFRecordError(path, index, offset, "truncated record")
-                yield index, offset, None
             offset += _HEADER.size + length + _FOOTER.size
             index += 1
 

@@ -60,19 +60,26 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
     """Convert a parsed ``Scenario`` proto into a record."""
     num_steps = len(proto.timestamps_seconds)
     num_tracks = len(proto.tracks)
-    state_rows = []
-    for track in proto.tracks:
+    # Filled track by track into the final dtypes: one list or float64 array of every state
+    # at once would take several times the memory of the record itself on a large scene.
+    xyz = np.zeros((num_tracks, num_steps, 3), dtype=np.float64)
+    dims = np.zeros((num_tracks, num_steps, 3), dtype=np.float32)
+    heading = np.zeros((num_tracks, num_steps), dtype=np.float32)
+    velocity = np.zeros((num_tracks, num_steps, 2), dtype=np.float32)
+    valid = np.zeros((num_tracks, num_steps), dtype=bool)
+    for a, track in enumerate(proto.tracks):
         if len(track.states) != num_steps:
             raise ValueError(
-                f"scenario {proto.scenario_id}: track {track.id} has {len(track.states)} states "
+                f"tracks[{a}].states: track {track.id} has {len(track.states)} states "
                 f"but the scenario has {num_steps} timestamps"
             )
-        state_rows.extend(
+        rows = np.array([
             (s.center_x, s.center_y, s.center_z, s.length, s.width, s.height, s.heading,
              s.velocity_x, s.velocity_y, s.valid)
             for s in track.states
-        )
-    states = np.array(state_rows, dtype=np.float64).reshape(num_tracks, num_steps, 10)
+        ], dtype=np.float64).reshape(num_steps, 10)
+        xyz[a], dims[a], heading[a] = rows[:, 0:3], rows[:, 3:6], rows[:, 6]
+        velocity[a], valid[a] = rows[:, 7:9], rows[:, 9]
 
     kinds, subtypes, ids, point_groups = [], [], [], []
     speed, interp = [], []
@@ -81,7 +88,7 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
     for feature in proto.map_features:
         kind = feature.WhichOneof("feature_data")
         if kind is None:
-            raise ValueError(f"scenario {proto.scenario_id}: map feature {feature.id} has no data")
+            raise ValueError(f"map_features: feature {feature.id} has no data")
         data = getattr(feature, kind)
         ids.append(feature.id)
         kinds.append(MAP_KIND_INDEX[kind])
@@ -92,7 +99,7 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
             points = data.polygon
         else:
             points = data.polyline
-        point_groups.append([(p.x, p.y, p.z) for p in points])
+        point_groups.append(np.array([(p.x, p.y, p.z) for p in points], dtype=np.float64).reshape(-1, 3))
         is_lane = kind == "lane"
         speed.append(data.speed_limit_mph if is_lane else 0.0)
         interp.append(data.interpolating if is_lane else False)
@@ -104,7 +111,10 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
             neighbors[side].append(list(getattr(data, f"{side}_neighbors")) if is_lane else [])
         stop_lanes.append(list(data.lane) if kind == "stop_sign" else [])
 
-    map_points, map_point_splits = _flatten(point_groups, 3, np.float64)
+    map_point_splits = np.zeros(len(point_groups) + 1, dtype=np.int64)
+    np.cumsum([len(g) for g in point_groups], out=map_point_splits[1:])
+    map_points = np.concatenate(point_groups) if point_groups else np.zeros((0, 3))
+    del point_groups
     neighbor_fields = {}
     for side in ("left", "right"):
         rows = [
@@ -146,11 +156,11 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
         sdc_track_index=proto.sdc_track_index,
         track_id=np.array([t.id for t in proto.tracks], dtype=np.int64),
         track_type=np.array([t.object_type for t in proto.tracks], dtype=np.int8),
-        track_xyz=states[..., 0:3].copy(),
-        track_dims=states[..., 3:6].astype(np.float32),
-        track_heading=states[..., 6].astype(np.float32),
-        track_velocity=states[..., 7:9].astype(np.float32),
-        track_valid=states[..., 9].astype(bool),
+        track_xyz=xyz,
+        track_dims=dims,
+        track_heading=heading,
+        track_velocity=velocity,
+        track_valid=valid,
         tracks_to_predict=np.array([r.track_index for r in proto.tracks_to_predict], dtype=np.int32),
         tracks_to_predict_difficulty=np.array(
             [r.difficulty for r in proto.tracks_to_predict], dtype=np.int8
@@ -302,15 +312,69 @@ def parse_scenario(payload: bytes, path: str = "<bytes>", record_index: int = 0)
         is_scenario = False
     try:
         if is_scenario:
-            return scenario_from_proto(proto)
-        features = parse_example_features(payload)
-        if is_motion_example(features):
-            return scenario_from_example(features)
+            scenario = scenario_from_proto(proto)
+        else:
+            features = parse_example_features(payload)
+            if not is_motion_example(features):
+                raise ScenarioDecodeError(
+                    path, record_index, "not a WOMD Scenario proto nor a WOMD motion tf.Example"
+                )
+            scenario = scenario_from_example(features)
+        check_references(scenario)
     except (ValueError, KeyError) as err:
+        if isinstance(err, ScenarioDecodeError):
+            raise
         raise ScenarioDecodeError(path, record_index, f"malformed scenario: {err}") from None
-    raise ScenarioDecodeError(
-        path, record_index, "not a WOMD Scenario proto nor a WOMD motion tf.Example"
-    )
+    return scenario
+
+
+def _outside(values: np.ndarray, size: int | np.ndarray) -> np.ndarray:
+    return (values < 0) | (values >= size)
+
+
+def check_references(s: Scenario) -> None:
+    """Raise ``ValueError`` naming the field if an index in ``s`` points outside what it indexes.
+
+    Checked: ``current_time_index`` (a step), ``sdc_track_index`` and ``tracks_to_predict``
+    (tracks), traffic-light steps, and the point indices of lane boundaries and lane
+    neighbours (into the lane's own polyline and, when the neighbour is in the map, into the
+    neighbour's). Ids that name map features (entry/exit lanes, neighbour and boundary
+    features, stop-sign lanes, signal lanes) are not required to exist: WOMD maps are
+    cropped, so a lane may lead to one outside the scenario.
+    """
+    if not 0 <= s.current_time_index < s.num_steps:
+        raise ValueError(f"current_time_index {s.current_time_index} is not a step of the "
+                         f"{s.num_steps} timestamps")
+    if not 0 <= s.sdc_track_index < s.num_tracks:
+        raise ValueError(f"sdc_track_index {s.sdc_track_index} is not one of the {s.num_tracks} tracks")
+    bad = _outside(s.tracks_to_predict, s.num_tracks)
+    if bad.any():
+        raise ValueError(f"tracks_to_predict[{np.flatnonzero(bad)[0]}].track_index "
+                         f"{s.tracks_to_predict[bad][0]} is not one of the {s.num_tracks} tracks")
+    if s.num_dynamic_states > s.num_steps:
+        raise ValueError(f"dynamic_map_states has {s.num_dynamic_states} steps, more than the "
+                         f"{s.num_steps} timestamps")
+    lengths = np.diff(s.map_point_splits)
+    position = {feature_id: i for i, feature_id in enumerate(s.map_id.tolist())}
+    for side in ("left", "right"):
+        for name, splits_name, columns in (
+            (f"lane_{side}_boundaries", f"lane_{side}_boundary_splits", [0, 1]),
+            (f"lane_{side}_neighbors", f"lane_{side}_neighbor_splits", [1, 2]),
+        ):
+            rows, splits = getattr(s, name), getattr(s, splits_name)
+            owner = np.repeat(np.arange(len(lengths)), np.diff(splits))
+            bad = _outside(rows[:, columns], lengths[owner, None]).any(axis=1)
+            if bad.any():
+                feature = s.map_id[owner[np.flatnonzero(bad)[0]]]
+                raise ValueError(f"map feature {feature}: {name.removeprefix('lane_')} index points "
+                                 f"{rows[bad][0, columns].tolist()} outside its {lengths[owner[bad][0]]} points")
+        rows = getattr(s, f"lane_{side}_neighbors")
+        for feature_id, start, end in rows[:, [0, 3, 4]].tolist():
+            if feature_id in position and not (
+                0 <= start < lengths[position[feature_id]] and 0 <= end < lengths[position[feature_id]]
+            ):
+                raise ValueError(f"lane {side} neighbour {feature_id}: neighbor indices {[start, end]} "
+                                 f"outside its {lengths[position[feature_id]]} points")
 
 
 class SkipCounter:
@@ -355,10 +419,17 @@ def iter_file_scenarios(
     """Yield ``(record_index, scenario)`` for every record of one file.
 
     The scenario is ``None`` for records ``keep`` rejected (not decoded) and for bad records
-    skipped under ``on_error="skip"``.
+    skipped under ``on_error="skip"``. A record that fails its payload checksum or does not
+    decode is skipped alone; only broken framing (a bad length header, a truncated record)
+    ends the file, since no record after it can be located.
     """
+    def corrupt_payload(err: TFRecordError) -> None:
+        _note_skip(skipped, f"skipping bad record: {err}")
+
     try:
-        for index, _, payload in iter_record_spans(path, keep=keep):
+        for index, _, payload in iter_record_spans(
+            path, keep=keep, on_corrupt_payload=corrupt_payload if on_error == "skip" else None
+        ):
             if payload is None:
                 yield index, None
                 continue
@@ -372,7 +443,7 @@ def iter_file_scenarios(
     except TFRecordError as err:
         if on_error == "raise":
             raise
-        # Framing is lost after a bad length header: the rest of the file is unreadable.
+        # Framing is lost: the records after this point cannot be located.
         _note_skip(skipped, f"skipping the rest of a corrupt file: {err}")
 
 
