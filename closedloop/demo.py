@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from closedloop.paths import scenario_path
+
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
@@ -36,7 +38,7 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     for scenario in scenarios[:5]:
         _say("  " + summary_line(summarize(scenario)))
 
-    picture = out / f"{scenarios[0].scenario_id}.png"
+    picture = scenario_path(out, scenarios[0].scenario_id, ".png")
     _plot(scenarios[0], picture)
     _say(f"drew the map and logged trajectories of {scenarios[0].scenario_id}: {picture}")
 
@@ -78,7 +80,7 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     final = state_from_rollout(by_id[sid], ids, traj[0])
     frames = [render_state(dataclasses.replace(final, t=t), size=256)
               for t in range(final.batch.current_time_index, final.num_steps, 2)]
-    movie = out / f"{sid}.gif"
+    movie = scenario_path(out, sid, ".gif")
     write_animation(frames, movie, fps=5)
     _say(f"animated the first rollout of {sid}: {movie}")
     _say(f"outputs are in {out.resolve()}")

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from closedloop.data import read_scenarios  # noqa: E402
+from closedloop.paths import scenario_path  # noqa: E402
 from closedloop.viz import plot_scenario  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     for scenario in islice(read_scenarios(args.data), args.limit):
         fig, ax = plt.subplots(figsize=(9, 9))
         plot_scenario(scenario, ax, step=args.step)
-        path = out / f"{scenario.scenario_id}.png"
+        path = scenario_path(out, scenario.scenario_id, ".png")
         fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
         print(path)

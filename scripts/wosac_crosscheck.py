@@ -43,15 +43,16 @@ FIELDS = (
 def make(args: argparse.Namespace) -> None:
     from closedloop.agents.open_loop import BASELINES
     from closedloop.data import read_scenarios
+    from closedloop.paths import scenario_path
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for scenario in read_scenarios(args.data):
         for name in ROLLOUT_SETS:
             ids, traj = BASELINES[name](scenario, 32)
-            np.savez(out / f"{scenario.scenario_id}.{name}.npz", scenario_id=scenario.scenario_id,
-                     object_ids=ids, trajectories=traj)
-            print(out / f"{scenario.scenario_id}.{name}.npz")
+            path = scenario_path(out, scenario.scenario_id, f".{name}.npz")
+            np.savez(path, scenario_id=scenario.scenario_id, object_ids=ids, trajectories=traj)
+            print(path)
 
 
 def reference(args: argparse.Namespace) -> None:

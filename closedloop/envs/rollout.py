@@ -14,6 +14,7 @@ from closedloop.envs.core import SimState, global_trajectories, reset, step
 from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.events import EventTracker
 from closedloop.metrics.rollouts import save_rollouts
+from closedloop.paths import scenario_path
 
 Policy = Callable[[SimState, Dynamics], torch.Tensor]
 
@@ -82,7 +83,7 @@ def write_rollouts(results: Iterable[tuple[str, np.ndarray, np.ndarray]], out: s
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for sid, ids, traj in results:
-        path = out / f"{sid}.npz"
+        path = scenario_path(out, sid, ".npz")
         save_rollouts(path, sid, ids, traj)
         paths.append(path)
     return paths
