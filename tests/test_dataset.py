@@ -42,7 +42,7 @@ def test_cache_prepare_resume_and_read(tmp_path, many_shards):
     out = tmp_path / "cache"
     files = sorted(many_shards.glob("*.tfrecord"))
     first = prepare_cache(files[:2], out, progress=False)
-    assert first == {"converted": 2, "reused": 0, "scenarios": 6, "skipped": 0}
+    assert first == {"converted": 2, "rebuilt": 0, "reused": 0, "scenarios": 6, "skipped": 0}
     second = prepare_cache(files, out, workers=2, progress=False)
     assert second["converted"] == 3 and second["reused"] == 2 and second["scenarios"] == 15
     cache = ScenarioCache(out)
