@@ -30,9 +30,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     result = prepare_cache(args.data, args.out, workers=args.workers, on_error=args.on_error,
                            progress=not args.quiet)
     seconds = time.perf_counter() - start
+    rebuilt = f" ({result['rebuilt']} rebuilt: corrupt or changed)" if result["rebuilt"] else ""
     print(
         f"cache {args.out}: {result['scenarios']} scenarios from "
-        f"{result['converted'] + result['reused']} shards ({result['converted']} converted now, "
+        f"{result['converted'] + result['reused']} shards ({result['converted']} converted now{rebuilt}, "
         f"{result['reused']} already done, {result['skipped']} bad records skipped) "
         f"in {seconds:.1f} s"
     )
@@ -68,7 +69,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     from closedloop.data.womd import read_scenarios
     from closedloop.metrics.config import FIELDS
     from closedloop.metrics.rollouts import RolloutFileError, iter_rollout_files, load_rollouts
-    from closedloop.metrics.wosac import aggregate, buckets, score_scenario
+    from closedloop.metrics.submission import submission_problem
+    from closedloop.metrics.wosac import aggregate, buckets, check_rollouts, score_scenario
 
     scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
     files = list(iter_rollout_files(args.rollouts))
@@ -82,8 +84,15 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         rollouts = load_rollouts(path)
         if rollouts.scenario_id not in scenarios:
             raise RolloutFileError(f"{path}: scenario {rollouts.scenario_id} is not in --data")
-        score = score_scenario(scenarios[rollouts.scenario_id], rollouts.object_ids,
-                               rollouts.trajectories, config=args.config, device=args.device)
+        scenario = scenarios[rollouts.scenario_id]
+        check_rollouts(scenario, rollouts.object_ids, rollouts.trajectories, source=str(path))
+        # Scored anyway (debug runs with fewer rollouts are useful), but said out loud.
+        problem = submission_problem(rollouts)
+        if problem:
+            tqdm.write(f"closedloop metrics: warning: {path}: {problem}; `closedloop submit` would refuse it",
+                       file=sys.stderr)
+        score = score_scenario(scenario, rollouts.object_ids, rollouts.trajectories,
+                               config=args.config, device=args.device)
         score.update(buckets(score, args.config))
         scores.append(score)
         if args.json:

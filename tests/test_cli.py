@@ -145,7 +145,8 @@ def _bad_rollouts(tmp_path, real_scenarios, **change):
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"missing \["), ("extra", r"extra \[4242\]"), ("shape", r"trajectories must be"),
     ("nan", r"non-finite"), ("scenario", r"scenario nope is not in --data"),
-    ("keys", r"missing trajectories"),
+    ("keys", r"missing trajectories"), ("empty", r"empty file"), ("npy", r"a single .npy array"),
+    ("complex", r"must be real floating point, got complex"), ("huge", r"beyond the plausible"),
 ])
 def test_metrics_cli_bad_rollouts(tmp_path, real_scenarios, scenario_file, case, pattern):
     from closedloop.agents.open_loop import constant_velocity
@@ -157,15 +158,55 @@ def test_metrics_cli_bad_rollouts(tmp_path, real_scenarios, scenario_file, case,
         "shape": {"trajectories": traj[:, :, :70]},
         "nan": {"trajectories": np.where(np.arange(80)[None, None, :, None] == 7, np.nan, traj)},
         "scenario": {"scenario_id": np.array("nope")},
-        "keys": {},
-    }[case]
+        "complex": {"trajectories": traj + 1j},
+        "huge": {"trajectories": np.where(np.arange(80)[None, None, :, None] == 7, 1e30, traj)},
+    }.get(case, {})
     path = _bad_rollouts(tmp_path, real_scenarios, **change)
     if case == "keys":
         np.savez(path, scenario_id=np.array("x"), object_ids=ids)
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "npy":
+        with open(path, "wb") as handle:
+            np.save(handle, traj)
     proc = run("metrics", "--data", scenario_file, "--rollouts", path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert __import__("re").search(pattern, proc.stderr), proc.stderr
-    assert "bad.npz" in proc.stderr or case in ("missing", "extra", "nan")
+    assert "bad.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_metrics_warns_about_files_submit_would_refuse(tmp_path, real_scenarios, scenario_file):
+    path = _bad_rollouts(tmp_path, real_scenarios)  # 2 rollouts: scored, with a warning
+    proc = run("metrics", "--data", scenario_file, "--rollouts", path, "--json")
+    assert "warning: " in proc.stderr and "bad.npz: 2 rollouts, the challenge needs exactly 32" in proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["scenario_id"] == "ALL"
+
+
+def test_inspect_empty_directory(tmp_path):
+    proc = run("inspect", tmp_path, check=False)
+    assert proc.returncode == 2 and f"{tmp_path}: the directory has no TFRecord files" in proc.stderr
+
+
+def test_inspect_malformed_tf_example_exits_2(tmp_path, example_file):
+    from closedloop.data.tfexample import example_class
+
+    example = example_class()()
+    example.ParseFromString(next(iter_records(example_file)))
+    del example.features.feature["scenario/id"].bytes_list.value[:]
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(encode_record(example.SerializeToString()))
+    proc = run("inspect", path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "bad.tfrecord: record 0: malformed scenario: feature 'scenario/id' has 0 values" in proc.stderr
+
+
+def test_prepare_rebuilds_a_corrupt_shard(tmp_path, many_shards):
+    out = tmp_path / "cache"
+    run("prepare", "--data", str(many_shards / "part-000.tfrecord"), "--out", out, "--quiet")
+    (shard,) = (out / "shards").glob("*.npz")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    again = run("prepare", "--data", str(many_shards / "part-000.tfrecord"), "--out", out, "--quiet")
+    assert "(1 converted now (1 rebuilt: corrupt or changed), 0 already done" in again.stdout
 
 
 def test_submit_cli_packs_and_validates(tmp_path, rollout_dir, scenario_file, real_scenarios):

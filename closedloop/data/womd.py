@@ -289,6 +289,8 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         item = str(item)
         if os.path.isdir(item):
             matches = sorted(glob.glob(os.path.join(item, "*.tfrecord*")))
+            if not matches:
+                raise FileNotFoundError(f"{item}: the directory has no TFRecord files (*.tfrecord*)")
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item))
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,9 @@ import numpy as np
 from closedloop._atomic import atomic_write
 
 KEYS = ("scenario_id", "object_ids", "trajectories")
+# Positions are metres in the scenario's frame, headings radians. WOMD coordinates stay
+# within a few tens of km; past this bound a value is corrupt (and float32 keeps no metre).
+MAX_ABS_VALUE = 1e6
 
 
 class RolloutFileError(ValueError):
@@ -40,26 +44,52 @@ def save_rollouts(path: str | os.PathLike, scenario_id: str, object_ids: np.ndar
                  trajectories=np.asarray(trajectories, np.float32))
 
 
-def load_rollouts(path: str | os.PathLike) -> Rollouts:
-    """Read and shape-check one rollout file (no pickle)."""
-    path = Path(path)
+def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three arrays of a rollout file, any failure to read them a RolloutFileError."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise RolloutFileError(f"{path}: a single .npy array, not a rollout .npz archive "
+                                   f"(expected keys {', '.join(KEYS)})")
+        with data:
             missing = [k for k in KEYS if k not in data.files]
             if missing:
                 raise RolloutFileError(f"{path}: missing {', '.join(missing)} (expected keys {', '.join(KEYS)})")
-            sid, ids, traj = str(data["scenario_id"]), data["object_ids"], data["trajectories"]
+            return data["scenario_id"], data["object_ids"], data["trajectories"]
     except FileNotFoundError:
         raise RolloutFileError(f"{path}: no such rollout file") from None
-    except (zipfile.BadZipFile, ValueError, OSError) as err:
-        if isinstance(err, RolloutFileError):
-            raise
-        raise RolloutFileError(f"{path}: not a readable rollout .npz ({err})") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    except RolloutFileError:
+        raise
+    except EOFError:
+        raise RolloutFileError(f"{path}: empty file, not a rollout .npz") from None
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, KeyError) as err:
+        reason = "an npy array header is corrupt" if "pickle" in str(err) else str(err) or type(err).__name__
+        raise RolloutFileError(f"{path}: not a readable rollout .npz ({reason})") from None
+
+
+def load_rollouts(path: str | os.PathLike) -> Rollouts:
+    """Read and check one rollout file (no pickle): a string id, integer ids, and real,
+    finite trajectories of plausible magnitude (anything else would be scored silently:
+    complex values lose their imaginary part, strings and 1e30 parse as numbers)."""
+    path = Path(path)
+    sid, ids, traj = _read_arrays(path)
+    if sid.ndim != 0 or sid.dtype.kind not in "US":
+        raise RolloutFileError(f"{path}: scenario_id must be one string, got {sid.dtype} {list(sid.shape)}")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise RolloutFileError(f"{path}: object_ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
-    if traj.ndim != 4 or traj.shape[2:] != (80, 4) or traj.shape[1] != len(ids):
+    if traj.dtype.kind != "f":
+        raise RolloutFileError(f"{path}: trajectories must be real floating point, got {traj.dtype}")
+    if traj.ndim != 4 or traj.shape[0] < 1 or traj.shape[2:] != (80, 4) or traj.shape[1] != len(ids):
         raise RolloutFileError(
-            f"{path}: trajectories must be [rollouts, {len(ids)} objects, 80, 4], got {list(traj.shape)}")
+            f"{path}: trajectories must be [rollouts >= 1, {len(ids)} objects, 80, 4], got {list(traj.shape)}")
+    if not np.isfinite(traj).all():
+        r, a, t, c = np.argwhere(~np.isfinite(traj))[0]
+        raise RolloutFileError(f"{path}: non-finite trajectory value at rollout {r}, object {ids[a]}, "
+                               f"step {t}, channel {'xyzh'[c]}")
+    if np.abs(traj).max(initial=0) > MAX_ABS_VALUE:
+        raise RolloutFileError(f"{path}: trajectory values up to {np.abs(traj).max():.3g}, beyond the "
+                               f"plausible {MAX_ABS_VALUE:g} (metres or radians)")
+    sid = sid.item().decode(errors="replace") if sid.dtype.kind == "S" else str(sid)
     return Rollouts(sid, ids.astype(np.int64), traj.astype(np.float32), str(path))
 
 

@@ -43,6 +43,20 @@ def scenario_rollouts(rollouts: Rollouts) -> pb.ScenarioRollouts:
     return pb.ScenarioRollouts(scenario_id=rollouts.scenario_id, joint_scenes=scenes)
 
 
+def submission_problem(rollouts: Rollouts, num_rollouts: int = NUM_ROLLOUTS) -> str | None:
+    """Why :func:`write_submission` would refuse these rollouts for their shape alone, or None.
+
+    The array-level form of :func:`validate`'s rollout count and repeated-id rules (the
+    objects themselves are checked against the scenario by whoever holds it), cheap enough
+    for ``closedloop metrics`` to run on every file and warn about debug-sized runs.
+    """
+    if rollouts.trajectories.shape[0] != num_rollouts:
+        return f"{rollouts.trajectories.shape[0]} rollouts, the challenge needs exactly {num_rollouts}"
+    if len(np.unique(rollouts.object_ids)) != len(rollouts.object_ids):
+        return "repeated object ids"
+    return None
+
+
 def validate(proto: pb.ScenarioRollouts, scenario: Scenario | None = None,
              num_rollouts: int = NUM_ROLLOUTS) -> None:
     """The reference validator's checks: a scenario id, ``num_rollouts`` joint scenes,
