@@ -137,7 +137,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from closedloop.agents.baselines import POLICIES
+    from closedloop.agents.policy import load_policy
     from closedloop.data.womd import read_scenarios
     from closedloop.envs.dynamics import make_dynamics
     from closedloop.envs.rollout import rollout_scenarios, write_rollouts
@@ -147,7 +147,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         vocabulary = torch.from_numpy(np.load(args.vocabulary, allow_pickle=False)).float()
     dynamics = make_dynamics(args.dynamics, vocabulary=vocabulary, chunk=args.chunk)
     scenarios = list(read_scenarios(args.data))
-    results = rollout_scenarios(scenarios, POLICIES[args.policy](), dynamics, args.num_rollouts,
+    policy = load_policy(args.policy)
+    results = rollout_scenarios(scenarios, policy, dynamics, args.num_rollouts,
                                 batch_size=args.batch_size, device=args.device, seed=args.seed)
     start = time.perf_counter()
     paths = write_rollouts(tqdm(results, total=len(scenarios), desc="rollout", unit="scenario",
@@ -229,12 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
-    from closedloop.agents.baselines import POLICIES
     from closedloop.envs.dynamics import DYNAMICS
 
     p = sub.add_parser("rollout", help="roll a policy out and write rollout files")
     p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
-    p.add_argument("--policy", choices=sorted(POLICIES), default="expert")
+    p.add_argument("--policy", default="expert", metavar="NAME|module:attr|file.py:attr",
+                   help="log, expert, constant_velocity, idm, or your policy: module:attr, "
+                        "path/to/file.py:attr or an entry point of closedloop.policies (default expert)")
     p.add_argument("--dynamics", choices=DYNAMICS, default="delta_global")
     p.add_argument("--num-rollouts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

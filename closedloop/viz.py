@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.data.scenario import (
-    MAP_KIND_INDEX,
-    POLYGON_KINDS,
-    RED_LIGHT_STATES,
-    TYPE_CYCLIST,
-    TYPE_PEDESTRIAN,
-    Scenario,
-)
+from closedloop.constants import TYPE_CYCLIST, TYPE_PEDESTRIAN, light_is_red, light_is_yellow
+from closedloop.data.scenario import MAP_KIND_INDEX, POLYGON_KINDS, Scenario
 
 _MAP_STYLE = {
     MAP_KIND_INDEX["lane"]: dict(color="#9db4c0", lw=0.6, ls="--"),
@@ -50,7 +44,7 @@ def plot_scenario(scenario: Scenario, ax=None, step: int | None = None, title: s
     rows = scenario.light_step == step
     for lane, state, point in zip(scenario.light_lane[rows], scenario.light_state[rows],
                                   scenario.light_stop_point[rows]):
-        color = "#d62828" if state in RED_LIGHT_STATES else "#f4a261" if state in (2, 5, 8) else "#2a9d2a"
+        color = "#d62828" if light_is_red(state) else "#f4a261" if light_is_yellow(state) else "#2a9d2a"
         ax.plot(point[0], point[1], "o", color=color, ms=4)
     for a in range(scenario.num_tracks):
         valid = scenario.track_valid[a]

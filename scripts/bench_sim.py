@@ -48,8 +48,9 @@ def workload_actions(state, dynamics, workload: str) -> list[torch.Tensor]:
         forward[..., 0] = 0.8
         return [forward] * ((state.num_steps - 1 - state.t) // dynamics.chunk)
     policy, actions, current = LogReplay(), [], state
+    policy.reset(state, dynamics)
     while not current.done:
-        actions.append(policy(current, dynamics))
+        actions.append(policy.act(current))
         current = step(current, actions[-1], dynamics)
     return actions
 

@@ -49,10 +49,10 @@ def test_tokens_pick_their_own_chunk():
     state = _random_states(64).float()
     tokens = torch.arange(64)
     assert torch.equal(dynamics.inverse(state, dynamics.forward(state, tokens)), tokens)
-    with pytest.raises(ValueError, match="integer"):
-        dynamics.forward(state, tokens.float())
-    with pytest.raises(ValueError, match=r"\[0, 64\)"):
-        dynamics.forward(state, tokens + 1)
+    with pytest.raises(SimulationError, match="integer"):
+        dynamics.check_action(tokens.float(), (64,))
+    inside, outside = dynamics.bound(tokens + 1)
+    assert outside.tolist() == [False] * 63 + [True] and int(inside.max()) == 63
 
 
 @pytest.mark.parametrize("name, bound", [("delta_global", 1e-3), ("delta_local", 1e-3)])
@@ -97,9 +97,10 @@ def test_bad_input_is_a_clear_error(real_scenarios):
     B, N = state.controlled.shape
     action = torch.zeros(B, N, 3)
     action[0, 5, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN/inf at \(batch, agent\) \[\[0, 5\]\]"):
+    track = int(batch.agent_id[0, 5])
+    with pytest.raises(SimulationError, match=f"NaN/inf at step 10 for scenario 637f20cafde22ff8 track {track}"):
         step(state, action, dynamics)
-    with pytest.raises(ValueError, match=r"shape \[1, %d, 3\]" % N):
+    with pytest.raises(SimulationError, match=r"shape \[1, %d, 3\]" % N):
         step(state, torch.zeros(B, N, 2), dynamics)
     final = run_episode(state, Expert(), dynamics)
     with pytest.raises(SimulationError, match="the episode ends at step 90"):
@@ -135,7 +136,7 @@ def test_idm_follows_lanes_brakes_for_leaders_and_red_lights():
     idm, cv = totals["IDM"], totals["ConstantVelocity"]
     assert idm["red_light"] == 0 < cv["red_light"]
     assert idm["collision"] * 5 < cv["collision"]
-    assert idm["offroad"] <= cv["offroad"] + 10
+    assert idm["offroad"] == 0  # lane following keeps every vehicle on the road
 
 
 def test_normalized_and_discretized_actions():
@@ -152,8 +153,9 @@ def test_normalized_and_discretized_actions():
     again = discrete.forward(state, discrete.inverse(state, target))  # +-pi are one heading
     assert torch.allclose(again[..., :2], target[..., :2], atol=1e-6)
     assert torch.allclose(torch.cos(again[..., 2] - target[..., 2]), torch.ones(200, 1, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"integers in \[0, 11\)"):
-        discrete.check_action(index + 11, (200,))
+    with pytest.raises(SimulationError, match=r"integer indices in \[0, 11\)"):
+        discrete.check_action(index.float(), (200,))
+    assert discrete.bound(index + 11)[1].all()
 
 
 def test_rollouts_share_history_and_branches_copy_it(real_scenarios):
@@ -165,9 +167,9 @@ def test_rollouts_share_history_and_branches_copy_it(real_scenarios):
     ahead[..., 0], left[..., 1] = 0.5, 0.5
     first = step(start, ahead, dynamics)
     second = step(first, ahead, dynamics)
-    assert second.pose.data_ptr() == start.pose.data_ptr()  # no copy along one rollout
+    assert second.history is start.history  # no copy along one rollout
     branch = step(first, left, dynamics)  # first stepped again: a branch, on its own copy
-    assert branch.pose.data_ptr() != first.pose.data_ptr()
+    assert branch.history is not first.history
     ctrl = start.controlled
     assert torch.equal(branch.pose[:, :, :12], second.pose[:, :, :12])  # shared past
     assert not torch.allclose(branch.pose[ctrl][:, 12, :2], second.pose[ctrl][:, 12, :2])

@@ -14,6 +14,7 @@ from shapely.affinity import rotate, translate
 from closedloop.data import collate_scenarios
 from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_GO, LIGHT_STOP
 from closedloop.envs import collisions, reset
+from closedloop.envs.core import log_state
 from closedloop.envs.events import EventTracker, agent_corners
 from closedloop.envs import map_index
 from closedloop.envs.map_index import FAR, RoadEdges, _point_segment_sq
@@ -81,7 +82,7 @@ def test_offroad_signed_distance_matches_shapely_on_a_road_with_an_island(offroa
 
 def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_scenarios, offroad_mode):
     batch = collate_scenarios(list(real_scenarios.values()))
-    state = reset(batch)  # the log, every step
+    state = log_state(batch)  # the log, every step
     edges = RoadEdges(batch)
     columns = edges.features[..., :5].clone()  # every segment, padding far away
     columns[edges.features[..., 5] == 0] = torch.tensor([FAR, FAR, 0.0, 0.0, 0.0])
@@ -135,11 +136,11 @@ def test_late_agents_have_their_logged_box():
 def _red_light_steps(scenario) -> dict[int, list[int]]:
     """Steps at which each track (by index) runs a red light when replaying the log."""
     batch = collate_scenarios([scenario])
-    state = reset(batch)
+    state = log_state(batch)
     tracker = EventTracker(state)
     steps: dict[int, list[int]] = {}
     for t in range(11, STEPS):
-        previous, state = dataclasses.replace(state, t=t - 1), dataclasses.replace(state, t=t)
+        previous, state = log_state(batch, t - 1), log_state(batch, t)
         for slot in torch.nonzero(tracker(previous, state)["red_light"][0])[:, 0].tolist():
             steps.setdefault(int(batch.agent_track_index[0, slot]), []).append(t)
     return steps

@@ -1,67 +1,52 @@
 """Baseline sim agents for the batched core: log replay, expert, constant velocity, IDM.
 
-Each is a callable ``policy(state, dynamics) -> actions [B, N, ...]`` for every agent
-(the simulator uses the controlled agents' actions). Where the log has no next state
-(the agent leaves the log), the log-based policies keep the agent's current velocity.
+Each implements the policy protocol (:mod:`closedloop.agents.policy`): ``reset(state,
+dynamics, generator)`` then ``act(state) -> actions [B, N, ...]`` for every agent (the
+simulator uses the controlled agents' actions). Where the log has no next state (the
+agent leaves the log), the log-based policies keep the agent's current velocity.
 """
 
 from __future__ import annotations
 
 import torch
 
-from closedloop.envs.core import SimState, SimulationError
-from closedloop.envs.dynamics import DT, Dynamics, wrap_angle
+from closedloop.agents.policy import BasePolicy
+from closedloop.constants import DT, is_drivable_lane
+from closedloop.envs.core import SimState
+from closedloop.envs.dynamics import Dynamics, wrap_angle
+from closedloop.envs.env import constant_velocity_targets, expert_targets
+from closedloop.envs.events import StopLines
 
 
-def _constant_velocity_targets(current: torch.Tensor, k: int) -> torch.Tensor:
-    """States ``[B, N, k, 5]`` reached by keeping the current velocity and heading."""
-    steps = torch.arange(1, k + 1, device=current.device, dtype=current.dtype) * DT
-    x = current[..., None, 0] + current[..., None, 3] * steps
-    y = current[..., None, 1] + current[..., None, 4] * steps
-    rest = current[..., None, 2:].expand(*current.shape[:-1], k, 3)
-    return torch.cat([x[..., None], y[..., None], rest], dim=-1)
-
-
-def _log_targets(state: SimState, k: int) -> torch.Tensor:
-    """The logged next ``k`` states, or constant-velocity ones where the log is invalid."""
-    if state.t + k > state.num_steps - 1:
-        raise SimulationError(f"no logged states after step {state.t}: the episode has ended")
-    window = slice(state.t + 1, state.t + 1 + k)
-    log = state.log_states(window.start, window.stop)
-    ok = state.batch.agent_valid[:, :, window].all(-1)
-    fallback = _constant_velocity_targets(state.current, k)
-    return torch.where(ok[..., None, None], log, fallback)
-
-
-class LogReplay:
+class LogReplay(BasePolicy):
     """Open loop: the action that takes the *logged* current state to the logged next
     one (with a lossy model such as the bicycle, errors accumulate)."""
 
-    def __call__(self, state: SimState, dynamics: Dynamics) -> torch.Tensor:
+    def act(self, state: SimState) -> torch.Tensor:
         log_now = state.log_states(state.t, state.t + 1)[:, :, 0]
         now = torch.where(state.batch.agent_valid[:, :, state.t, None], log_now, state.current)
-        return dynamics.inverse(now, _log_targets(state, dynamics.chunk))
+        return self.dynamics.inverse(now, expert_targets(state, self.dynamics.chunk))
 
 
-class Expert:
+class Expert(BasePolicy):
     """Closed loop: the action from the *simulated* state towards the logged next state,
     so it corrects its own drift."""
 
-    def __call__(self, state: SimState, dynamics: Dynamics) -> torch.Tensor:
-        return dynamics.inverse(state.current, _log_targets(state, dynamics.chunk))
+    def act(self, state: SimState) -> torch.Tensor:
+        return self.dynamics.inverse(state.current, expert_targets(state, self.dynamics.chunk))
 
 
-class ConstantVelocity:
+class ConstantVelocity(BasePolicy):
     """Keep the current velocity and heading."""
 
-    def __call__(self, state: SimState, dynamics: Dynamics) -> torch.Tensor:
-        return dynamics.inverse(state.current, _constant_velocity_targets(state.current, dynamics.chunk))
+    def act(self, state: SimState) -> torch.Tensor:
+        return self.dynamics.inverse(state.current, constant_velocity_targets(state.current, self.dynamics.chunk))
 
 
 POLICIES = {"log": LogReplay, "expert": Expert, "constant_velocity": ConstantVelocity}
 
 
-class IDM:
+class IDM(BasePolicy):
     """Intelligent Driver Model lane follower that stops for red lights.
 
     Each agent steers towards the lane point ``lookahead`` metres ahead whose direction
@@ -75,28 +60,34 @@ class IDM:
                  max_yaw_rate: float = 0.8):
         self.max_accel, self.decel, self.headway, self.min_gap = max_accel, comfortable_decel, headway, min_gap
         self.min_desired_speed, self.lookahead, self.max_yaw_rate = min_desired_speed, lookahead, max_yaw_rate
-        self._desired: torch.Tensor | None = None
-        self._stop_lines = None
 
-    def __call__(self, state: SimState, dynamics: Dynamics) -> torch.Tensor:
-        from closedloop.envs.events import StopLines
+    def reset(self, state: SimState, dynamics: Dynamics, generator: torch.Generator | None = None) -> None:
+        """Each agent's desired speed (standing agents away from any lane are parked and
+        stay; the others drive) and the scenarios' stop lines."""
+        super().reset(state, dynamics, generator)
+        speed = torch.hypot(state.current[..., 3], state.current[..., 4])
+        own = torch.cdist(state.current[..., :2].float(), state.batch.road_xyz[..., :2].float())
+        own = own.masked_fill(~self._usable_lanes(state), float("inf"))
+        parked = (speed < 1.0) & (own.min(-1).values > 2.0)
+        self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
+        self._stop_lines = StopLines(state)
 
+    @staticmethod
+    def _usable_lanes(state: SimState) -> torch.Tensor:
+        """Lane points running each agent's way ``[B, N, P]``."""
+        b, yaw = state.batch, state.current[..., 2]
+        direction = b.road_dir[..., :2]
+        aligned = (direction[:, None] * torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)[:, :, None]).sum(-1) > (
+            0.5 * torch.linalg.norm(direction, dim=-1)[:, None])
+        return (b.road_mask & is_drivable_lane(b.road_type))[:, None] & aligned
+
+    def act(self, state: SimState) -> torch.Tensor:
         b = state.batch
         cur = state.current
         x, y, yaw, vx, vy = cur.unbind(-1)
         speed = torch.hypot(vx, vy)
         cos, sin = torch.cos(yaw), torch.sin(yaw)
-        lane = b.road_mask & (b.road_type >= 1) & (b.road_type <= 3)
-        direction = b.road_dir[..., :2]
-        aligned = (direction[:, None] * torch.stack([cos, sin], -1)[:, :, None]).sum(-1) > (
-            0.5 * torch.linalg.norm(direction, dim=-1)[:, None])
-        usable = lane[:, None] & aligned  # [B, N, P] lane points running our way
-        if self._desired is None or self._desired.shape != speed.shape or state.t == b.current_time_index:
-            # Standing agents away from any lane (parked) stay; the others drive.
-            own = torch.cdist(cur[..., :2].float(), b.road_xyz[..., :2].float()).masked_fill(~usable, float("inf"))
-            parked = (speed < 1.0) & (own.min(-1).values > 2.0)
-            self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
-            self._stop_lines = StopLines(state)
+        usable = self._usable_lanes(state)
         length = state.dims[..., 0]
         valid = state.valid[:, :, state.t] & b.agent_mask
 
@@ -143,7 +134,7 @@ class IDM:
         turn = torch.where(has_lane, wrap_angle(target_yaw - yaw), torch.zeros_like(yaw))
 
         # Roll the command forward over the dynamics' chunk and invert it.
-        k = dynamics.chunk
+        k = self.dynamics.chunk
         states = []
         px, py, pyaw, v = x, y, yaw, speed
         for _ in range(k):
@@ -153,7 +144,7 @@ class IDM:
             py = py + v_new * torch.sin(pyaw) * DT
             v = v_new
             states.append(torch.stack([px, py, pyaw, v * torch.cos(pyaw), v * torch.sin(pyaw)], -1))
-        return dynamics.inverse(cur, torch.stack(states, dim=-2))
+        return self.dynamics.inverse(cur, torch.stack(states, dim=-2))
 
 
 POLICIES["idm"] = IDM

@@ -14,12 +14,26 @@ from typing import Mapping
 
 import numpy as np
 
-NUM_STEPS = 91
-CURRENT_INDEX = 10
-DT = 0.1
-
-# Track object types, as in the proto's Track.ObjectType.
-TYPE_UNSET, TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST, TYPE_OTHER = range(5)
+from closedloop.constants import (  # noqa: F401  (re-exported: the record's vocabulary)
+    CURRENT_INDEX,
+    DT,
+    LIGHT_ARROW_CAUTION,
+    LIGHT_ARROW_GO,
+    LIGHT_ARROW_STOP,
+    LIGHT_CAUTION,
+    LIGHT_FLASHING_CAUTION,
+    LIGHT_FLASHING_STOP,
+    LIGHT_GO,
+    LIGHT_STOP,
+    LIGHT_UNKNOWN,
+    NUM_STEPS,
+    RED_LIGHT_STATES,
+    TYPE_CYCLIST,
+    TYPE_OTHER,
+    TYPE_PEDESTRIAN,
+    TYPE_UNSET,
+    TYPE_VEHICLE,
+)
 
 # Map feature kinds: the names of the proto's ``feature_data`` oneof, in its order.
 MAP_KINDS = ("lane", "road_line", "road_edge", "stop_sign", "crosswalk", "speed_bump", "driveway")
@@ -31,7 +45,6 @@ POLYGON_KINDS = frozenset(MAP_KIND_INDEX[k] for k in ("crosswalk", "speed_bump",
 # then stop sign 17, crosswalk 18, speed bump 19, driveway 20.
 _ROAD_TYPE_OFFSET = {0: 0, 1: 5, 2: 14}
 _ROAD_TYPE_FIXED = {3: 17, 4: 18, 5: 19, 6: 20}
-ROAD_EDGE_CODES = (14, 15, 16)
 
 
 def road_type_code(kind: int, subtype: int) -> int:
@@ -51,13 +64,6 @@ def road_type_kind(code: int) -> tuple[int, int]:
             return kind, code - low
     raise ValueError(f"unknown roadgraph type code {code}")
 
-
-# Traffic signal lane states, as in TrafficSignalLaneState.State.
-(
-    LIGHT_UNKNOWN, LIGHT_ARROW_STOP, LIGHT_ARROW_CAUTION, LIGHT_ARROW_GO, LIGHT_STOP,
-    LIGHT_CAUTION, LIGHT_GO, LIGHT_FLASHING_STOP, LIGHT_FLASHING_CAUTION,
-) = range(9)
-RED_LIGHT_STATES = (LIGHT_ARROW_STOP, LIGHT_STOP, LIGHT_FLASHING_STOP)
 
 
 def _ints(shape=(0,), dtype=np.int64) -> np.ndarray:

@@ -1,7 +1,19 @@
-"""The simulator: batched core, dynamics, events and rollouts."""
+"""The simulator: batched core, dynamics, events, the env core and its faces.
 
-from closedloop.envs.core import SimState, SimulationError, collisions, distance_to_log, reset, step
+``import closedloop.envs`` registers the Gymnasium env ``closedloop/Ego-v0``.
+"""
+
+from closedloop.envs.core import SimState, check_actions, collisions, distance_to_log, reset, step
 from closedloop.envs.dynamics import DYNAMICS, make_dynamics
+from closedloop.envs.env import EnvConfig, EnvCore, Guidance, Transition
+from closedloop.envs.errors import SimulationError
+from closedloop.envs.faces import ClosedLoopParallelEnv, EgoEnv, ego_env, parallel_env, register
+from closedloop.envs.observation import ObservationConfig
+from closedloop.envs.rewards import RewardConfig
+from closedloop.envs.vector import BatchedEnv
 
-__all__ = ["DYNAMICS", "SimState", "SimulationError", "collisions", "distance_to_log", "make_dynamics",
-           "reset", "step"]
+register()
+
+__all__ = ["DYNAMICS", "BatchedEnv", "ClosedLoopParallelEnv", "EgoEnv", "EnvConfig", "EnvCore", "Guidance",
+           "ObservationConfig", "RewardConfig", "SimState", "SimulationError", "Transition", "check_actions",
+           "collisions", "distance_to_log", "ego_env", "make_dynamics", "parallel_env", "reset", "step"]

@@ -1,11 +1,25 @@
-"""The batched simulator core: ``reset(batch)`` and ``step(state, actions)``.
+"""The batched simulator core: ``reset(batch)`` and ``step(state, actions, dynamics)``.
 
-B scenarios x N agents, any device, no Python loop over agents or scenarios. The state
-keeps the whole 91-step history (logged up to the current step, simulated after it), so
-any feature can be computed afterwards. Controlled agents move by the dynamics model;
-the others follow the log (agents that appear after the current step are injected from
-the log when it makes them valid). Positions are in the batch's frame (relative to
-``batch.origin``); :func:`global_trajectories` converts back.
+B scenarios x N agents, any device, no Python loop over agents or scenarios. A state keeps
+the history of its rollout up to its current step ``t`` (logged up to the current time
+index, simulated after it), so any feature can be computed afterwards. Controlled agents
+move by the dynamics model; the others follow the log (agents that appear after the
+current step are injected from the log when it makes them valid). Positions are in the
+batch's frame (relative to ``batch.origin``); :func:`global_trajectories` converts back.
+
+**History.** A state exposes steps ``0..t`` only (``state.pose`` is ``[B, N, t + 1, 5]``):
+what a rollout does after a state can never show through it, so replay buffers may keep
+states. Stepping the newest state of a rollout writes the new steps into a buffer it
+shares with the states before it (no copy of the history per step); stepping an older
+state again (branching) copies first. ``state.snapshot()`` gives a compact, independent
+copy. ``reset(..., differentiable=True)`` never writes in place, so gradients flow
+through any number of steps into the actions (the price: one history copy per step).
+
+**Actions.** ``actions [B, N, *spec.shape]``: only the controlled agents' actions are
+read; the others (padding slots included) are ignored and may hold anything. Continuous
+actions outside the dynamics' bounds are clipped (angles wrapped) and counted;
+NaN/inf, out-of-range discrete actions, wrong dtypes and shapes raise
+:class:`SimulationError` naming the scenario id and WOMD track id.
 """
 
 from __future__ import annotations
@@ -18,65 +32,93 @@ import torch
 
 from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.dynamics import Dynamics, wrap_angle
+from closedloop.envs.errors import SimulationError
 from closedloop.geometry import rectangles_overlap
 
 Controlled = Literal["wosac", "sdc", "all_valid"] | torch.Tensor
 
 
-class SimulationError(ValueError):
-    """Invalid use of the simulator: bad actions, stepping past the end."""
-
-
 @dataclass(eq=False)
-class _Timeline:
-    """The pose buffer a chain of states shares, and the step it has been written to.
+class History:
+    """The buffers a chain of states shares: poses and heights ``[B, N, T, ...]`` (steps
+    after the head hold the log), validity, and the step the buffers are written up to.
 
-    Only the state at ``head`` may write new steps into it in place; stepping any other
-    state of the chain (branching) copies the buffers first.
+    Only the state at ``head`` may write new steps in place (unless ``differentiable``,
+    where every step makes new tensors); stepping any other state copies first.
     """
 
-    pose: torch.Tensor
+    pose: torch.Tensor  # [B, N, T, 5] x, y, heading, vx, vy
+    z: torch.Tensor  # [B, N, T]
+    valid: torch.Tensor  # [B, N, T] (never written after reset)
     head: int
+    differentiable: bool = False
 
 
 @dataclass(frozen=True)
 class SimState:
-    """One moment of B simulated scenarios.
-
-    A state's history up to ``t`` never changes. Stepping the newest state of a rollout
-    writes the new steps into the history buffers it shares with the states before it
-    (no copy of the whole history per step); stepping an older state again copies them
-    first, so branching from any state is safe. Entries after ``t`` are not part of a
-    state's history (they hold the log, or a later step of its rollout).
-    """
+    """One moment of B simulated scenarios: its history is steps ``0..t``."""
 
     batch: ScenarioBatch
     t: int  # the current step index
-    pose: torch.Tensor  # [B, N, T, 5] x, y, heading, vx, vy
-    z: torch.Tensor  # [B, N, T]
-    valid: torch.Tensor  # [B, N, T]
-    controlled: torch.Tensor  # [B, N]
+    controlled: torch.Tensor  # [B, N] agents moved by the dynamics
     dims: torch.Tensor  # [B, N, 3] length, width, height of each agent's box
-    timeline: _Timeline = dataclasses.field(repr=False)
+    history: History = dataclasses.field(repr=False)
+
+    @property
+    def pose(self) -> torch.Tensor:
+        """States ``[B, N, t + 1, 5]``: x, y, heading, vx, vy at steps ``0..t``."""
+        return self.history.pose[:, :, : self.t + 1]
+
+    @property
+    def z(self) -> torch.Tensor:
+        """Ground heights ``[B, N, t + 1]``."""
+        return self.history.z[:, :, : self.t + 1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Which agents exist ``[B, N, t + 1]`` (controlled agents stay valid from the
+        current time index on)."""
+        return self.history.valid[:, :, : self.t + 1]
 
     @property
     def num_steps(self) -> int:
-        return self.pose.shape[2]
+        """Steps in a whole episode (91 for WOMD)."""
+        return self.history.pose.shape[2]
 
     @property
     def done(self) -> bool:
         return self.t >= self.num_steps - 1
 
     @property
+    def device(self) -> torch.device:
+        return self.history.pose.device
+
+    @property
     def current(self) -> torch.Tensor:
         """States ``[B, N, 5]`` at the current step."""
-        return self.pose[:, :, self.t]
+        return self.history.pose[:, :, self.t]
+
+    @property
+    def valid_now(self) -> torch.Tensor:
+        """Real agents that exist at the current step ``[B, N]``."""
+        return self.history.valid[:, :, self.t] & self.batch.agent_mask
 
     def log_states(self, start: int, stop: int) -> torch.Tensor:
         """Logged states ``[B, N, stop - start, 5]`` (ground truth, for guidance and experts)."""
         b = self.batch
         return torch.cat([b.agent_xyz[:, :, start:stop, :2], b.agent_heading[:, :, start:stop, None],
                           b.agent_velocity[:, :, start:stop]], dim=-1)
+
+    def snapshot(self) -> "SimState":
+        """An independent copy holding steps ``0..t`` only (detached from autograd): for
+        consumers that keep states and must not pin a rollout's whole buffers."""
+        t, b = self.t, self.batch
+        log_after = self.log_states(t + 1, self.num_steps)  # what the steps after t hold at reset
+        pose = torch.cat([self.pose.detach(), log_after.to(self.history.pose.dtype)], dim=2)
+        z = torch.cat([self.z.detach(), b.agent_xyz[:, :, t + 1:, 2]], dim=2)
+        history = History(pose=pose, z=z, valid=self.history.valid, head=t,
+                          differentiable=self.history.differentiable)
+        return dataclasses.replace(self, history=history)
 
 
 def controlled_mask(batch: ScenarioBatch, controlled: Controlled) -> torch.Tensor:
@@ -87,16 +129,25 @@ def controlled_mask(batch: ScenarioBatch, controlled: Controlled) -> torch.Tenso
     if isinstance(controlled, torch.Tensor):
         if tuple(controlled.shape) != tuple(valid_now.shape) or controlled.dtype != torch.bool:
             raise SimulationError(f"a controlled mask is a bool tensor of shape {list(valid_now.shape)}")
-        bad = torch.nonzero(controlled.to(valid_now.device) & ~valid_now)
-        if bad.numel():
+        bad = controlled.to(valid_now.device) & ~valid_now
+        if bool(bad.any()):
             raise SimulationError(f"controlled agents must be valid at step {cur}; not valid: "
-                                  f"(scenario, agent) {bad[:5].tolist()}")
+                                  f"{describe_agents(batch, bad)}")
         return controlled.to(valid_now.device)
     if controlled in ("wosac", "all_valid"):
         return valid_now
     if controlled == "sdc":
         return valid_now & batch.is_sdc
     raise SimulationError(f"controlled must be 'wosac', 'sdc' or a mask, not {controlled!r}")
+
+
+def describe_agents(batch: ScenarioBatch, mask: torch.Tensor, limit: int = 5) -> str:
+    """The first ``limit`` agents of ``mask`` ``[B, N]`` by scenario id and WOMD track id."""
+    b, n = torch.nonzero(mask, as_tuple=True)
+    ids = batch.agent_id[b, n].tolist()
+    names = [f"scenario {batch.scenario_id[i]} track {track}" for i, track in zip(b.tolist(), ids)]
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def box_dims(batch: ScenarioBatch) -> torch.Tensor:
@@ -109,8 +160,10 @@ def box_dims(batch: ScenarioBatch) -> torch.Tensor:
     return torch.where(valid[:, :, cur, None], batch.agent_dims[:, :, cur], at_first)
 
 
-def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
-    """The state at the current step (index 10), with the logged history."""
+def reset(batch: ScenarioBatch, controlled: Controlled = "wosac", differentiable: bool = False) -> SimState:
+    """The state at the current step (index 10), with the logged history.
+
+    ``differentiable``: steps never write in place, so autograd can run through them."""
     if not bool(batch.agent_mask.any()):
         raise SimulationError(f"scenarios {batch.scenario_id} have no agents")
     pose = torch.cat([batch.agent_xyz[..., :2], batch.agent_heading[..., None], batch.agent_velocity], dim=-1)
@@ -119,37 +172,99 @@ def reset(batch: ScenarioBatch, controlled: Controlled = "wosac") -> SimState:
     valid = batch.agent_valid.clone()
     # Controlled agents stay valid from the current step on, whatever the log says.
     valid[:, :, cur:] |= mask[..., None]
-    return SimState(batch=batch, t=cur, pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid,
-                    controlled=mask, dims=box_dims(batch), timeline=_Timeline(pose, cur))
+    history = History(pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid, head=cur,
+                      differentiable=differentiable)
+    return SimState(batch=batch, t=cur, controlled=mask, dims=box_dims(batch), history=history)
 
 
-def step(state: SimState, actions: torch.Tensor, dynamics: Dynamics) -> SimState:
-    """Advance by ``dynamics.chunk`` steps. ``actions`` ``[B, N, *action_shape]``; only the
-    controlled agents' actions are used (the others may hold anything finite)."""
-    B, N = state.controlled.shape
+def log_state(batch: ScenarioBatch, t: int | None = None) -> SimState:
+    """The log itself as a state at step ``t`` (default: the last step), no agent
+    controlled: for the events and features of the logged behaviour."""
+    start = reset(batch, controlled=torch.zeros_like(batch.agent_mask))
+    t = start.num_steps - 1 if t is None else t
+    if not 0 <= t < start.num_steps:
+        raise SimulationError(f"step {t} is not in the log (steps 0..{start.num_steps - 1})")
+    start.history.head = t
+    return dataclasses.replace(start, t=t)
+
+
+@dataclass(frozen=True)
+class CheckedActions:
+    """Actions that passed :func:`check_actions`: within bounds, the ignored agents' zeroed,
+    and which controlled agents' actions were clipped ``[B, N]``."""
+
+    actions: torch.Tensor
+    clipped: torch.Tensor
+
+
+def check_actions(state: SimState, actions, dynamics: Dynamics) -> CheckedActions:
+    """Validate dtype and shape, bound the values (see the module docstring). NaN/inf and
+    out-of-range discrete values are found by :func:`step` after the dynamics ran, so a
+    step costs one device synchronisation."""
+    if not isinstance(actions, torch.Tensor):
+        try:
+            actions = torch.as_tensor(actions)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SimulationError(f"{dynamics.name} actions must be a numeric array: {err}") from None
+    actions = actions.to(state.device)
+    dynamics.check_action(actions, tuple(state.controlled.shape))
+    bounded, outside = dynamics.bound(actions)
+    keep = state.controlled.view(*state.controlled.shape, *([1] * (bounded.dim() - 2)))
+    bounded = torch.where(keep, bounded, torch.zeros((), dtype=bounded.dtype, device=bounded.device))
+    return CheckedActions(bounded, outside & state.controlled)
+
+
+def step(state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dynamics) -> SimState:
+    """Advance by ``dynamics.chunk`` steps. ``actions`` ``[B, N, *action_shape]`` (or the
+    result of :func:`check_actions`); only the controlled agents' actions are used."""
     k = dynamics.chunk
     if state.t + k > state.num_steps - 1:
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step "
                               f"{k} from step {state.t}")
-    actions = torch.as_tensor(actions, device=state.pose.device)
-    dynamics.check_action(actions, (B, N))
-    nxt = dynamics.forward(state.current, actions)  # [B, N, k, 5]
-    window = slice(state.t + 1, state.t + 1 + k)
-    timeline = state.timeline
-    if timeline.pose is state.pose and timeline.head == state.t:
-        pose, z = state.pose, state.z  # the newest state of its rollout: write in place
+    checked = actions if isinstance(actions, CheckedActions) else check_actions(state, actions, dynamics)
+    nxt = dynamics.forward(state.current, checked.actions)  # [B, N, k, 5]
+    ctrl = state.controlled
+    # One synchronisation for every value check: bad actions (NaN/inf, or discrete ones
+    # out of range) and next states that are not finite.
+    if dynamics.spec.discrete:
+        bad_action = checked.clipped
     else:
-        pose, z = state.pose.clone(), state.z.clone()
-        timeline = _Timeline(pose, state.t)
-    ctrl = state.controlled[:, :, None, None]
-    pose[:, :, window] = torch.where(ctrl, nxt, pose[:, :, window])  # the others keep the log
-    pose[:, :, window, 2] = wrap_angle(pose[:, :, window, 2])
+        bad_action = ~torch.isfinite(checked.actions).flatten(2).all(-1) & ctrl
+    bad_state = ~torch.isfinite(nxt).flatten(2).all(-1) & ctrl
+    if bool((bad_action | bad_state).any()):
+        _raise_bad_values(state, dynamics, bad_action, bad_state)
+
+    t, window = state.t, slice(state.t + 1, state.t + 1 + k)
+    history = state.history
+    log_pose = history.pose[:, :, window]
+    moved = torch.where(ctrl[:, :, None, None], nxt, log_pose)  # the others keep the log
+    moved = torch.cat([moved[..., :2], wrap_angle(moved[..., 2:3]), moved[..., 3:]], dim=-1)
     # Controlled agents keep the logged ground height where the log has one, else hold.
     log_z = state.batch.agent_xyz[:, :, window, 2]
-    held = torch.where(state.batch.agent_valid[:, :, window], log_z, z[:, :, state.t:state.t + 1].expand(-1, -1, k))
-    z[:, :, window] = torch.where(state.controlled[..., None], held, log_z)
-    timeline.head = state.t + k
-    return dataclasses.replace(state, t=state.t + k, pose=pose, z=z, timeline=timeline)
+    held = torch.where(state.batch.agent_valid[:, :, window], log_z, history.z[:, :, t:t + 1].expand(-1, -1, k))
+    new_z = torch.where(ctrl[..., None], held, log_z)
+    if history.differentiable:
+        pose = torch.cat([history.pose[:, :, :t + 1], moved, history.pose[:, :, t + 1 + k:]], dim=2)
+        z = torch.cat([history.z[:, :, :t + 1], new_z, history.z[:, :, t + 1 + k:]], dim=2)
+        history = History(pose, z, history.valid, t + k, differentiable=True)
+    else:
+        if history.head != t:  # an older state stepped again: branch on a copy
+            history = History(history.pose.clone(), history.z.clone(), history.valid, t)
+        history.pose[:, :, window] = moved
+        history.z[:, :, window] = new_z
+        history.head = t + k
+    return dataclasses.replace(state, t=t + k, history=history)
+
+
+def _raise_bad_values(state: SimState, dynamics: Dynamics, bad_action: torch.Tensor,
+                      bad_state: torch.Tensor) -> None:
+    if bool(bad_action.any()):
+        what = (f"out of [0, {dynamics.spec.levels})" if dynamics.spec.discrete else "NaN/inf")
+        raise SimulationError(f"{dynamics.name} actions {what} at step {state.t} for "
+                              f"{describe_agents(state.batch, bad_action)}")
+    raise SimulationError(f"{dynamics.name} made non-finite states at step {state.t} for "
+                          f"{describe_agents(state.batch, bad_state)} (their current states: "
+                          f"{state.current[bad_state][:3].tolist()})")
 
 
 def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
@@ -189,7 +304,10 @@ def distance_to_log(state: SimState, t: int | None = None) -> torch.Tensor:
 
 
 def global_trajectories(state: SimState, start: int, stop: int) -> torch.Tensor:
-    """x, y, z, heading ``[B, N, stop - start, 4]`` in world coordinates (float64)."""
+    """x, y, z, heading ``[B, N, stop - start, 4]`` in world coordinates (float64), for
+    steps up to the state's current step."""
+    if not 0 <= start <= stop <= state.t + 1:
+        raise SimulationError(f"steps {start}..{stop - 1} are not in the state's history (steps 0..{state.t})")
     origin = state.batch.origin.to(state.pose.device)
     xy = state.pose[:, :, start:stop, :2].double() + origin[:, None, None, :]
     return torch.cat([xy, state.z[:, :, start:stop, None].double(),

@@ -11,6 +11,12 @@ the agent's frame), ``bicycle`` (acceleration and curvature, Waymax's invertible
 bicycle: |a| <= 6 m/s^2, |kappa| <= 0.3 1/m, target yaw from the velocity direction above
 0.6 m/s), ``state`` (teleport to a pose), ``trajectory`` (a k-step chunk of local poses),
 ``tokens`` (one of a vocabulary of k-step local pose chunks, 0.5 s with k = 5).
+
+Action bounds (``spec.low`` / ``spec.high``): continuous actions outside them are clipped
+by the simulator (angles are wrapped instead), and the clipping is counted per agent;
+discrete actions outside their range, NaN/inf, and actions of the wrong dtype or shape are
+rejected with a :class:`SimulationError`. The bounds keep every state finite: no finite
+action can move an agent more than a few kilometres in one step.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-DT = 0.1
+from closedloop.constants import DT
+from closedloop.envs.errors import SimulationError
+
 X, Y, YAW, VX, VY = range(5)
 
 
@@ -51,13 +59,26 @@ def _chain_velocities(state: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """What an action looks like: ``shape`` of one agent's action, box bounds or ``n``."""
+    """What an action looks like: ``shape`` of one agent's action, box bounds or ``n``.
+
+    ``low`` / ``high`` / ``angular`` run along the action's last dimension; ``angular``
+    marks headings, which are wrapped into the bounds rather than clipped."""
 
     shape: tuple[int, ...]
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
     n: int | None = None  # one discrete action of n values
     bins: int | None = None  # one discrete value per dimension, of `bins` values each
+    angular: tuple[bool, ...] | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return self.n is not None or self.bins is not None
+
+    @property
+    def levels(self) -> int:
+        """How many values a discrete action (or each of its dimensions) takes."""
+        return self.n if self.n is not None else self.bins
 
 
 class Dynamics(abc.ABC):
@@ -67,6 +88,50 @@ class Dynamics(abc.ABC):
     chunk: int = 1
     spec: ActionSpec
 
+    def check_action(self, action: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
+        """Raise :class:`SimulationError` for a wrong dtype or shape (no device sync: values
+        are checked by :meth:`bound` and the simulator)."""
+        expected = (*batch_shape, *self.spec.shape)
+        if action.dtype in (torch.bool,) or action.dtype.is_complex:
+            raise SimulationError(f"{self.name} actions cannot be of dtype {action.dtype}; "
+                                  f"{'integer' if self.spec.discrete else 'real'} actions expected")
+        if self.spec.discrete and action.dtype.is_floating_point:
+            raise SimulationError(f"{self.name} actions are integer indices in [0, {self.spec.levels}), "
+                                  f"not {action.dtype}")
+        if tuple(action.shape) != expected:
+            raise SimulationError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
+
+    def bound(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(action, outside)``: continuous actions clipped into ``spec`` (angles wrapped)
+        in the state dtype, discrete ones clamped into range, and whether each agent's
+        action was outside ``[*batch]`` (NaN counts as outside; NaN stays NaN)."""
+        batch_dims = action.dim() - len(self.spec.shape)
+        if self.spec.discrete:
+            outside = (action < 0) | (action >= self.spec.levels)
+            inside = action.clamp(0, self.spec.levels - 1)
+        else:
+            action = action.float() if not action.dtype.is_floating_point else action
+            low, high, angular = self._limits(action)
+            inside = torch.minimum(torch.maximum(action, low), high)
+            if angular is not None:
+                inside = torch.where(angular, wrap_angle(action), inside)
+            outside = ~(inside == action)  # NaN compares unequal
+        if batch_dims < action.dim():
+            outside = outside.flatten(batch_dims).any(-1)
+        return inside, outside
+
+    def _limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``spec``'s bounds and angular flags as tensors, made once per device and dtype."""
+        cache = self.__dict__.setdefault("_limits_cache", {})
+        key = (like.device, like.dtype)
+        if key not in cache:
+            low = torch.tensor(self.spec.low, dtype=like.dtype, device=like.device)
+            high = torch.tensor(self.spec.high, dtype=like.dtype, device=like.device)
+            flags = self.spec.angular
+            angular = torch.tensor(flags, device=like.device) if flags is not None and any(flags) else None
+            cache[key] = (low, high, angular)
+        return cache[key]
+
     @abc.abstractmethod
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The next ``chunk`` states ``[..., chunk, 5]`` after ``action`` from ``state``."""
@@ -75,19 +140,10 @@ class Dynamics(abc.ABC):
     def inverse(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The action that best reaches ``target`` ``[..., chunk, 5]`` from ``state``."""
 
-    def check_action(self, action: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
-        """Raise ``ValueError`` for a wrong shape or non-finite values."""
-        expected = (*batch_shape, *self.spec.shape)
-        if tuple(action.shape) != expected:
-            raise ValueError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
-        if self.spec.n is None and not bool(torch.isfinite(action).all()):
-            bad = torch.nonzero(~torch.isfinite(action).reshape(*batch_shape, -1).all(-1))
-            raise ValueError(f"{self.name} actions contain NaN/inf at (batch, agent) {bad[:5].tolist()}")
-
 
 class DeltaGlobal(Dynamics):
     name, chunk = "delta_global", 1
-    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi))
+    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi), angular=(False, False, True))
 
     def forward(self, state, action):
         pose = torch.stack([state[..., X] + action[..., 0], state[..., Y] + action[..., 1],
@@ -102,7 +158,7 @@ class DeltaGlobal(Dynamics):
 
 class DeltaLocal(Dynamics):
     name, chunk = "delta_local", 1
-    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi))
+    spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi), angular=(False, False, True))
 
     def forward(self, state, action):
         dx, dy = _rotate(action[..., 0], action[..., 1], state[..., YAW])
@@ -160,7 +216,7 @@ class StateDynamics(Dynamics):
     """Teleport: the action is the next pose (x, y, heading) in the world frame."""
 
     name, chunk = "state", 1
-    spec = ActionSpec((3,), (-1e6, -1e6, -math.pi), (1e6, 1e6, math.pi))
+    spec = ActionSpec((3,), (-1e6, -1e6, -math.pi), (1e6, 1e6, math.pi), angular=(False, False, True))
 
     def forward(self, state, action):
         return _chain_velocities(state, action[..., None, :])
@@ -176,7 +232,8 @@ class Trajectory(Dynamics):
 
     def __init__(self, chunk: int = 5):
         self.chunk = chunk
-        self.spec = ActionSpec((chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi))
+        self.spec = ActionSpec((chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi),
+                               angular=(False, False, True))
 
     def forward(self, state, action):
         dx, dy = _rotate(action[..., 0], action[..., 1], state[..., None, YAW])
@@ -196,18 +253,21 @@ class Tokens(Dynamics):
     name = "tokens"
 
     def __init__(self, vocabulary: torch.Tensor):
-        if vocabulary.dim() != 3 or vocabulary.shape[-1] != 3:
-            raise ValueError(f"a token vocabulary is [V, k, 3], got {list(vocabulary.shape)}")
+        if vocabulary.dim() != 3 or vocabulary.shape[-1] != 3 or vocabulary.shape[0] == 0:
+            raise ValueError(f"a token vocabulary is [V, k, 3] with V >= 1, got {list(vocabulary.shape)}")
+        if not vocabulary.dtype.is_floating_point or not bool(torch.isfinite(vocabulary).all()):
+            bad = torch.nonzero(~torch.isfinite(vocabulary).flatten(1).all(-1)).flatten()[:5].tolist()
+            raise ValueError(f"a token vocabulary holds finite floats; tokens {bad} are NaN/inf"
+                             if bad else f"a token vocabulary holds floats, not {vocabulary.dtype}")
+        if float(vocabulary[..., :2].abs().max()) > 50.0:
+            raise ValueError("a token vocabulary's chunks move at most 50 m (the trajectory bounds); "
+                             f"this one reaches {float(vocabulary[..., :2].abs().max()):.1f} m")
         self.vocabulary = vocabulary
         self.chunk = vocabulary.shape[1]
         self.spec = ActionSpec((), n=vocabulary.shape[0])
         self._trajectory = Trajectory(self.chunk)
 
     def forward(self, state, action):
-        if action.dtype.is_floating_point:
-            raise ValueError("token actions are integer indices")
-        if bool(((action < 0) | (action >= self.vocabulary.shape[0])).any()):
-            raise ValueError(f"token actions must lie in [0, {self.vocabulary.shape[0]})")
         chunk = self.vocabulary.to(state.device, state.dtype)[action]
         return self._trajectory.forward(state, chunk)
 
@@ -219,10 +279,6 @@ class Tokens(Dynamics):
         diff = local[..., None, :, :] - vocab
         cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
         return cost.argmin(-1)
-
-    def check_action(self, action, batch_shape):
-        if tuple(action.shape) != tuple(batch_shape):
-            raise ValueError(f"tokens actions must have shape {list(batch_shape)}, got {list(action.shape)}")
 
 
 class Normalized(Dynamics):
@@ -271,13 +327,6 @@ class Discretized(Dynamics):
         low, high = self.low.to(state.device, state.dtype), self.high.to(state.device, state.dtype)
         value = self.inner.inverse(state, target)
         return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
-
-    def check_action(self, action, batch_shape):
-        expected = (*batch_shape, *self.spec.shape)
-        if tuple(action.shape) != expected:
-            raise ValueError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
-        if action.dtype.is_floating_point or bool(((action < 0) | (action >= self.spec.bins)).any()):
-            raise ValueError(f"{self.name} actions are integers in [0, {self.spec.bins})")
 
 
 def make_dynamics(name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5,

@@ -1,26 +1,31 @@
 """The two faces people step: a PettingZoo ``ParallelEnv`` and a Gymnasium ego env.
 
-Both wrap the batched core with one scenario at a time (B = 1), the scenario drawn from
-the list handed in at each reset. Agents are named by their WOMD track id (a string).
-Per-agent ``infos`` carry the logged next state (``log_next``: x, y, heading, vx, vy in the
-scenario's frame, NaN where the log has none) for guidance wrappers, and the step's events.
+Both are thin adapters of the env core (:class:`closedloop.envs.env.EnvCore`) with one
+scenario at a time (B = 1), drawn from the list handed in at each reset; neither
+simulates anything before the first ``reset``. Agents are named by their WOMD track id
+(a string). Infos carry the logged next state (``log_next``: x, y, heading, vx, vy in the
+scenario's frame, NaN where the log has none) for guidance wrappers, the step's events
+and whether the action was clipped. After an episode, ``env.trajectories()`` gives the
+simulated world trajectories in the ``closedloop rollout`` layout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import gymnasium
 import numpy as np
 import torch
 from pettingzoo import ParallelEnv
 
+from closedloop.agents.policy import as_policy
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
-from closedloop.envs.core import SimState, SimulationError, reset, step
+from closedloop.envs.core import SimState, global_trajectories
 from closedloop.envs.dynamics import Dynamics, make_dynamics
-from closedloop.envs.events import EventTracker
-from closedloop.envs.observation import ObservationConfig, Observer
+from closedloop.envs.env import EnvConfig, EnvCore
+from closedloop.envs.errors import SimulationError
+from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
 
 
@@ -35,78 +40,124 @@ def action_space(dynamics: Dynamics) -> gymnasium.Space:
     return gymnasium.spaces.Box(low, high, dtype=np.float32)
 
 
-class _Episode:
-    """One scenario's rollout: state, events, observations and rewards (shared by faces)."""
+def _face_controlled(controlled) -> str:
+    if isinstance(controlled, str) and controlled in ("wosac", "all_valid", "sdc"):
+        return controlled
+    raise SimulationError(f"the faces take controlled='wosac' or 'sdc', not {controlled!r} (a mask tensor "
+                          "only makes sense for one batch: use BatchedEnv or EnvCore)")
 
-    def __init__(self, scenarios: Sequence[Scenario], dynamics: Dynamics, controlled, observation: ObservationConfig,
-                 reward: RewardConfig, device: str):
-        if not scenarios:
+
+def _exposed_ids(scenario: Scenario, controlled: str) -> np.ndarray:
+    """The track ids the env exposes in ``scenario``, in track order."""
+    if controlled == "sdc":
+        return scenario.track_id[[scenario.sdc_track_index]]
+    return scenario.track_id[scenario.valid_at_current()]
+
+
+def agent_action(name: str, action, dynamics: Dynamics) -> np.ndarray:
+    """One agent's action as a numpy array, refusing what the dynamics cannot take
+    (naming the agent): complex, string, object or bool arrays, floats for discrete
+    dynamics (no silent truncation), wrong shapes. Values are checked by the core."""
+    try:
+        array = np.asarray(action)
+    except (TypeError, ValueError) as err:
+        raise SimulationError(f"agent {name}: the action is not an array: {err}") from None
+    spec = dynamics.spec
+    allowed = "iu" if spec.discrete else "fiu"
+    if array.dtype.kind not in allowed:
+        wanted = "integer" if spec.discrete else "real"
+        raise SimulationError(f"agent {name}: {dynamics.name} takes {wanted} actions, not {array.dtype} ({action!r})")
+    if array.shape != tuple(spec.shape):
+        raise SimulationError(f"agent {name}: action shape {list(array.shape)}, expected {list(spec.shape)}")
+    return array
+
+
+class _Face:
+    """What both faces share: the scenario draw, the env core of the current episode,
+    track-id names, trajectories and rendering."""
+
+    def _setup(self, scenarios: Sequence[Scenario], dynamics: str | Dynamics, vocabulary, observation, reward,
+               terminate_on_collision: bool, terminate_on_offroad: bool, others, device: str):
+        self.scenarios = list(scenarios)
+        if not self.scenarios:
             raise ValueError("the environment needs at least one scenario")
-        self.scenarios, self.dynamics, self.controlled = list(scenarios), dynamics, controlled
-        self.observation, self.reward, self.device = observation, reward, device
-        self.rng = np.random.default_rng()
+        self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
+        self.config = EnvConfig(self.dynamics, observation, reward, terminate_on_collision, terminate_on_offroad)
+        self.others = as_policy(others) if others is not None else None
+        self.device = device
+        self._rng = np.random.default_rng()
+        self.core: EnvCore | None = None
 
-    def reset(self, seed: int | None) -> SimState:
+    def _start(self, seed: int | None, exposed: str) -> None:
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        scenario = self.scenarios[int(self.rng.integers(len(self.scenarios)))]
-        self.batch = collate_scenarios([scenario]).to(self.device)
-        self.state = reset(self.batch, self.controlled)
-        self.observer = Observer(self.observation)
-        self.tracker = EventTracker(self.state)
-        self.names = [str(int(i)) for i in self.batch.agent_id[0].tolist()]
-        return self.state
+            self._rng = np.random.default_rng(seed)
+        scenario = self.scenarios[int(self._rng.integers(len(self.scenarios)))]
+        batch = collate_scenarios([scenario]).to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(2**62)))
+        self.core = EnvCore(batch, self.config, controlled=exposed, exposed=exposed, others=self.others,
+                            generator=generator)
+        self.scenario_id = scenario.scenario_id
+        self.names = [str(int(i)) for i in batch.agent_id[0].tolist()]
+        self._index = {name: i for i, name in enumerate(self.names)}
 
-    def hold(self) -> torch.Tensor:
-        """Actions that keep every agent where it is (used for finished agents)."""
-        cur = self.state.current
-        target = cur.clone()
-        target[..., 3:] = 0
-        return self.dynamics.inverse(cur, target[..., None, :].expand(*cur.shape[:-1], self.dynamics.chunk, 5))
+    @property
+    def sim_state(self) -> SimState:
+        """The simulator state of the current episode (B = 1)."""
+        if self.core is None:
+            raise SimulationError("call reset() first")
+        return self.core.state
 
-    def advance(self, actions: torch.Tensor):
-        previous = self.state
-        self.state = step(previous, actions, self.dynamics)
-        events = self.tracker(previous, self.state)
-        rewards = self.reward(previous, self.state, events)
-        return events, rewards
+    def _log_next(self) -> np.ndarray:
+        return self.core.guidance(expert=False).log_next[0, :, 0].cpu().numpy()
 
-    def log_next(self) -> np.ndarray:
-        t = min(self.state.t + 1, self.state.num_steps - 1)
-        log = self.state.log_states(t, t + 1)[0, :, 0]
-        ok = self.batch.agent_valid[0, :, t]
-        return torch.where(ok[:, None], log, torch.full_like(log, float("nan"))).cpu().numpy()
+    def trajectories(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(object_ids [A], trajectories [A, S, 4])``: world x, y, z, heading of every
+        object valid at the current time index (the objects WOSAC scores, in track order)
+        over the S steps simulated so far. Stack R episodes' ``trajectories`` into
+        ``[R, A, 80, 4]`` for :func:`closedloop.metrics.rollouts.save_rollouts`."""
+        state = self.sim_state
+        cur = state.batch.current_time_index
+        objects = state.batch.agent_valid[0, :, cur] & state.batch.agent_mask[0]
+        traj = global_trajectories(state, cur + 1, state.t + 1)[0, objects].cpu().numpy()
+        return state.batch.agent_id[0, objects].cpu().numpy(), traj
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self.core is None:
+            return None
+        from closedloop.envs.render import render_state
+
+        return render_state(self.core.state)
 
 
-class ClosedLoopParallelEnv(ParallelEnv):
-    """PettingZoo parallel env over WOMD scenarios; see :func:`parallel_env`."""
+class ClosedLoopParallelEnv(_Face, ParallelEnv):
+    """PettingZoo parallel env over WOMD scenarios; see :func:`parallel_env`.
+
+    Agents are named by WOMD track id. ``possible_agents`` is, before the first reset, the
+    union of the exposed agents of every scenario handed in and, from each reset on, the
+    exposed agents of the episode's scenario (every WOMD scenario has its own agents;
+    PettingZoo's API test requires the agents that finish an episode to be exactly
+    ``possible_agents``). Infos carry ``log_next`` (the logged next state: x, y, heading,
+    vx, vy in the scenario's frame, NaN where the log has none; ground truth for guidance,
+    never part of observations), the step's events and ``clipped`` (whether the action
+    was outside the dynamics' bounds and clipped).
+    """
 
     metadata = {"name": "closedloop_parallel_v0", "render_modes": ["rgb_array"], "is_parallelizable": True}
 
     def __init__(self, scenarios: Sequence[Scenario], dynamics: str | Dynamics = "delta_local",
-                 controlled="wosac", observation: ObservationConfig = ObservationConfig(),
+                 controlled: str = "wosac", observation: ObservationConfig = ObservationConfig(),
                  reward: RewardConfig = RewardConfig(), render_mode: str | None = None,
                  terminate_on_collision: bool = False, terminate_on_offroad: bool = False,
-                 others: Callable | None = None, vocabulary: torch.Tensor | None = None, device: str = "cpu"):
-        self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
-        # With a sim-agent policy for the others, the core simulates every agent valid at the
-        # current step; the ``controlled`` ones are the agents people act for.
-        self.others, self._exposed = others, controlled
-        self.episode = _Episode(scenarios, self.dynamics, "wosac" if others else controlled, observation,
-                                reward, device)
+                 others=None, vocabulary: torch.Tensor | None = None, device: str = "cpu"):
+        self._setup(scenarios, dynamics, vocabulary, observation, reward, terminate_on_collision,
+                    terminate_on_offroad, others, device)
+        self._exposed = _face_controlled(controlled)
         self.render_mode = render_mode
-        self.terminate_on = (terminate_on_collision, terminate_on_offroad)
         self._observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
         self._action_space = action_space(self.dynamics)
-        self.episode.reset(0)
-        self.possible_agents = self._controlled_names()
+        union = dict.fromkeys(str(int(i)) for s in self.scenarios for i in _exposed_ids(s, self._exposed))
+        self.possible_agents = list(union)
         self.agents: list[str] = []
-
-    def _controlled_names(self) -> list[str]:
-        from closedloop.envs.core import controlled_mask
-
-        mask = controlled_mask(self.episode.batch, self._exposed)[0].tolist()
-        return [name for name, c in zip(self.episode.names, mask) if c]
 
     def observation_space(self, agent: str) -> gymnasium.Space:
         return self._observation_space
@@ -115,62 +166,55 @@ class ClosedLoopParallelEnv(ParallelEnv):
         return self._action_space
 
     def _observations(self) -> dict[str, np.ndarray]:
-        obs = self.episode.observer(self.episode.state)[0].cpu().numpy()
-        return {a: obs[self._index[a]] for a in self.agents}
+        if not self.agents:
+            return {}
+        slots = torch.tensor([[self._index[a] for a in self.agents]], device=self.core.state.device)
+        obs = self.core.observe(slots)[0].cpu().numpy()
+        return dict(zip(self.agents, obs))
 
     def reset(self, seed: int | None = None, options: dict | None = None):
-        self.episode.reset(seed)
-        self.possible_agents = self._controlled_names()
+        self._start(seed, self._exposed)
+        exposed = self.core.exposed[0].tolist()
+        self.possible_agents = [name for name, e in zip(self.names, exposed) if e]
         self.agents = list(self.possible_agents)
-        self._index = {name: i for i, name in enumerate(self.episode.names)}
-        log_next = self.episode.log_next()
+        log_next = self._log_next()
         return self._observations(), {a: {"log_next": log_next[self._index[a]]} for a in self.agents}
 
     def step(self, actions: dict[str, np.ndarray]):
+        if self.core is None:
+            raise SimulationError("call reset() before step()")
         if not self.agents:
             raise SimulationError("step() after the episode ended: call reset()")
         unknown = set(actions) - set(self.agents)
         if unknown:
-            raise KeyError(f"unknown or finished agents {sorted(unknown)[:5]}; live agents are {self.agents[:5]}...")
+            finished = sorted(unknown & set(self.possible_agents))
+            raise KeyError(f"scenario {self.scenario_id}: unknown or finished agents {sorted(unknown)[:5]}"
+                           + (f" ({len(finished)} of them finished)" if finished else "")
+                           + f"; live agents are {self.agents[:5]}...")
         missing = set(self.agents) - set(actions)
         if missing:
-            raise ValueError(f"no action for agents {sorted(missing)[:5]}")
-        hold = self.episode.hold()
-        batch_actions = hold if self.others is None else self.others(self.episode.state, self.dynamics)
-        finished = [i for i, name in enumerate(self.episode.names)
-                    if name in self.possible_agents and name not in self.agents]
-        batch_actions[0, finished] = hold[0, finished]  # terminated agents stand still
-        expected = tuple(batch_actions.shape[2:])
+            raise ValueError(f"scenario {self.scenario_id}: no action for agents {sorted(missing)[:5]}")
+        spec = self.dynamics.spec
+        dtype = np.int64 if spec.discrete else np.float32
+        batch_actions = np.zeros((1, len(self.names), *spec.shape), dtype)
         for name, action in actions.items():
-            if np.shape(action) != expected:
-                raise ValueError(f"agent {name}: action shape {list(np.shape(action))}, expected {list(expected)}")
-        if actions:
-            slots = [self._index[name] for name in actions]
-            values = np.stack([np.asarray(action) for action in actions.values()])
-            batch_actions[0, slots] = torch.as_tensor(values, device=batch_actions.device).to(batch_actions.dtype)
-        events, rewards = self.episode.advance(batch_actions)
-        done = self.episode.state.done
-        log_next = self.episode.log_next()
-        terminated = events["collision"][0] & self.terminate_on[0]
-        terminated |= events["offroad"][0] & self.terminate_on[1]
-        obs = self._observations()
+            batch_actions[0, self._index[name]] = agent_action(name, action, self.dynamics)
+        transition = self.core.step(torch.from_numpy(batch_actions))
+        obs_agents = self.agents
         # One transfer per tensor, then plain indexing per agent.
-        rewards, terminated = rewards[0].cpu().numpy(), terminated.cpu().numpy()
-        events = {k: v[0].float().cpu().numpy() for k, v in events.items()}
-        slot = {a: self._index[a] for a in self.agents}
+        rewards = transition.rewards[0].cpu().numpy()
+        terminated, truncated = transition.terminated[0].cpu().numpy(), transition.truncated[0].cpu().numpy()
+        events = {k: v[0].float().cpu().numpy() for k, v in transition.events.items()}
+        events["clipped"] = transition.clipped[0].float().cpu().numpy()
+        log_next = self._log_next()
+        slot = {a: self._index[a] for a in obs_agents}
         rew = {a: float(rewards[i]) for a, i in slot.items()}
         term = {a: bool(terminated[i]) for a, i in slot.items()}
-        trunc = {a: done for a in self.agents}
+        trunc = {a: bool(truncated[i]) for a, i in slot.items()}
         infos = {a: {"log_next": log_next[i], **{k: float(v[i]) for k, v in events.items()}} for a, i in slot.items()}
-        self.agents = [a for a in self.agents if not (term[a] or trunc[a])]
+        obs = self._observations()
+        self.agents = [a for a in obs_agents if not (term[a] or trunc[a])]
         return obs, rew, term, trunc, infos
-
-    def render(self):
-        if self.render_mode != "rgb_array":
-            return None
-        from closedloop.envs.render import render_state
-
-        return render_state(self.episode.state)
 
     def close(self):
         self.agents = []
@@ -181,64 +225,53 @@ def parallel_env(scenarios: Sequence[Scenario], **kwargs) -> ClosedLoopParallelE
     return ClosedLoopParallelEnv(scenarios, **kwargs)
 
 
-class EgoEnv(gymnasium.Env):
-    """Gymnasium env driving the SDC; the other agents follow the log, or ``others``
-    (a policy ``(state, dynamics) -> actions``) when given, which then drives every agent
-    valid at the current step except the SDC."""
+class EgoEnv(_Face, gymnasium.Env):
+    """Gymnasium env driving the SDC; the other agents follow the log, or ``others`` (a
+    policy, see :mod:`closedloop.agents.policy`) when given, which then drives every
+    agent valid at the current step except the SDC. Rewards default to the RL
+    fine-tuning paper's terms scaled by 0.1 (see :mod:`closedloop.envs.rewards`)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, scenarios: Sequence[Scenario] | None = None, dynamics: str | Dynamics = "bicycle",
-                 observation: ObservationConfig = ObservationConfig(), reward: RewardConfig = RewardConfig(),
-                 others: Callable | None = None, render_mode: str | None = None,
+                 observation: ObservationConfig = ObservationConfig(), reward: RewardConfig = RewardConfig(scale=0.1),
+                 others=None, render_mode: str | None = None,
                  terminate_on_collision: bool = True, terminate_on_offroad: bool = False,
                  vocabulary: torch.Tensor | None = None, device: str = "cpu"):
         if scenarios is None:
             from closedloop.data.synthetic import generate_scenarios
 
             scenarios = list(generate_scenarios(4, seed=0, town="cross"))
-        self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
-        self.others = others
-        self.episode = _Episode(scenarios, self.dynamics, "wosac" if others else "sdc", observation, reward, device)
+        self._setup(scenarios, dynamics, vocabulary, observation, reward, terminate_on_collision,
+                    terminate_on_offroad, others, device)
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
         self.action_space = action_space(self.dynamics)
         self.render_mode = render_mode
-        self.terminate_on = (terminate_on_collision, terminate_on_offroad)
 
-    def _sdc(self) -> int:
-        return int(torch.nonzero(self.episode.batch.is_sdc[0])[0])
+    def _observe_sdc(self) -> np.ndarray:
+        return self.core.observe(self._sdc_slot)[0, 0].cpu().numpy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self.episode.reset(seed if seed is not None else int(self.np_random.integers(2**31)))
-        sdc = self._sdc()
-        obs = self.episode.observer(self.episode.state)[0, sdc].cpu().numpy()
-        return obs, {"log_next": self.episode.log_next()[sdc]}
+        self._start(seed if seed is not None else int(self.np_random.integers(2**31)), "sdc")
+        self._sdc = int(torch.nonzero(self.core.state.batch.is_sdc[0])[0])
+        self._sdc_slot = torch.tensor([[self._sdc]], device=self.core.state.device)
+        return self._observe_sdc(), {"log_next": self._log_next()[self._sdc]}
 
     def step(self, action):
-        if self.episode.state.done:
+        if self.core is None:
+            raise SimulationError("call reset() before step()")
+        if self.core.done:
             raise SimulationError("step() after the episode ended: call reset()")
-        sdc = self._sdc()
-        actions = self.episode.hold()
-        if self.others is not None:
-            actions = self.others(self.episode.state, self.dynamics)
-        value = torch.as_tensor(np.asarray(action), dtype=actions.dtype, device=actions.device)
-        if tuple(value.shape) != tuple(actions.shape[2:]):
-            raise ValueError(f"action shape {list(value.shape)}, expected {list(actions.shape[2:])}")
-        actions[0, sdc] = value
-        events, rewards = self.episode.advance(actions)
-        obs = self.episode.observer(self.episode.state)[0, sdc].cpu().numpy()
-        terminated = bool(events["collision"][0, sdc] & self.terminate_on[0]) or bool(
-            events["offroad"][0, sdc] & self.terminate_on[1])
-        info = {"log_next": self.episode.log_next()[sdc], **{k: float(v[0, sdc]) for k, v in events.items()}}
-        return obs, float(rewards[0, sdc]), terminated, self.episode.state.done, info
-
-    def render(self):
-        if self.render_mode != "rgb_array":
-            return None
-        from closedloop.envs.render import render_state
-
-        return render_state(self.episode.state)
+        spec = self.dynamics.spec
+        actions = np.zeros((1, len(self.names), *spec.shape), np.int64 if spec.discrete else np.float32)
+        actions[0, self._sdc] = agent_action(self.names[self._sdc], action, self.dynamics)
+        transition = self.core.step(torch.from_numpy(actions))
+        sdc = self._sdc
+        info = {"log_next": self._log_next()[sdc], "clipped": bool(transition.clipped[0, sdc]),
+                **{k: float(v[0, sdc]) for k, v in transition.events.items()}}
+        terminated = bool(transition.terminated[0, sdc])
+        return (self._observe_sdc(), float(transition.rewards[0, sdc]), terminated, self.core.done, info)
 
 
 def ego_env(scenarios: Sequence[Scenario] | None = None, **kwargs) -> EgoEnv:
@@ -247,6 +280,7 @@ def ego_env(scenarios: Sequence[Scenario] | None = None, **kwargs) -> EgoEnv:
 
 
 def register() -> None:
+    """Register ``closedloop/Ego-v0`` with Gymnasium (done by ``import closedloop.envs``)."""
     if "closedloop/Ego-v0" not in gymnasium.registry:
         gymnasium.register(id="closedloop/Ego-v0", entry_point="closedloop.envs.faces:EgoEnv",
                            max_episode_steps=80)

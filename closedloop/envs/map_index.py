@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from closedloop.data.batch import ScenarioBatch
-from closedloop.data.scenario import ROAD_EDGE_CODES
+from closedloop.constants import is_road_edge
 
 BIG = 1e9
 DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
@@ -185,9 +185,7 @@ class RoadEdges:
     """
 
     def __init__(self, batch: ScenarioBatch, chunk: int = 8, chunks_per_agent: int = 8):
-        is_edge = torch.zeros_like(batch.road_mask)
-        for code in ROAD_EDGE_CODES:
-            is_edge |= batch.road_type == code
+        is_edge = is_road_edge(batch.road_type)
         seg_len = torch.linalg.norm(batch.road_dir[..., :2], dim=-1)
         valid = is_edge & batch.road_mask & (seg_len > 1e-6)
         # Pack the road-edge segments to the left, in roadgraph order: [B, E].

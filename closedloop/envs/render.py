@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from closedloop.constants import is_road_edge, light_is_red, light_is_yellow
 from closedloop.envs.core import SimState
 
 
@@ -27,13 +28,13 @@ def render_state(state: SimState, scenario: int = 0, size: int = 512, radius: fl
     ax.set_facecolor("#f4f4f0")
     road = b.road_xyz[scenario, b.road_mask[scenario], :2].cpu().numpy()
     codes = b.road_type[scenario, b.road_mask[scenario]].cpu().numpy()
-    edge = (codes >= 14) & (codes <= 16)
+    edge = is_road_edge(codes)
     ax.scatter(road[~edge, 0], road[~edge, 1], s=0.3, c="#9db4c0")
     ax.scatter(road[edge, 0], road[edge, 1], s=0.6, c="#222222")
     if bool(b.light_mask[scenario].any()):
         stops = b.light_stop_point[scenario, b.light_mask[scenario], :2].cpu().numpy()
         states = b.light_state[scenario, b.light_mask[scenario], t].cpu().numpy()
-        colors = np.where(np.isin(states, (1, 4, 7)), "#d62828", np.where(np.isin(states, (2, 5, 8)), "#f4a261", "#2a9d2a"))
+        colors = np.where(light_is_red(states), "#d62828", np.where(light_is_yellow(states), "#f4a261", "#2a9d2a"))
         ax.scatter(stops[:, 0], stops[:, 1], s=14, c=colors)
     corners = agent_corners(state)[scenario].cpu().numpy()
     valid = (state.valid[scenario, :, t] & b.agent_mask[scenario]).cpu().numpy()
@@ -63,7 +64,7 @@ def state_from_rollout(scenario, object_ids, trajectory, device: str = "cpu"):
     import torch
 
     from closedloop.data.batch import collate_scenarios
-    from closedloop.envs.core import reset
+    from closedloop.envs.core import History, reset
     from closedloop.metrics.wosac import check_rollouts
 
     ordered = check_rollouts(scenario, np.asarray(object_ids), np.asarray(trajectory)[None])[0]
@@ -72,12 +73,13 @@ def state_from_rollout(scenario, object_ids, trajectory, device: str = "cpu"):
     agents = torch.nonzero(state.controlled[0]).squeeze(-1)
     traj = torch.as_tensor(ordered, dtype=torch.float64, device=device)
     cur = batch.current_time_index
-    pose, z = state.pose.clone(), state.z.clone()
+    pose, z = state.history.pose.clone(), state.history.z.clone()
     origin = batch.origin[0].to(device)
     pose[0, agents, cur + 1:, 0:2] = (traj[..., :2] - origin).to(pose.dtype)
     pose[0, agents, cur + 1:, 2] = traj[..., 3].to(pose.dtype)
     z[0, agents, cur + 1:] = traj[..., 2].to(z.dtype)
-    return dataclasses.replace(state, pose=pose, z=z, t=state.num_steps - 1)
+    history = History(pose, z, state.history.valid, head=state.num_steps - 1)
+    return dataclasses.replace(state, history=history, t=state.num_steps - 1)
 
 
 def write_animation(frames: list[np.ndarray], path, fps: int = 10) -> None:

@@ -1,64 +1,84 @@
-"""Roll policies out in the batched core and write ``closedloop rollout`` files."""
+"""Roll policies out on the env core and write ``closedloop rollout`` files."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
-from closedloop.envs.core import SimState, global_trajectories, reset, step
+from closedloop.envs.core import SimState, global_trajectories, reset
 from closedloop.envs.dynamics import Dynamics
-from closedloop.envs.events import EventTracker
+from closedloop.envs.env import EnvConfig, EnvCore
 from closedloop.metrics.rollouts import save_rollouts
 from closedloop.paths import scenario_path
 
-Policy = Callable[[SimState, Dynamics], torch.Tensor]
+
+def _policy(policy):
+    from closedloop.agents.policy import as_policy
+
+    return as_policy(policy)
 
 
-def run_episode(state: SimState, policy: Policy, dynamics: Dynamics) -> SimState:
-    """Step ``policy`` until the end of the scenarios (step 90)."""
+def _check_chunks(state: SimState, dynamics: Dynamics) -> None:
     if (state.num_steps - 1 - state.t) % dynamics.chunk:
         raise ValueError(f"{dynamics.name} moves {dynamics.chunk} steps at a time, which does not "
                          f"divide the {state.num_steps - 1 - state.t} steps left")
-    while not state.done:
-        state = step(state, policy(state, dynamics), dynamics)
-    return state
 
 
-def count_events(state: SimState, policy: Policy, dynamics: Dynamics,
-                 agents: torch.Tensor | None = None) -> tuple[SimState, dict[str, int]]:
+def run_episode(state: SimState, policy, dynamics: Dynamics, generator: torch.Generator | None = None) -> SimState:
+    """Step ``policy`` (see :mod:`closedloop.agents.policy`) from ``state`` to the end of the
+    scenarios (step 90); returns the final state."""
+    _check_chunks(state, dynamics)
+    env = EnvCore(state, EnvConfig(dynamics), track_events=False)
+    policy = _policy(policy)
+    policy.reset(state, dynamics, generator)
+    while not env.done:
+        env.step(policy.act(env.state))
+    return env.state
+
+
+def count_events(state: SimState, policy, dynamics: Dynamics, agents: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[SimState, dict[str, int]]:
     """Step ``policy`` to the end, counting the steps at which ``agents`` ``[B, N]``
     (default: the controlled ones) collide, leave the road or run a red light."""
+    _check_chunks(state, dynamics)
     agents = state.controlled if agents is None else agents
-    tracker = EventTracker(state)
-    counts = {"collision": 0, "offroad": 0, "red_light": 0}
-    while not state.done:
-        nxt = step(state, policy(state, dynamics), dynamics)
-        events = tracker(state, nxt)
-        state = nxt
+    env = EnvCore(state, EnvConfig(dynamics))
+    policy = _policy(policy)
+    policy.reset(state, dynamics, generator)
+    counts = {key: torch.zeros((), dtype=torch.long, device=state.device) for key in ("collision", "offroad",
+                                                                                       "red_light")}
+    while not env.done:
+        events = env.step(policy.act(env.state)).events
         for key in counts:
-            counts[key] += int((events[key] & agents).sum())
-    return state, counts
+            counts[key] += (events[key] & agents).sum()
+    return env.state, {key: int(value) for key, value in counts.items()}
 
 
-def rollout_scenarios(scenarios: Iterable[Scenario], policy: Policy, dynamics: Dynamics,
+def rollout_scenarios(scenarios: Iterable[Scenario], policy, dynamics: Dynamics,
                       num_rollouts: int = 32, batch_size: int = 8, device: str = "cpu",
                       seed: int = 0) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(scenario_id, object_ids [A], trajectories [R, A, 80, 4])`` per scenario,
-    the WOSAC objects (valid at step 10) controlled by ``policy``, in track order."""
-    generator = torch.Generator().manual_seed(seed)
+    the WOSAC objects (valid at step 10) controlled by ``policy``, in track order.
+
+    Rollout ``r`` of each batch hands the policy a ``torch.Generator`` seeded from
+    ``seed``; the global torch RNG is seeded the same way for policies that ignore it."""
+    policy = _policy(policy)
+    seeds = torch.Generator().manual_seed(seed)
     pending: list[Scenario] = []
 
     def flush():
         batch = collate_scenarios(pending).to(device)
         runs = []
         for _ in range(num_rollouts):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            final = run_episode(reset(batch), policy, dynamics)
+            rollout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeds))
+            torch.manual_seed(rollout_seed)
+            generator = torch.Generator(device=device).manual_seed(rollout_seed)
+            final = run_episode(reset(batch), policy, dynamics, generator)
             cur = batch.current_time_index
             runs.append(global_trajectories(final, cur + 1, final.num_steps).cpu())
         traj = torch.stack(runs, dim=1)  # [B, R, N, 80, 4]

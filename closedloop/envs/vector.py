@@ -1,69 +1,162 @@
 """The batched tensor env trainers use: B scenarios stepped together, auto-reset.
 
 Where the PettingZoo and Gymnasium faces serve one scenario to people, this env serves
-tensors to training loops: observations ``[B, N, D]``, actions ``[B, N, ...]``, rewards
-and events ``[B, N]``, with ``N = max_agents`` fixed and masks for padding and for which
-agents are controlled. All B scenarios share the WOMD timeline (step 10 to 90), so they
-end together; the next ``step`` after the end draws B new scenarios from the source
-(a list, a Dataset, or any iterable of ``Scenario``, cycled) and returns their first
-observation, with ``info["reset"] = True``.
+tensors to training loops: observations ``[B, N, D]``, actions ``[B, N, ...]``, rewards,
+``terminated`` and ``truncated`` ``[B, N]``, with ``N = max_agents`` fixed and masks in
+``info`` for padding and for which agents are controlled.
+
+**Shapes.** ``terminated`` and ``truncated`` are per agent, ``[B, N]`` like the rewards:
+an agent can terminate (collision / off-road, when configured) while the others of its
+scenario go on, and one shape for all three lets a trainer write ``done = terminated |
+truncated`` and mask rewards without broadcasting. An agent's episode ends at the first
+step where either is set; afterwards it stands still and its rewards are 0.
+
+**Auto-reset.** All B scenarios share the WOMD timeline (step 10 to 90), so they end
+together: the step that reaches step 90 returns ``truncated`` for every agent still
+active. The *next* ``step`` ignores its actions, draws B new scenarios from the source
+and returns their first observation, zero rewards, all-false ``terminated`` and
+``truncated`` and ``info["reset"] = True`` (Gymnasium's "next-step" auto-reset).
+
+**Guidance.** ``info`` carries the ground truth that imitation and guidance methods need,
+so they never reach into the simulator: ``log_next`` ``[B, N, k, 5]`` (the logged states of
+the next ``k = dynamics.chunk`` steps, NaN where invalid), ``log_next_valid`` ``[B, N, k]``
+and ``expert_action`` ``[B, N, ...]`` (the Expert policy's action for this env's dynamics).
+
+**Sources.** A list or tuple, a map-style ``Dataset`` (``__len__`` and ``__getitem__``,
+e.g. ``CachedScenarioDataset``) or any re-iterable of ``Scenario`` (e.g.
+``WomdIterableDataset``), read again at every epoch. Sized sources are shuffled each
+epoch with the env's ``torch.Generator`` (``reset(seed=...)`` seeds it); iterables are
+read in order. One-shot iterators (generators) are refused: they cannot start a second
+epoch.
 """
 
 from __future__ import annotations
 
-from itertools import cycle
 from typing import Iterable, Iterator
 
 import torch
 
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
-from closedloop.envs.core import SimState, reset, step
+from closedloop.envs.core import Controlled, SimState
 from closedloop.envs.dynamics import Dynamics, make_dynamics
-from closedloop.envs.events import EventTracker
-from closedloop.envs.observation import ObservationConfig, Observer
+from closedloop.envs.env import EnvConfig, EnvCore
+from closedloop.envs.errors import SimulationError
+from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
 
 
-class BatchedEnv:
-    """See the module docstring."""
+class ScenarioSource:
+    """Draws scenarios epoch after epoch from a list, a Dataset or a re-iterable."""
 
-    def __init__(self, scenarios: Iterable[Scenario], batch_size: int = 8, max_agents: int = 128,
-                 dynamics: str | Dynamics = "delta_local", controlled="wosac",
+    def __init__(self, scenarios, shuffle: bool = True):
+        if isinstance(scenarios, Iterator):
+            raise TypeError("the scenario source is a one-shot iterator (a generator?), which cannot start a "
+                            "second epoch: pass a list, a Dataset or a re-iterable such as WomdIterableDataset")
+        sized = hasattr(scenarios, "__len__") and hasattr(scenarios, "__getitem__")
+        if not sized and not isinstance(scenarios, Iterable):
+            raise TypeError(f"the scenario source must be a list, a Dataset or an iterable, not {type(scenarios)}")
+        self.scenarios, self.sized, self.shuffle = scenarios, sized, shuffle
+        self.epoch = 0
+        self._current: Iterator[Scenario] | None = None
+
+    def _epoch(self, generator: torch.Generator) -> Iterator[Scenario]:
+        if self.sized:
+            n = len(self.scenarios)
+            order = torch.randperm(n, generator=generator).tolist() if self.shuffle else range(n)
+            return (self.scenarios[i] for i in order)
+        return iter(self.scenarios)
+
+    def restart(self) -> None:
+        """Begin a new epoch at the next draw."""
+        self._current = None
+
+    def draw(self, count: int, generator: torch.Generator) -> list[Scenario]:
+        drawn: list[Scenario] = []
+        fresh_epoch = False
+        while len(drawn) < count:
+            if self._current is None:
+                self._current, fresh_epoch = self._epoch(generator), True
+                self.epoch += 1
+            item = next(self._current, None)
+            if item is None:
+                if fresh_epoch:
+                    raise ValueError("the scenario source is empty")
+                self._current = None
+                continue
+            fresh_epoch = False
+            drawn.append(item)
+        return drawn
+
+
+class BatchedEnv:
+    """See the module docstring. ``controlled`` picks the agents the caller acts for
+    (``"wosac"``: every agent valid at step 10; ``"sdc"``; or a ``[B, N]`` mask);
+    ``others`` (a policy) drives the remaining valid agents, which otherwise follow the log."""
+
+    def __init__(self, scenarios, batch_size: int = 8, max_agents: int = 128,
+                 dynamics: str | Dynamics = "delta_local", controlled: Controlled = "wosac",
                  observation: ObservationConfig = ObservationConfig(), reward: RewardConfig = RewardConfig(),
-                 device: str = "cpu", vocabulary: torch.Tensor | None = None):
-        self.source: Iterator[Scenario] = cycle(scenarios) if isinstance(scenarios, (list, tuple)) else iter(scenarios)
+                 terminate_on_collision: bool = False, terminate_on_offroad: bool = False, others=None,
+                 guidance: bool = True, shuffle: bool = True, device: str = "cpu",
+                 vocabulary: torch.Tensor | None = None):
+        self.source = ScenarioSource(scenarios, shuffle=shuffle)
         self.batch_size, self.max_agents = batch_size, max_agents
         self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
-        self.controlled, self.observation, self.reward, self.device = controlled, observation, reward, device
-        self.state: SimState | None = None
+        self.config = EnvConfig(self.dynamics, observation, reward, terminate_on_collision, terminate_on_offroad)
+        self.observation, self.reward = observation, reward
+        self.controlled, self.others, self.with_guidance, self.device = controlled, others, guidance, device
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        self.core: EnvCore | None = None
 
-    def _load(self) -> SimState:
-        scenarios = [next(self.source) for _ in range(self.batch_size)]
+    @property
+    def unwrapped(self) -> "BatchedEnv":
+        return self
+
+    @property
+    def state(self) -> SimState:
+        """The simulator state of the current batch (after :meth:`reset`)."""
+        if self.core is None:
+            raise SimulationError("call reset() before using the env")
+        return self.core.state
+
+    def reset(self, seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Draw B scenarios and return their first observations ``[B, N, D]`` and info.
+        ``seed`` reseeds the env's generator (scenario order and the ``others`` policy's
+        sampling) and starts a new epoch."""
+        if seed is not None:
+            self.generator.manual_seed(seed)
+            self.source.restart()
+        scenarios = self.source.draw(self.batch_size, self.generator)
         batch = collate_scenarios(scenarios, max_agents=self.max_agents, pad_agents=True).to(self.device)
-        self.state = reset(batch, self.controlled)
-        self.observer = Observer(self.observation)
-        self.tracker = EventTracker(self.state)
-        return self.state
+        policy_generator = torch.Generator(device=self.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        exposed = self.controlled if self.others is not None else None
+        self.core = EnvCore(batch, self.config, controlled=self.controlled, exposed=exposed, others=self.others,
+                            generator=policy_generator)
+        info = {"reset": True, "scenario_id": batch.scenario_id, "t": self.core.state.t}
+        return self.core.observe(), self._info(info)
 
-    def reset(self) -> tuple[torch.Tensor, dict]:
-        state = self._load()
-        return self.observer(state), {"controlled": state.controlled, "scenario_id": state.batch.scenario_id,
-                                      "reset": True}
+    def _info(self, info: dict) -> dict:
+        core = self.core
+        info.update(controlled=core.exposed, active=core.active, agent_mask=core.state.batch.agent_mask)
+        if self.with_guidance:
+            guidance = core.guidance()
+            info.update(log_next=guidance.log_next, log_next_valid=guidance.log_next_valid,
+                        expert_action=guidance.expert_action)
+        return info
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """Returns observations, rewards ``[B, N]``, terminated ``[B, N]`` (events never
-        end an episode here: use the event tensors), truncated ``[B]`` and infos."""
-        if self.state is None:
-            raise RuntimeError("call reset() first")
-        if self.state.done:
+        """Observations ``[B, N, D]``, rewards, terminated, truncated ``[B, N]`` and info
+        (events ``[B, N]``, ``clipped`` ``[B, N]``, masks, guidance); see the module docstring."""
+        if self.core is None:
+            raise SimulationError("call reset() before step()")
+        if self.core.done:
             obs, info = self.reset()
-            zeros = torch.zeros_like(self.state.controlled, dtype=torch.float32)
-            return obs, zeros, torch.zeros_like(self.state.controlled), torch.zeros(self.batch_size, dtype=torch.bool), info
-        previous = self.state
-        self.state = step(previous, actions, self.dynamics)
-        events = self.tracker(previous, self.state)
-        rewards = self.reward(previous, self.state, events) * self.state.controlled
-        truncated = torch.full((self.batch_size,), self.state.done, dtype=torch.bool, device=rewards.device)
-        info = {**events, "controlled": self.state.controlled, "t": self.state.t, "reset": False}
-        return self.observer(self.state), rewards, torch.zeros_like(self.state.controlled), truncated, info
+            none = torch.zeros_like(self.core.exposed)
+            return obs, torch.zeros(none.shape, device=none.device), none, none.clone(), info
+        transition = self.core.step(actions)
+        info = {**transition.events, "clipped": transition.clipped, "reset": False,
+                "scenario_id": transition.state.batch.scenario_id, "t": transition.state.t}
+        return (self.core.observe(), transition.rewards, transition.terminated, transition.truncated,
+                self._info(info))

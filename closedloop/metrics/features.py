@@ -15,10 +15,10 @@ import math
 
 import torch
 
+from closedloop.constants import DT
 from closedloop.geometry import box_corners, rectangle_distance
 from closedloop.metrics.scene import PolylineTable, WosacBatch
 
-DT = 0.1
 BIG = 1e10
 CORNER_ROUNDING = 0.7
 MAX_HEADING_DIFF = math.radians(75.0)

@@ -1,0 +1,103 @@
+"""The policy protocol every sim agent implements: baselines, learned models, user code.
+
+A policy drives the controlled agents of B scenarios at once::
+
+    policy.reset(state, dynamics, generator)   # at the start of each episode
+    actions = policy.act(state)                # [B, N, *dynamics.spec.shape], every step
+
+``reset`` receives the episode's first state (so a policy can build per-scenario caches
+or hidden state), the dynamics its actions are for, and the ``torch.Generator`` it must
+draw any randomness from (so rollouts are reproducible from a seed and independent of
+the global RNG). ``act`` returns actions for every agent slot; the simulator reads only
+the controlled agents' entries. Subclass :class:`BasePolicy` to get ``reset``'s
+bookkeeping and ``__call__``; a plain function ``fn(state, dynamics) -> actions`` becomes a
+policy through :func:`as_policy`.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:  # imported for annotations only: the simulator imports this module
+    from closedloop.envs.core import SimState
+    from closedloop.envs.dynamics import Dynamics
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def reset(self, state: SimState, dynamics: Dynamics, generator: torch.Generator | None = None) -> None:
+        """Start an episode at ``state`` with actions for ``dynamics``."""
+        ...
+
+    def act(self, state: SimState) -> torch.Tensor:
+        """Actions ``[B, N, *dynamics.spec.shape]`` for the agents of ``state``."""
+        ...
+
+
+class BasePolicy(abc.ABC):
+    """Keeps ``dynamics`` and ``generator`` from :meth:`reset`; subclasses write :meth:`act`
+    (and extend :meth:`reset` for per-episode state)."""
+
+    dynamics: Dynamics
+    generator: torch.Generator
+
+    def reset(self, state: SimState, dynamics: Dynamics, generator: torch.Generator | None = None) -> None:
+        self.dynamics = dynamics
+        if generator is None:
+            generator = torch.Generator(device=state.device).manual_seed(0)
+        self.generator = generator
+
+    @abc.abstractmethod
+    def act(self, state: SimState) -> torch.Tensor:
+        """Actions ``[B, N, *dynamics.spec.shape]``."""
+
+    def __call__(self, state: SimState) -> torch.Tensor:
+        if not hasattr(self, "dynamics"):
+            raise RuntimeError(f"{type(self).__name__}: call reset(state, dynamics) before acting")
+        return self.act(state)
+
+
+class FunctionPolicy(BasePolicy):
+    """A plain function ``fn(state, dynamics) -> actions`` as a policy."""
+
+    def __init__(self, fn: Callable[[SimState, Dynamics], torch.Tensor]):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def act(self, state: SimState) -> torch.Tensor:
+        return self.fn(state, self.dynamics)
+
+
+def as_policy(obj: Any) -> Policy:
+    """A :class:`Policy` from a policy object, a policy class (built with no arguments) or
+    a function ``fn(state, dynamics) -> actions``."""
+    if inspect.isclass(obj):
+        obj = obj()
+    if isinstance(obj, Policy):
+        return obj
+    if callable(obj):
+        return FunctionPolicy(obj)
+    raise TypeError(f"{obj!r} is not a policy: expected an object with act(state) and reset(state, dynamics, "
+                    "generator), a class of such objects, or a function fn(state, dynamics) -> actions")
+
+
+def load_policy(spec: str) -> Policy:
+    """A baseline by name (``log``, ``expert``, ``constant_velocity``, ``idm``), or user code:
+    ``module:attr``, ``path/to/file.py:attr`` or an entry point of ``closedloop.policies``
+    (see :func:`closedloop.plugins.load_object`), made a policy by :func:`as_policy`."""
+    from closedloop.agents.baselines import POLICIES
+    from closedloop.plugins import PluginError, load_object
+
+    if spec in POLICIES:
+        return POLICIES[spec]()
+    try:
+        return as_policy(load_object(spec, group="closedloop.policies"))
+    except PluginError as err:
+        if ":" not in spec:
+            raise PluginError(f"unknown policy {spec!r}: use one of {', '.join(sorted(POLICIES))}, "
+                              "module:attr or path/to/file.py:attr") from None
+        raise err

@@ -1,0 +1,6 @@
+"""Env wrappers: the bases that ground-truth guidance (expert, CAT-K, RoaD), adapters and
+recorders build on, for the PettingZoo face and for the batched tensor env."""
+
+from closedloop.wrappers.base import BaseParallelWrapper, BatchedEnvWrapper
+
+__all__ = ["BaseParallelWrapper", "BatchedEnvWrapper"]
