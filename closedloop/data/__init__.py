@@ -1,7 +1,7 @@
 """Scenario records, WOMD TFRecord I/O without TensorFlow, batches, datasets and caches."""
 
 from closedloop.data.batch import ScenarioBatch, collate_scenarios, select_agents
-from closedloop.data.cache import ScenarioCache, prepare_cache
+from closedloop.data.cache import CacheError, ScenarioCache, prepare_cache
 from closedloop.data.dataset import CachedScenarioDataset, WomdIterableDataset
 from closedloop.data.scenario import Scenario
 from closedloop.data.tfrecord import TFRecordError, iter_records, write_records
@@ -15,7 +15,7 @@ from closedloop.data.womd import (
 )
 
 __all__ = [
-    "CachedScenarioDataset", "Scenario", "ScenarioBatch", "ScenarioCache", "ScenarioDecodeError",
+    "CacheError", "CachedScenarioDataset", "Scenario", "ScenarioBatch", "ScenarioCache", "ScenarioDecodeError",
     "SkipCounter", "TFRecordError", "WomdIterableDataset", "collate_scenarios", "iter_records",
     "prepare_cache", "read_scenarios", "scenario_from_proto", "scenario_to_proto",
     "select_agents", "write_records", "write_scenarios",
