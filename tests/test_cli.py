@@ -262,3 +262,24 @@ def test_render_cli_writes_a_gif(tmp_path, scenario_file):
     assert len(frames) == 81 and frames[0].shape[:2] == (96, 96)
     bad = run("render", "--data", scenario_file, "--rollouts", out, "--out", gif, "--rollout", 5, check=False)
     assert bad.returncode == 2 and "has 1 rollouts" in bad.stderr
+
+
+def test_readme_custom_policy_rolls_out_32_times_and_scores(tmp_path, scenario_file):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```python\n# my_policy.py", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_policy.py").write_text("# my_policy.py" + block)
+    out = tmp_path / "runs"
+    proc = run("rollout", "--data", scenario_file, "--policy", tmp_path / "my_policy.py:policy",
+               "--dynamics", "delta_local", "--num-rollouts", 32, "--out", out, "--quiet")
+    assert "wrote 1 rollout files (32 rollouts, policy" in proc.stdout
+    traj = np.load(out / "637f20cafde22ff8.npz")["trajectories"]
+    assert traj.shape[0] == 32 and not np.array_equal(traj[0], traj[1])  # sampled with the generator
+    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out,
+                                       "--json").stdout.splitlines()]
+    assert 0 < rows[-1]["metametric"] < 1 and rows[-1]["scenario_id"] == "ALL"
+    bad = run("rollout", "--data", scenario_file, "--policy", "warp", "--out", out, check=False)
+    assert bad.returncode == 2 and "unknown policy 'warp'" in bad.stderr
+    bad = run("rollout", "--data", scenario_file, "--policy", "nowhere.py:policy", "--out", out, check=False)
+    assert bad.returncode == 2 and "nowhere.py: no such file" in bad.stderr
