@@ -2,7 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test demo test bench
+# Outside CI, `make test` skips the tests marked slow; CI (CI=true) runs every test.
+PYTEST_MARK := $(if $(filter true,$(CI)),,-m "not slow")
+
+.PHONY: install install-test demo test lint bench
 
 install:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -14,7 +17,11 @@ demo: install
 	$(VENV)/bin/closedloop demo
 
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_MARK)
+
+lint: install-test
+	$(VENV)/bin/ruff check closedloop scripts tests
+	$(VENV)/bin/ruff format --check closedloop scripts tests
 
 bench: install
 	$(PY) scripts/bench_read.py

@@ -56,8 +56,9 @@ def workload_actions(state, dynamics, workload: str) -> list[torch.Tensor]:
 
 
 def core_rate(scenarios, B: int, N: int, steps: int, device: str, workload: str = "log") -> float:
-    batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(B)], max_agents=N,
-                              allow_drop_scored=True, pad_agents=True).to(device)
+    batch = collate_scenarios(
+        [scenarios[i % len(scenarios)] for i in range(B)], max_agents=N, allow_drop_scored=True, pad_agents=True
+    ).to(device)
     dynamics = make_dynamics("delta_local")
     state = reset(batch)
     actions = workload_actions(state, dynamics, workload)
@@ -136,10 +137,21 @@ def main() -> None:
         print(f"BatchedEnv ({devices[-1]}, observations + rewards + events), B={B}, N=128: {rate:,.0f} agent-steps/s")
     face, agents = max(face_rate(scenarios[0], args.steps) for _ in range(args.repeats))
     core_one = best_of(args.repeats, core_rate, scenarios[:1], 1, 128, args.steps, "cpu", "forward")
-    print(f"PettingZoo face, 1 scenario ({agents} controlled agents): {face:,.0f} agent-steps/s; "
-          f"core at B=1, N=128: {core_one:,.0f} -> face overhead {core_one / face:.1f}x per agent-step")
-    print(json.dumps({"rows": rows, "batched_env": env_rows, "pettingzoo_agent_steps_per_s": round(face), "pettingzoo_agents": agents,
-                      "core_b1_n128": round(core_one)}))
+    print(
+        f"PettingZoo face, 1 scenario ({agents} controlled agents): {face:,.0f} agent-steps/s; "
+        f"core at B=1, N=128: {core_one:,.0f} -> face overhead {core_one / face:.1f}x per agent-step"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "batched_env": env_rows,
+                "pettingzoo_agent_steps_per_s": round(face),
+                "pettingzoo_agents": agents,
+                "core_b1_n128": round(core_one),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def town():
 # -- the public API -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first_import", ["closedloop.envs", "closedloop.agents.policy",
-                                          "closedloop.agents.baselines", "closedloop.wrappers"])
+@pytest.mark.parametrize(
+    "first_import",
+    ["closedloop.envs", "closedloop.agents.policy", "closedloop.agents.baselines", "closedloop.wrappers"],
+)
 def test_public_api_in_a_fresh_interpreter(first_import):
     code = textwrap.dedent(f"""
         import {first_import}
@@ -196,7 +198,7 @@ def test_batched_env_seeding_and_bad_sources(town):
     orders = {tuple(a.reset(seed=s)[1]["scenario_id"]) for s in range(6)}
     assert len(orders) > 1  # the seed shuffles
     with pytest.raises(TypeError, match="one-shot iterator"):
-        BatchedEnv((s for s in town))
+        BatchedEnv(s for s in town)
     with pytest.raises(ValueError, match="the scenario source is empty"):
         BatchedEnv([], batch_size=2).reset()
     with pytest.raises(SimulationError, match="call reset\\(\\) before step\\(\\)"):
@@ -208,8 +210,9 @@ def test_batched_env_guidance_is_the_log_and_the_expert(town):
     obs, info = env.reset(seed=0)
     state = env.state
     b = state.batch
-    log = torch.cat([b.agent_xyz[:, :, 11:16, :2], b.agent_heading[:, :, 11:16, None],
-                     b.agent_velocity[:, :, 11:16]], -1)
+    log = torch.cat(
+        [b.agent_xyz[:, :, 11:16, :2], b.agent_heading[:, :, 11:16, None], b.agent_velocity[:, :, 11:16]], -1
+    )
     assert info["log_next"].shape == (2, 32, 5, 5)
     assert torch.equal(info["log_next_valid"], b.agent_valid[:, :, 11:16])
     ok = info["log_next_valid"]
@@ -226,8 +229,14 @@ def test_batched_env_guidance_is_the_log_and_the_expert(town):
 def test_batched_env_terminated_agents_stand_still_and_earn_nothing():
     # Two cars driving into each other head on; a third far away.
     cars = [{"xy": straight(0.0, 0.0, 5.0)}, {"xy": straight(20.0, 0.0, -5.0)}, {"xy": straight(0.0, 50.0, 5.0)}]
-    env = BatchedEnv([make_scenario(cars)], batch_size=1, max_agents=3, terminate_on_collision=True,
-                     dynamics="delta_local", guidance=False)
+    env = BatchedEnv(
+        [make_scenario(cars)],
+        batch_size=1,
+        max_agents=3,
+        terminate_on_collision=True,
+        dynamics="delta_local",
+        guidance=False,
+    )
     env.reset(seed=0)
     ahead = torch.zeros(1, 3, 3)
     ahead[..., 0] = 1.0  # 10 m/s straight on
@@ -290,8 +299,10 @@ def test_sampling_policies_get_a_generator_and_rollouts_reproduce(town):
             noise = torch.randn(*state.controlled.shape, 3, generator=self.generator) * 0.05
             return _ahead(state, 0.5) + noise
 
-    runs = [list(rollout_scenarios(town[:2], Jitter(), make_dynamics("delta_local"), num_rollouts=2, seed=s))
-            for s in (3, 3, 4)]
+    runs = [
+        list(rollout_scenarios(town[:2], Jitter(), make_dynamics("delta_local"), num_rollouts=2, seed=s))
+        for s in (3, 3, 4)
+    ]
     assert all(np.array_equal(a[2], b[2]) for a, b in zip(runs[0], runs[1]))
     assert not np.array_equal(runs[0][0][2][0], runs[0][0][2][1])  # rollouts differ from each other
     assert not np.array_equal(runs[0][0][2], runs[2][0][2])  # and with the seed
@@ -331,12 +342,15 @@ def test_nan_names_the_track_and_padding_is_ignored(town):
         step(state, actions, dynamics)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((1, 1, 3), complex), "complex"),
-    (np.full((1, 1, 3), "a"), "numeric array"),
-    (np.array([[[object(), 0, 0]]], dtype=object), "numeric array"),
-    (np.zeros((1, 1, 3), bool), "bool"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((1, 1, 3), complex), "complex"),
+        (np.full((1, 1, 3), "a"), "numeric array"),
+        (np.array([[[object(), 0, 0]]], dtype=object), "numeric array"),
+        (np.zeros((1, 1, 3), bool), "bool"),
+    ],
+)
 def test_wrong_action_types_are_refused(bad, match):
     scenario = make_scenario([{"xy": straight(0.0, 0.0, 5.0)}])
     state = reset(collate_scenarios([scenario]))
@@ -356,8 +370,12 @@ def test_the_face_refuses_what_the_core_refuses(town):
     env = parallel_env(town[:1], dynamics="state")
     env.reset(seed=0)
     good = {a: np.zeros(3, np.float32) for a in env.agents}
-    for bad, match in ((np.zeros(3, complex), "complex128"), (np.array(["x", "y", "z"]), "<U1"),
-                       (np.zeros(3, bool), "bool"), (np.array([None, 1, 2], dtype=object), "object")):
+    for bad, match in (
+        (np.zeros(3, complex), "complex128"),
+        (np.array(["x", "y", "z"]), "<U1"),
+        (np.zeros(3, bool), "bool"),
+        (np.array([None, 1, 2], dtype=object), "object"),
+    ):
         with pytest.raises(SimulationError, match=f"agent {first}: state takes real actions, not {match}"):
             env.step({**good, first: bad})
 
@@ -376,8 +394,10 @@ def test_observation_values_of_a_small_scene():
     # At step 10 car 0 is at (0, 10) heading +y at 10 m/s; car 1 at (3, 15) heading -x with
     # velocity (-3, 10); one lane along y through x = 2; a red light with its stop point at (0, 30).
     up = np.stack([np.zeros(91), np.arange(91) * 1.0], -1)  # 10 m/s along +y
-    cars = [{"xy": up, "heading": np.full(91, math.pi / 2), "size": (4.5, 2.0, 1.5)},
-            {"xy": [3.0, 15.0], "heading": np.full(91, math.pi), "size": (5.0, 2.5, 1.5)}]
+    cars = [
+        {"xy": up, "heading": np.full(91, math.pi / 2), "size": (4.5, 2.0, 1.5)},
+        {"xy": [3.0, 15.0], "heading": np.full(91, math.pi), "size": (5.0, 2.5, 1.5)},
+    ]
     lane = np.stack([np.full(201, 2.0), np.linspace(-50, 150, 201)], -1)
     from closedloop.constants import LIGHT_STOP
 
@@ -394,8 +414,9 @@ def test_observation_values_of_a_small_scene():
     assert torch.allclose(own, torch.tensor([10 / SPEED_SCALE, 10 / SPEED_SCALE, 0, 0.45, 0.4, 1, 0, 0]), atol=1e-6)
     # The other car, (3, 5) away in the world, is 5 m ahead of car 0 (facing +y) and 3 m to its
     # right; relative heading +pi/2; relative velocity (-3, 0) in the world is 3 m/s to the left.
-    expected = torch.tensor([5 / POSITION_SCALE, -3 / POSITION_SCALE, 0.0, 1.0, 0.0, 3 / SPEED_SCALE,
-                             5.0 / 10, 2.5 / 5, 1.0])
+    expected = torch.tensor(
+        [5 / POSITION_SCALE, -3 / POSITION_SCALE, 0.0, 1.0, 0.0, 3 / SPEED_SCALE, 5.0 / 10, 2.5 / 5, 1.0]
+    )
     assert torch.allclose(agents[0], expected, atol=1e-5) and not agents[1].any()  # one other agent only
     # The nearest lane point: x = 2 is 2 m to the right; the lane runs forward (+y).
     assert torch.allclose(road[0, :2], torch.tensor([0.0, -2.0]) / POSITION_SCALE, atol=1e-5)
@@ -413,13 +434,17 @@ def test_reward_values():
     state = reset(batch)
     actions = torch.tensor([[[0.5, 0.0, 0.0], [0.5, 0.0, 0.0], [0.5, 4.0, 0.0]]])  # car 2 goes 4 m off its log
     nxt = step(state, actions, dynamics)
-    events = {"collision": torch.tensor([[True, True, False]]), "offroad": torch.tensor([[False, False, True]]),
-              "red_light": torch.tensor([[False, True, False]]),
-              "distance_to_log": torch.tensor([[0.0, float("nan"), 4.0]])}
+    events = {
+        "collision": torch.tensor([[True, True, False]]),
+        "offroad": torch.tensor([[False, False, True]]),
+        "red_light": torch.tensor([[False, True, False]]),
+        "distance_to_log": torch.tensor([[0.0, float("nan"), 4.0]]),
+    }
     transition = Transition(state, nxt, dynamics, actions, torch.zeros(1, 3, dtype=torch.bool), events)
     travelled = torch.tensor([0.5, 0.5, math.hypot(0.5, 4.0)])
-    got = RewardConfig(distance_to_log=-1.0, collision=-2.0, offroad=-3.0, red_light=-5.0, progress=0.1,
-                       action=-0.5, scale=0.1)(transition)[0]
+    got = RewardConfig(
+        distance_to_log=-1.0, collision=-2.0, offroad=-3.0, red_light=-5.0, progress=0.1, action=-0.5, scale=0.1
+    )(transition)[0]
     action_size = (actions[0] / torch.tensor([6.0, 6.0, math.pi])).square().sum(-1)
     expected = 0.1 * (torch.tensor([-2.0, -2.0 - 5.0, -4.0 - 3.0]) + 0.1 * travelled - 0.5 * action_size)
     assert torch.allclose(got, expected, atol=1e-6)

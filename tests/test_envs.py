@@ -31,7 +31,10 @@ def test_inverse_recovers_the_action(name):
     low = torch.tensor(dynamics.spec.low, dtype=torch.float64)
     high = torch.tensor(dynamics.spec.high, dtype=torch.float64)
     if name in ("state", "trajectory"):
-        low, high = torch.tensor([-5.0, -5.0, -1.0], dtype=torch.float64), torch.tensor([5.0, 5.0, 1.0], dtype=torch.float64)
+        low, high = (
+            torch.tensor([-5.0, -5.0, -1.0], dtype=torch.float64),
+            torch.tensor([5.0, 5.0, 1.0], dtype=torch.float64),
+        )
     shape = (500, *dynamics.spec.shape)
     action = low + (high - low) * torch.rand(shape, generator=g, dtype=torch.float64)
     if name == "state":
@@ -100,7 +103,7 @@ def test_bad_input_is_a_clear_error(real_scenarios):
     track = int(batch.agent_id[0, 5])
     with pytest.raises(SimulationError, match=f"NaN/inf at step 10 for scenario 637f20cafde22ff8 track {track}"):
         step(state, action, dynamics)
-    with pytest.raises(SimulationError, match=r"shape \[1, %d, 3\]" % N):
+    with pytest.raises(SimulationError, match=rf"shape \[1, {N}, 3\]"):
         step(state, torch.zeros(B, N, 2), dynamics)
     final = run_episode(state, Expert(), dynamics)
     with pytest.raises(SimulationError, match="the episode ends at step 90"):

@@ -3,20 +3,17 @@ collisions, a brute-force search over every road edge for the neighbourhoods."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
-from shapely.geometry import Point, Polygon, box
 from shapely.affinity import rotate, translate
+from shapely.geometry import Point, Polygon, box
 
 from closedloop.data import collate_scenarios
 from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_GO, LIGHT_STOP
-from closedloop.envs import collisions, reset
+from closedloop.envs import collisions, map_index, reset
 from closedloop.envs.core import log_state
 from closedloop.envs.events import EventTracker, agent_corners
-from closedloop.envs import map_index
 from closedloop.envs.map_index import FAR, RoadEdges, _point_segment_sq
 from scenes import STEPS, make_scenario, straight
 
@@ -164,10 +161,14 @@ def test_red_left_arrow_beside_a_green_through_light():
     t = np.arange(STEPS) * 0.1
     s = -20.0 + 10.0 * t  # metres along each car's path, past the stop line from step 20
     arc = np.clip(s, 0, None) / 15
-    turning = np.where(s[:, None] < 0, np.stack([s, np.zeros_like(s)], -1),
-                       np.stack([15 * np.sin(arc), 15 - 15 * np.cos(arc)], -1))
+    turning = np.where(
+        s[:, None] < 0, np.stack([s, np.zeros_like(s)], -1), np.stack([15 * np.sin(arc), 15 - 15 * np.cos(arc)], -1)
+    )
     turning[s > 15 * np.pi / 2] = [15.0, 15.0]  # done turning: wait there
-    cars = [{"xy": straight(-20.0, 0.0, 10.0)}, {"xy": turning, "heading": np.where(s < 0, 0.0, np.minimum(arc, np.pi / 2))}]
+    cars = [
+        {"xy": straight(-20.0, 0.0, 10.0)},
+        {"xy": turning, "heading": np.where(s < 0, 0.0, np.minimum(arc, np.pi / 2))},
+    ]
     lights = [(0, np.full(STEPS, LIGHT_GO), (0.0, 0.0)), (1, np.full(STEPS, LIGHT_ARROW_STOP), (0.0, 0.0))]
     steps = _red_light_steps(make_scenario(cars, lanes=[through, left], lights=lights))
     assert list(steps) == [1] and len(steps[1]) == 1 and 21 <= steps[1][0] <= 35, steps

@@ -27,8 +27,9 @@ def _vocabulary():
 def test_parallel_api_for_every_dynamics(small_scenarios, dynamics):
     from pettingzoo.test import parallel_api_test
 
-    env = parallel_env(small_scenarios[:1], dynamics=dynamics,
-                       vocabulary=_vocabulary() if dynamics == "tokens" else None)
+    env = parallel_env(
+        small_scenarios[:1], dynamics=dynamics, vocabulary=_vocabulary() if dynamics == "tokens" else None
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parallel_api_test(env, num_cycles=20)
@@ -99,7 +100,6 @@ def test_ego_env_is_registered_and_renders(small_scenarios):
 
 
 def test_batched_env_steps_and_auto_resets(small_scenarios):
-    from closedloop.agents.baselines import Expert
     from closedloop.envs.vector import BatchedEnv
 
     env = BatchedEnv(small_scenarios, batch_size=2, max_agents=32, dynamics="delta_local")

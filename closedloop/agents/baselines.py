@@ -55,9 +55,16 @@ class IDM(BasePolicy):
     and for red stop lines ahead (a stopped virtual leader at the line).
     """
 
-    def __init__(self, max_accel: float = 2.0, comfortable_decel: float = 3.0, headway: float = 1.5,
-                 min_gap: float = 2.0, min_desired_speed: float = 8.0, lookahead: float = 8.0,
-                 max_yaw_rate: float = 0.8):
+    def __init__(
+        self,
+        max_accel: float = 2.0,
+        comfortable_decel: float = 3.0,
+        headway: float = 1.5,
+        min_gap: float = 2.0,
+        min_desired_speed: float = 8.0,
+        lookahead: float = 8.0,
+        max_yaw_rate: float = 0.8,
+    ):
         self.max_accel, self.decel, self.headway, self.min_gap = max_accel, comfortable_decel, headway, min_gap
         self.min_desired_speed, self.lookahead, self.max_yaw_rate = min_desired_speed, lookahead, max_yaw_rate
 
@@ -78,7 +85,8 @@ class IDM(BasePolicy):
         b, yaw = state.batch, state.current[..., 2]
         direction = b.road_dir[..., :2]
         aligned = (direction[:, None] * torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)[:, :, None]).sum(-1) > (
-            0.5 * torch.linalg.norm(direction, dim=-1)[:, None])
+            0.5 * torch.linalg.norm(direction, dim=-1)[:, None]
+        )
         return (b.road_mask & is_drivable_lane(b.road_type))[:, None] & aligned
 
     def act(self, state: SimState) -> torch.Tensor:
@@ -114,7 +122,9 @@ class IDM(BasePolicy):
         stop_gap = stop_gap.min(-1).values
 
         def interaction(g, dv):
-            s_star = self.min_gap + (speed * self.headway + speed * dv / (2 * (self.max_accel * self.decel) ** 0.5)).clamp_min(0)
+            s_star = self.min_gap + (
+                speed * self.headway + speed * dv / (2 * (self.max_accel * self.decel) ** 0.5)
+            ).clamp_min(0)
             return -self.max_accel * (s_star / g.clamp_min(0.1)) ** 2
 
         free = self.max_accel * (1 - (speed / self._desired.clamp_min(1e-3)) ** 4)

@@ -29,7 +29,7 @@ def _held_log(scenario: Scenario) -> np.ndarray:
     steps = np.where(valid, np.arange(valid.shape[1]), 0)
     last = np.maximum.accumulate(steps, axis=1)
     held = np.take_along_axis(pose, last[..., None], axis=1)
-    return held[:, cur + 1: cur + 1 + SIM_STEPS]
+    return held[:, cur + 1 : cur + 1 + SIM_STEPS]
 
 
 def log_replay(scenario: Scenario, num_rollouts: int = 32):
@@ -53,8 +53,13 @@ def constant_velocity(scenario: Scenario, num_rollouts: int = 32):
     return scenario.track_id[sim], np.repeat(future[None], num_rollouts, 0).astype(np.float32)
 
 
-def noisy_log(scenario: Scenario, num_rollouts: int = 32, seed: int = 0,
-              position_sigma: float = 0.05, heading_sigma: float = 0.005):
+def noisy_log(
+    scenario: Scenario,
+    num_rollouts: int = 32,
+    seed: int = 0,
+    position_sigma: float = 0.05,
+    heading_sigma: float = 0.005,
+):
     """The held log plus a per-rollout random walk in position and heading (seeded)."""
     rng = np.random.default_rng(seed)
     future = _held_log(scenario)

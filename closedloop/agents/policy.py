@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -81,8 +82,10 @@ def as_policy(obj: Any) -> Policy:
         return obj
     if callable(obj):
         return FunctionPolicy(obj)
-    raise TypeError(f"{obj!r} is not a policy: expected an object with act(state) and reset(state, dynamics, "
-                    "generator), a class of such objects, or a function fn(state, dynamics) -> actions")
+    raise TypeError(
+        f"{obj!r} is not a policy: expected an object with act(state) and reset(state, dynamics, "
+        "generator), a class of such objects, or a function fn(state, dynamics) -> actions"
+    )
 
 
 def load_policy(spec: str) -> Policy:
@@ -98,6 +101,8 @@ def load_policy(spec: str) -> Policy:
         return as_policy(load_object(spec, group="closedloop.policies"))
     except PluginError as err:
         if ":" not in spec:
-            raise PluginError(f"unknown policy {spec!r}: use one of {', '.join(sorted(POLICIES))}, "
-                              "module:attr or path/to/file.py:attr") from None
+            raise PluginError(
+                f"unknown policy {spec!r}: use one of {', '.join(sorted(POLICIES))}, "
+                "module:attr or path/to/file.py:attr"
+            ) from None
         raise err

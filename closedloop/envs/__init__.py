@@ -14,6 +14,25 @@ from closedloop.envs.vector import BatchedEnv
 
 register()
 
-__all__ = ["DYNAMICS", "BatchedEnv", "ClosedLoopParallelEnv", "EgoEnv", "EnvConfig", "EnvCore", "Guidance",
-           "ObservationConfig", "RewardConfig", "SimState", "SimulationError", "Transition", "check_actions",
-           "collisions", "distance_to_log", "ego_env", "make_dynamics", "parallel_env", "reset", "step"]
+__all__ = [
+    "DYNAMICS",
+    "BatchedEnv",
+    "ClosedLoopParallelEnv",
+    "EgoEnv",
+    "EnvConfig",
+    "EnvCore",
+    "Guidance",
+    "ObservationConfig",
+    "RewardConfig",
+    "SimState",
+    "SimulationError",
+    "Transition",
+    "check_actions",
+    "collisions",
+    "distance_to_log",
+    "ego_env",
+    "make_dynamics",
+    "parallel_env",
+    "reset",
+    "step",
+]

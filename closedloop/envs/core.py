@@ -106,18 +106,23 @@ class SimState:
     def log_states(self, start: int, stop: int) -> torch.Tensor:
         """Logged states ``[B, N, stop - start, 5]`` (ground truth, for guidance and experts)."""
         b = self.batch
-        return torch.cat([b.agent_xyz[:, :, start:stop, :2], b.agent_heading[:, :, start:stop, None],
-                          b.agent_velocity[:, :, start:stop]], dim=-1)
+        return torch.cat(
+            [
+                b.agent_xyz[:, :, start:stop, :2],
+                b.agent_heading[:, :, start:stop, None],
+                b.agent_velocity[:, :, start:stop],
+            ],
+            dim=-1,
+        )
 
-    def snapshot(self) -> "SimState":
+    def snapshot(self) -> SimState:
         """An independent copy holding steps ``0..t`` only (detached from autograd): for
         consumers that keep states and must not pin a rollout's whole buffers."""
         t, b = self.t, self.batch
         log_after = self.log_states(t + 1, self.num_steps)  # what the steps after t hold at reset
         pose = torch.cat([self.pose.detach(), log_after.to(self.history.pose.dtype)], dim=2)
-        z = torch.cat([self.z.detach(), b.agent_xyz[:, :, t + 1:, 2]], dim=2)
-        history = History(pose=pose, z=z, valid=self.history.valid, head=t,
-                          differentiable=self.history.differentiable)
+        z = torch.cat([self.z.detach(), b.agent_xyz[:, :, t + 1 :, 2]], dim=2)
+        history = History(pose=pose, z=z, valid=self.history.valid, head=t, differentiable=self.history.differentiable)
         return dataclasses.replace(self, history=history)
 
 
@@ -131,8 +136,9 @@ def controlled_mask(batch: ScenarioBatch, controlled: Controlled) -> torch.Tenso
             raise SimulationError(f"a controlled mask is a bool tensor of shape {list(valid_now.shape)}")
         bad = controlled.to(valid_now.device) & ~valid_now
         if bool(bad.any()):
-            raise SimulationError(f"controlled agents must be valid at step {cur}; not valid: "
-                                  f"{describe_agents(batch, bad)}")
+            raise SimulationError(
+                f"controlled agents must be valid at step {cur}; not valid: {describe_agents(batch, bad)}"
+            )
         return controlled.to(valid_now.device)
     if controlled in ("wosac", "all_valid"):
         return valid_now
@@ -172,8 +178,9 @@ def reset(batch: ScenarioBatch, controlled: Controlled = "wosac", differentiable
     valid = batch.agent_valid.clone()
     # Controlled agents stay valid from the current step on, whatever the log says.
     valid[:, :, cur:] |= mask[..., None]
-    history = History(pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid, head=cur,
-                      differentiable=differentiable)
+    history = History(
+        pose=pose, z=batch.agent_xyz[..., 2].clone(), valid=valid, head=cur, differentiable=differentiable
+    )
     return SimState(batch=batch, t=cur, controlled=mask, dims=box_dims(batch), history=history)
 
 
@@ -219,8 +226,7 @@ def step(state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dyna
     result of :func:`check_actions`); only the controlled agents' actions are used."""
     k = dynamics.chunk
     if state.t + k > state.num_steps - 1:
-        raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step "
-                              f"{k} from step {state.t}")
+        raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step {k} from step {state.t}")
     checked = actions if isinstance(actions, CheckedActions) else check_actions(state, actions, dynamics)
     nxt = dynamics.forward(state.current, checked.actions)  # [B, N, k, 5]
     ctrl = state.controlled
@@ -241,11 +247,11 @@ def step(state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dyna
     moved = torch.cat([moved[..., :2], wrap_angle(moved[..., 2:3]), moved[..., 3:]], dim=-1)
     # Controlled agents keep the logged ground height where the log has one, else hold.
     log_z = state.batch.agent_xyz[:, :, window, 2]
-    held = torch.where(state.batch.agent_valid[:, :, window], log_z, history.z[:, :, t:t + 1].expand(-1, -1, k))
+    held = torch.where(state.batch.agent_valid[:, :, window], log_z, history.z[:, :, t : t + 1].expand(-1, -1, k))
     new_z = torch.where(ctrl[..., None], held, log_z)
     if history.differentiable:
-        pose = torch.cat([history.pose[:, :, :t + 1], moved, history.pose[:, :, t + 1 + k:]], dim=2)
-        z = torch.cat([history.z[:, :, :t + 1], new_z, history.z[:, :, t + 1 + k:]], dim=2)
+        pose = torch.cat([history.pose[:, :, : t + 1], moved, history.pose[:, :, t + 1 + k :]], dim=2)
+        z = torch.cat([history.z[:, :, : t + 1], new_z, history.z[:, :, t + 1 + k :]], dim=2)
         history = History(pose, z, history.valid, t + k, differentiable=True)
     else:
         if history.head != t:  # an older state stepped again: branch on a copy
@@ -256,15 +262,17 @@ def step(state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dyna
     return dataclasses.replace(state, t=t + k, history=history)
 
 
-def _raise_bad_values(state: SimState, dynamics: Dynamics, bad_action: torch.Tensor,
-                      bad_state: torch.Tensor) -> None:
+def _raise_bad_values(state: SimState, dynamics: Dynamics, bad_action: torch.Tensor, bad_state: torch.Tensor) -> None:
     if bool(bad_action.any()):
-        what = (f"out of [0, {dynamics.spec.levels})" if dynamics.spec.discrete else "NaN/inf")
-        raise SimulationError(f"{dynamics.name} actions {what} at step {state.t} for "
-                              f"{describe_agents(state.batch, bad_action)}")
-    raise SimulationError(f"{dynamics.name} made non-finite states at step {state.t} for "
-                          f"{describe_agents(state.batch, bad_state)} (their current states: "
-                          f"{state.current[bad_state][:3].tolist()})")
+        what = f"out of [0, {dynamics.spec.levels})" if dynamics.spec.discrete else "NaN/inf"
+        raise SimulationError(
+            f"{dynamics.name} actions {what} at step {state.t} for {describe_agents(state.batch, bad_action)}"
+        )
+    raise SimulationError(
+        f"{dynamics.name} made non-finite states at step {state.t} for "
+        f"{describe_agents(state.batch, bad_state)} (their current states: "
+        f"{state.current[bad_state][:3].tolist()})"
+    )
 
 
 def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
@@ -310,5 +318,4 @@ def global_trajectories(state: SimState, start: int, stop: int) -> torch.Tensor:
         raise SimulationError(f"steps {start}..{stop - 1} are not in the state's history (steps 0..{state.t})")
     origin = state.batch.origin.to(state.pose.device)
     xy = state.pose[:, :, start:stop, :2].double() + origin[:, None, None, :]
-    return torch.cat([xy, state.z[:, :, start:stop, None].double(),
-                      state.pose[:, :, start:stop, 2:3].double()], dim=-1)
+    return torch.cat([xy, state.z[:, :, start:stop, None].double(), state.pose[:, :, start:stop, 2:3].double()], dim=-1)

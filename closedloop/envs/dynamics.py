@@ -93,11 +93,14 @@ class Dynamics(abc.ABC):
         are checked by :meth:`bound` and the simulator)."""
         expected = (*batch_shape, *self.spec.shape)
         if action.dtype in (torch.bool,) or action.dtype.is_complex:
-            raise SimulationError(f"{self.name} actions cannot be of dtype {action.dtype}; "
-                                  f"{'integer' if self.spec.discrete else 'real'} actions expected")
+            raise SimulationError(
+                f"{self.name} actions cannot be of dtype {action.dtype}; "
+                f"{'integer' if self.spec.discrete else 'real'} actions expected"
+            )
         if self.spec.discrete and action.dtype.is_floating_point:
-            raise SimulationError(f"{self.name} actions are integer indices in [0, {self.spec.levels}), "
-                                  f"not {action.dtype}")
+            raise SimulationError(
+                f"{self.name} actions are integer indices in [0, {self.spec.levels}), not {action.dtype}"
+            )
         if tuple(action.shape) != expected:
             raise SimulationError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
 
@@ -146,14 +149,16 @@ class DeltaGlobal(Dynamics):
     spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi), angular=(False, False, True))
 
     def forward(self, state, action):
-        pose = torch.stack([state[..., X] + action[..., 0], state[..., Y] + action[..., 1],
-                            state[..., YAW] + action[..., 2]], dim=-1)
+        pose = torch.stack(
+            [state[..., X] + action[..., 0], state[..., Y] + action[..., 1], state[..., YAW] + action[..., 2]], dim=-1
+        )
         return _chain_velocities(state, pose[..., None, :])
 
     def inverse(self, state, target):
         t = target[..., 0, :]
-        return torch.stack([t[..., X] - state[..., X], t[..., Y] - state[..., Y],
-                            wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1)
+        return torch.stack(
+            [t[..., X] - state[..., X], t[..., Y] - state[..., Y], wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1
+        )
 
 
 class DeltaLocal(Dynamics):
@@ -183,7 +188,7 @@ class Bicycle(Dynamics):
         kappa = action[..., 1].clamp(-self.max_curvature, self.max_curvature)
         yaw = state[..., YAW]
         speed = torch.hypot(state[..., VX], state[..., VY])
-        distance = (speed * DT + 0.5 * accel * DT * DT)
+        distance = speed * DT + 0.5 * accel * DT * DT
         x = state[..., X] + state[..., VX] * DT + 0.5 * accel * torch.cos(yaw) * DT * DT
         y = state[..., Y] + state[..., VY] * DT + 0.5 * accel * torch.sin(yaw) * DT * DT
         new_yaw = wrap_angle(yaw + kappa * distance)
@@ -198,18 +203,23 @@ class Bicycle(Dynamics):
         # The acceleration that lands on the target position along the heading (the
         # position update is x + v dt + a h dt^2 / 2), so longitudinal drift is corrected.
         yaw = state[..., YAW]
-        along = ((t[..., X] - state[..., X] - state[..., VX] * DT) * torch.cos(yaw)
-                 + (t[..., Y] - state[..., Y] - state[..., VY] * DT) * torch.sin(yaw))
+        along = (t[..., X] - state[..., X] - state[..., VX] * DT) * torch.cos(yaw) + (
+            t[..., Y] - state[..., Y] - state[..., VY] * DT
+        ) * torch.sin(yaw)
         accel = 2 * along / (DT * DT)
         # Logged headings are noisy at speed; the velocity direction is the better target.
         velocity_yaw = torch.atan2(t[..., VY], t[..., VX])
         target_yaw = torch.where(new_speed > self.min_speed_for_yaw, velocity_yaw, t[..., YAW])
         distance = speed * DT + 0.5 * accel * DT * DT
         turn = wrap_angle(target_yaw - state[..., YAW])
-        kappa = torch.where(distance.abs() > 1e-3, turn / torch.where(distance.abs() > 1e-3, distance, torch.ones_like(distance)),
-                            torch.zeros_like(turn))
-        return torch.stack([accel.clamp(-self.max_accel, self.max_accel),
-                            kappa.clamp(-self.max_curvature, self.max_curvature)], dim=-1)
+        kappa = torch.where(
+            distance.abs() > 1e-3,
+            turn / torch.where(distance.abs() > 1e-3, distance, torch.ones_like(distance)),
+            torch.zeros_like(turn),
+        )
+        return torch.stack(
+            [accel.clamp(-self.max_accel, self.max_accel), kappa.clamp(-self.max_curvature, self.max_curvature)], dim=-1
+        )
 
 
 class StateDynamics(Dynamics):
@@ -232,18 +242,21 @@ class Trajectory(Dynamics):
 
     def __init__(self, chunk: int = 5):
         self.chunk = chunk
-        self.spec = ActionSpec((chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi),
-                               angular=(False, False, True))
+        self.spec = ActionSpec(
+            (chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi), angular=(False, False, True)
+        )
 
     def forward(self, state, action):
         dx, dy = _rotate(action[..., 0], action[..., 1], state[..., None, YAW])
-        poses = torch.stack([state[..., None, X] + dx, state[..., None, Y] + dy,
-                             state[..., None, YAW] + action[..., 2]], dim=-1)
+        poses = torch.stack(
+            [state[..., None, X] + dx, state[..., None, Y] + dy, state[..., None, YAW] + action[..., 2]], dim=-1
+        )
         return _chain_velocities(state, poses)
 
     def inverse(self, state, target):
-        dx, dy = _rotate(target[..., X] - state[..., None, X], target[..., Y] - state[..., None, Y],
-                         -state[..., None, YAW])
+        dx, dy = _rotate(
+            target[..., X] - state[..., None, X], target[..., Y] - state[..., None, Y], -state[..., None, YAW]
+        )
         return torch.stack([dx, dy, wrap_angle(target[..., YAW] - state[..., None, YAW])], dim=-1)
 
 
@@ -257,11 +270,16 @@ class Tokens(Dynamics):
             raise ValueError(f"a token vocabulary is [V, k, 3] with V >= 1, got {list(vocabulary.shape)}")
         if not vocabulary.dtype.is_floating_point or not bool(torch.isfinite(vocabulary).all()):
             bad = torch.nonzero(~torch.isfinite(vocabulary).flatten(1).all(-1)).flatten()[:5].tolist()
-            raise ValueError(f"a token vocabulary holds finite floats; tokens {bad} are NaN/inf"
-                             if bad else f"a token vocabulary holds floats, not {vocabulary.dtype}")
+            raise ValueError(
+                f"a token vocabulary holds finite floats; tokens {bad} are NaN/inf"
+                if bad
+                else f"a token vocabulary holds floats, not {vocabulary.dtype}"
+            )
         if float(vocabulary[..., :2].abs().max()) > 50.0:
-            raise ValueError("a token vocabulary's chunks move at most 50 m (the trajectory bounds); "
-                             f"this one reaches {float(vocabulary[..., :2].abs().max()):.1f} m")
+            raise ValueError(
+                "a token vocabulary's chunks move at most 50 m (the trajectory bounds); "
+                f"this one reaches {float(vocabulary[..., :2].abs().max()):.1f} m"
+            )
         self.vocabulary = vocabulary
         self.chunk = vocabulary.shape[1]
         self.spec = ActionSpec((), n=vocabulary.shape[0])
@@ -290,7 +308,9 @@ class Normalized(Dynamics):
         self.inner, self.name, self.chunk = inner, f"{inner.name}[-1,1]", inner.chunk
         self.low = torch.tensor(inner.spec.low)
         self.high = torch.tensor(inner.spec.high)
-        self.spec = ActionSpec(inner.spec.shape, tuple([-1.0] * len(inner.spec.low)), tuple([1.0] * len(inner.spec.low)))
+        self.spec = ActionSpec(
+            inner.spec.shape, tuple([-1.0] * len(inner.spec.low)), tuple([1.0] * len(inner.spec.low))
+        )
 
     def _bounds(self, like: torch.Tensor):
         return self.low.to(like.device, like.dtype), self.high.to(like.device, like.dtype)
@@ -329,8 +349,9 @@ class Discretized(Dynamics):
         return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
 
 
-def make_dynamics(name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5,
-                  normalize: bool = False, bins: int | None = None) -> Dynamics:
+def make_dynamics(
+    name: str, vocabulary: torch.Tensor | None = None, chunk: int = 5, normalize: bool = False, bins: int | None = None
+) -> Dynamics:
     """A dynamics model by name; continuous ones optionally take actions in [-1, 1]
     (``normalize``) or as ``bins`` integer levels per dimension."""
     model = _make(name, vocabulary, chunk)
@@ -348,8 +369,7 @@ def _make(name: str, vocabulary: torch.Tensor | None, chunk: int) -> Dynamics:
         return Trajectory(chunk)
     models = {"delta_global": DeltaGlobal, "delta_local": DeltaLocal, "bicycle": Bicycle, "state": StateDynamics}
     if name not in models:
-        raise ValueError(f"unknown dynamics {name!r}; choose one of "
-                         f"{', '.join([*models, 'trajectory', 'tokens'])}")
+        raise ValueError(f"unknown dynamics {name!r}; choose one of {', '.join([*models, 'trajectory', 'tokens'])}")
     return models[name]()
 
 

@@ -72,9 +72,17 @@ class EnvCore:
     ``start``: a batch (reset here) or a state to go on from. ``track_events=False`` skips
     events and rewards (plain rollouts that only want trajectories)."""
 
-    def __init__(self, start: ScenarioBatch | SimState, config: EnvConfig, controlled: Controlled = "wosac",
-                 exposed: Controlled | None = None, others=None, generator: torch.Generator | None = None,
-                 differentiable: bool = False, track_events: bool = True):
+    def __init__(
+        self,
+        start: ScenarioBatch | SimState,
+        config: EnvConfig,
+        controlled: Controlled = "wosac",
+        exposed: Controlled | None = None,
+        others=None,
+        generator: torch.Generator | None = None,
+        differentiable: bool = False,
+        track_events: bool = True,
+    ):
         self.config, self.dynamics = config, config.dynamics
         if isinstance(start, SimState):
             self.state = start
@@ -159,8 +167,9 @@ class EnvCore:
         truncated = active & ~terminated if state.done else torch.zeros_like(active)
         self.active = active & ~terminated & ~truncated
         self._any_finished |= cfg.terminate_on_collision or cfg.terminate_on_offroad
-        return Transition(previous, state, self.dynamics, checked.actions, checked.clipped, events, rewards,
-                          terminated, truncated)
+        return Transition(
+            previous, state, self.dynamics, checked.actions, checked.clipped, events, rewards, terminated, truncated
+        )
 
     def _compose(self, actions) -> torch.Tensor:
         """The caller's actions for the active exposed agents, the sim-agent policy's for
@@ -170,8 +179,10 @@ class EnvCore:
         if self.others is not None:
             theirs = torch.as_tensor(self.others.act(state), device=state.device)
             if theirs.shape != actions.shape:
-                raise SimulationError(f"the sim-agent policy returned actions of shape {list(theirs.shape)}, "
-                                      f"the caller {list(actions.shape)}")
+                raise SimulationError(
+                    f"the sim-agent policy returned actions of shape {list(theirs.shape)}, "
+                    f"the caller {list(actions.shape)}"
+                )
             actions = _where_agents(self.exposed, actions, theirs.to(actions.dtype))
         if self._any_finished:
             actions = _where_agents(self.exposed & ~self.active, self.hold().to(actions.dtype), actions)

@@ -49,14 +49,17 @@ class StopLines:
         self.axes = axes.transpose(1, 2).contiguous()
         self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
         L = self.valid.shape[1]
-        pair = self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
+        pair = (
+            self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
+        )
         self.siblings = pair & (torch.cdist(self.point, self.point) < SIBLING_RADIUS)  # [B, L, L]
         # Each light's lane as points [B, L, M, 2], padding far away.
         P = same_lane.shape[-1]
         order = torch.where(same_lane, torch.arange(P, device=same_lane.device), P).sort(-1).values
-        order = order[..., :max(int(same_lane.sum(-1).max()), 1)]
-        points = torch.gather(b.road_xyz[:, None, :, :2].expand(-1, L, -1, -1), 2,
-                              order.clamp_max(P - 1)[..., None].expand(-1, -1, -1, 2))
+        order = order[..., : max(int(same_lane.sum(-1).max()), 1)]
+        points = torch.gather(
+            b.road_xyz[:, None, :, :2].expand(-1, L, -1, -1), 2, order.clamp_max(P - 1)[..., None].expand(-1, -1, -1, 2)
+        )
         self.lane_points = points.masked_fill((order >= P)[..., None], FAR)
 
     def red(self, t: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ simulated world trajectories in the ``closedloop rollout`` layout.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import gymnasium
 import numpy as np
@@ -43,8 +43,10 @@ def action_space(dynamics: Dynamics) -> gymnasium.Space:
 def _face_controlled(controlled) -> str:
     if isinstance(controlled, str) and controlled in ("wosac", "all_valid", "sdc"):
         return controlled
-    raise SimulationError(f"the faces take controlled='wosac' or 'sdc', not {controlled!r} (a mask tensor "
-                          "only makes sense for one batch: use BatchedEnv or EnvCore)")
+    raise SimulationError(
+        f"the faces take controlled='wosac' or 'sdc', not {controlled!r} (a mask tensor "
+        "only makes sense for one batch: use BatchedEnv or EnvCore)"
+    )
 
 
 def _exposed_ids(scenario: Scenario, controlled: str) -> np.ndarray:
@@ -76,8 +78,18 @@ class _Face:
     """What both faces share: the scenario draw, the env core of the current episode,
     track-id names, trajectories and rendering."""
 
-    def _setup(self, scenarios: Sequence[Scenario], dynamics: str | Dynamics, vocabulary, observation, reward,
-               terminate_on_collision: bool, terminate_on_offroad: bool, others, device: str):
+    def _setup(
+        self,
+        scenarios: Sequence[Scenario],
+        dynamics: str | Dynamics,
+        vocabulary,
+        observation,
+        reward,
+        terminate_on_collision: bool,
+        terminate_on_offroad: bool,
+        others,
+        device: str,
+    ):
         self.scenarios = list(scenarios)
         if not self.scenarios:
             raise ValueError("the environment needs at least one scenario")
@@ -94,8 +106,9 @@ class _Face:
         scenario = self.scenarios[int(self._rng.integers(len(self.scenarios)))]
         batch = collate_scenarios([scenario]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(2**62)))
-        self.core = EnvCore(batch, self.config, controlled=exposed, exposed=exposed, others=self.others,
-                            generator=generator)
+        self.core = EnvCore(
+            batch, self.config, controlled=exposed, exposed=exposed, others=self.others, generator=generator
+        )
         self.scenario_id = scenario.scenario_id
         self.names = [str(int(i)) for i in batch.agent_id[0].tolist()]
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -144,13 +157,31 @@ class ClosedLoopParallelEnv(_Face, ParallelEnv):
 
     metadata = {"name": "closedloop_parallel_v0", "render_modes": ["rgb_array"], "is_parallelizable": True}
 
-    def __init__(self, scenarios: Sequence[Scenario], dynamics: str | Dynamics = "delta_local",
-                 controlled: str = "wosac", observation: ObservationConfig = ObservationConfig(),
-                 reward: RewardConfig = RewardConfig(), render_mode: str | None = None,
-                 terminate_on_collision: bool = False, terminate_on_offroad: bool = False,
-                 others=None, vocabulary: torch.Tensor | None = None, device: str = "cpu"):
-        self._setup(scenarios, dynamics, vocabulary, observation, reward, terminate_on_collision,
-                    terminate_on_offroad, others, device)
+    def __init__(
+        self,
+        scenarios: Sequence[Scenario],
+        dynamics: str | Dynamics = "delta_local",
+        controlled: str = "wosac",
+        observation: ObservationConfig = ObservationConfig(),
+        reward: RewardConfig = RewardConfig(),
+        render_mode: str | None = None,
+        terminate_on_collision: bool = False,
+        terminate_on_offroad: bool = False,
+        others=None,
+        vocabulary: torch.Tensor | None = None,
+        device: str = "cpu",
+    ):
+        self._setup(
+            scenarios,
+            dynamics,
+            vocabulary,
+            observation,
+            reward,
+            terminate_on_collision,
+            terminate_on_offroad,
+            others,
+            device,
+        )
         self._exposed = _face_controlled(controlled)
         self.render_mode = render_mode
         self._observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
@@ -188,9 +219,11 @@ class ClosedLoopParallelEnv(_Face, ParallelEnv):
         unknown = set(actions) - set(self.agents)
         if unknown:
             finished = sorted(unknown & set(self.possible_agents))
-            raise KeyError(f"scenario {self.scenario_id}: unknown or finished agents {sorted(unknown)[:5]}"
-                           + (f" ({len(finished)} of them finished)" if finished else "")
-                           + f"; live agents are {self.agents[:5]}...")
+            raise KeyError(
+                f"scenario {self.scenario_id}: unknown or finished agents {sorted(unknown)[:5]}"
+                + (f" ({len(finished)} of them finished)" if finished else "")
+                + f"; live agents are {self.agents[:5]}..."
+            )
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"scenario {self.scenario_id}: no action for agents {sorted(missing)[:5]}")
@@ -233,17 +266,34 @@ class EgoEnv(_Face, gymnasium.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, scenarios: Sequence[Scenario] | None = None, dynamics: str | Dynamics = "bicycle",
-                 observation: ObservationConfig = ObservationConfig(), reward: RewardConfig = RewardConfig(scale=0.1),
-                 others=None, render_mode: str | None = None,
-                 terminate_on_collision: bool = True, terminate_on_offroad: bool = False,
-                 vocabulary: torch.Tensor | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        scenarios: Sequence[Scenario] | None = None,
+        dynamics: str | Dynamics = "bicycle",
+        observation: ObservationConfig = ObservationConfig(),
+        reward: RewardConfig = RewardConfig(scale=0.1),
+        others=None,
+        render_mode: str | None = None,
+        terminate_on_collision: bool = True,
+        terminate_on_offroad: bool = False,
+        vocabulary: torch.Tensor | None = None,
+        device: str = "cpu",
+    ):
         if scenarios is None:
             from closedloop.data.synthetic import generate_scenarios
 
             scenarios = list(generate_scenarios(4, seed=0, town="cross"))
-        self._setup(scenarios, dynamics, vocabulary, observation, reward, terminate_on_collision,
-                    terminate_on_offroad, others, device)
+        self._setup(
+            scenarios,
+            dynamics,
+            vocabulary,
+            observation,
+            reward,
+            terminate_on_collision,
+            terminate_on_offroad,
+            others,
+            device,
+        )
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (observation.size,), np.float32)
         self.action_space = action_space(self.dynamics)
         self.render_mode = render_mode
@@ -268,8 +318,11 @@ class EgoEnv(_Face, gymnasium.Env):
         actions[0, self._sdc] = agent_action(self.names[self._sdc], action, self.dynamics)
         transition = self.core.step(torch.from_numpy(actions))
         sdc = self._sdc
-        info = {"log_next": self._log_next()[sdc], "clipped": bool(transition.clipped[0, sdc]),
-                **{k: float(v[0, sdc]) for k, v in transition.events.items()}}
+        info = {
+            "log_next": self._log_next()[sdc],
+            "clipped": bool(transition.clipped[0, sdc]),
+            **{k: float(v[0, sdc]) for k, v in transition.events.items()},
+        }
         terminated = bool(transition.terminated[0, sdc])
         return (self._observe_sdc(), float(transition.rewards[0, sdc]), terminated, self.core.done, info)
 
@@ -282,5 +335,4 @@ def ego_env(scenarios: Sequence[Scenario] | None = None, **kwargs) -> EgoEnv:
 def register() -> None:
     """Register ``closedloop/Ego-v0`` with Gymnasium (done by ``import closedloop.envs``)."""
     if "closedloop/Ego-v0" not in gymnasium.registry:
-        gymnasium.register(id="closedloop/Ego-v0", entry_point="closedloop.envs.faces:EgoEnv",
-                           max_episode_steps=80)
+        gymnasium.register(id="closedloop/Ego-v0", entry_point="closedloop.envs.faces:EgoEnv", max_episode_steps=80)

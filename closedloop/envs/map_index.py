@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from closedloop.data.batch import ScenarioBatch
 from closedloop.constants import is_road_edge
+from closedloop.data.batch import ScenarioBatch
 
 BIG = 1e9
 DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
@@ -71,8 +71,14 @@ class NearestPoints:
     are searched again, alone.
     """
 
-    def __init__(self, points: torch.Tensor, valid: torch.Tensor, keep: int = 256, chunk: int = 8,
-                 polyline_id: torch.Tensor | None = None):
+    def __init__(
+        self,
+        points: torch.Tensor,
+        valid: torch.Tensor,
+        keep: int = 256,
+        chunk: int = 8,
+        polyline_id: torch.Tensor | None = None,
+    ):
         B, P, _ = points.shape
         self.points = points.float()
         new_run = torch.zeros_like(valid)
@@ -102,7 +108,7 @@ class NearestPoints:
         k = min(self.chunks_per_agent * widen, C)
         per_block = max(1, SEARCH_BLOCK // (C * widen))
         for start in range(0, len(rows), per_block):
-            r, p = rows[start:start + per_block], positions[start:start + per_block]
+            r, p = rows[start : start + per_block], positions[start : start + per_block]
             lower = torch.linalg.norm(self.centre[r] - p[:, None], dim=-1) - self.radius[r]  # [m, C]
             lower = lower.masked_fill(~self.chunk_valid[r], BIG)
             ranked = lower.topk(min(k + 1, C), dim=-1, largest=False)
@@ -131,8 +137,9 @@ class NearestPoints:
             self.searched += len(rows)
         return index, kept, left_out
 
-    def __call__(self, positions: torch.Tensor, k: int, active: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, positions: torch.Tensor, k: int, active: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and distances ``[B, N, k]`` of the ``k`` nearest points to each of
         ``positions`` ``[B, N, 2]``, nearest first (distance >= FAR / 2 where a scenario
         has fewer than k points). Agents outside ``active`` ``[B, N]`` (padding, say) are
@@ -198,7 +205,7 @@ class RoadEdges:
         order = order.clamp_max(P - 1)
         start = torch.gather(batch.road_xyz[..., :2], 1, order[..., None].expand(-1, -1, 2))
         direction = torch.gather(batch.road_dir[..., :2], 1, order[..., None].expand(-1, -1, 2))
-        inv_len2 = 1.0 / (direction ** 2).sum(-1, keepdim=True).clamp_min(1e-12)
+        inv_len2 = 1.0 / (direction**2).sum(-1, keepdim=True).clamp_min(1e-12)
         segment = torch.cat([start, direction, inv_len2, seg_valid[..., None].float()], -1)  # [B, E, 6]
         road_id = torch.gather(batch.road_id, 1, order)
         pos = torch.arange(E, device=order.device).expand(order.shape)
@@ -234,8 +241,18 @@ class RoadEdges:
         def turns_left(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return (a[..., GX] * b[..., GY] - a[..., GY] * b[..., GX] > 0).float()[..., None]
 
-        return torch.cat([segment, prior[..., :4], has_prior[..., None].float(), turns_left(prior, segment),
-                          nxt[..., :4], has_next[..., None].float(), turns_left(segment, nxt)], -1).contiguous()
+        return torch.cat(
+            [
+                segment,
+                prior[..., :4],
+                has_prior[..., None].float(),
+                turns_left(prior, segment),
+                nxt[..., :4],
+                has_next[..., None].float(),
+                turns_left(segment, nxt),
+            ],
+            -1,
+        ).contiguous()
 
     def _build_chunks(self, new_run: torch.Tensor, chunk: int) -> None:
         """Chunk table ``[B, C, chunk]`` of segment rows (-1: none), centres and radii."""
@@ -243,7 +260,9 @@ class RoadEdges:
         has = self.chunk_table >= 0
         self.chunk_valid = has.any(-1)
         seg = _take(self.features, self.chunk_table.clamp_min(0))  # [B, C, chunk, F]
-        ends = torch.cat([seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2)  # both ends: [B, C, 2 chunk, 2]
+        ends = torch.cat(
+            [seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2
+        )  # both ends: [B, C, 2 chunk, 2]
         self.chunk_centre, self.chunk_radius = bounding_circles(ends, torch.cat([has, has], -1))
 
     def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
@@ -262,8 +281,11 @@ class RoadEdges:
         distance = torch.hypot(dx[..., 0] - gx * tc, dy[..., 0] - gy * tc)
         at_start = torch.where(f[..., 1, LEFT_AT_START - PRIOR] > 0, own | before, own & before)
         at_end = torch.where(f[..., 2, LEFT_AT_END - NEXT] > 0, own | after, own & after)
-        off_road = torch.where((t < 0) & (f[..., 1, HAS_PRIOR - PRIOR] > 0), at_start,
-                               torch.where((t > 1) & (f[..., 2, HAS_NEXT - NEXT] > 0), at_end, own))
+        off_road = torch.where(
+            (t < 0) & (f[..., 1, HAS_PRIOR - PRIOR] > 0),
+            at_start,
+            torch.where((t > 1) & (f[..., 2, HAS_NEXT - NEXT] > 0), at_end, own),
+        )
         return torch.where(off_road, distance, -distance)
 
     def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
@@ -275,7 +297,7 @@ class RoadEdges:
         ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
         left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
         index = self.chunk_table[rows[:, None], ranked.indices[:, :k]].flatten(1)  # [M, K], -1: none
-        columns = self.features[rows[:, None], index.clamp_min(0), :INV_LEN2 + 1]  # [M, K, 5]
+        columns = self.features[rows[:, None], index.clamp_min(0), : INV_LEN2 + 1]  # [M, K, 5]
         # Empty slots become a point segment far away, so no mask is needed per step.
         columns = torch.where((index >= 0)[..., None], columns, columns.new_tensor([FAR, FAR, 0.0, 0.0, 0.0]))
         return columns.transpose(1, 2).contiguous(), index.clamp_min(0), left_out
@@ -303,7 +325,9 @@ class RoadEdges:
         self.anchor[b, n] = positions[b, n]
         self.refreshed += int(b.numel())
 
-    def _centre_distance(self, rows: torch.Tensor, centre: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def _centre_distance(
+        self, rows: torch.Tensor, centre: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Signed distance ``[M]`` from box centres ``[M, 2]`` of agents ``slots`` (flat
         ``b * N + n``; all when None) in scenarios ``rows`` to their nearest candidate
         (BIG for none)."""
@@ -361,12 +385,14 @@ class RoadEdges:
         else:
             b, n = torch.nonzero(near, as_tuple=True)
             if b.numel():
-                signed[b, n] = self._corner_distance(b[:, None], self.candidates[b, n], self.candidate_index[b, n],
-                                                     corners[b, n])
+                signed[b, n] = self._corner_distance(
+                    b[:, None], self.candidates[b, n], self.candidate_index[b, n], corners[b, n]
+                )
         return signed.masked_fill(distance >= BIG, -BIG)
 
-    def _corner_distance(self, rows: torch.Tensor, candidates: torch.Tensor, candidate_index: torch.Tensor,
-                         corners: torch.Tensor) -> torch.Tensor:
+    def _corner_distance(
+        self, rows: torch.Tensor, candidates: torch.Tensor, candidate_index: torch.Tensor, corners: torch.Tensor
+    ) -> torch.Tensor:
         """Exact largest signed corner distance ``[...]`` of boxes ``corners`` ``[..., 4, 2]``
         against their ``candidates`` ``[..., 5, K]`` (rows of ``features``:
         ``candidate_index`` ``[..., K]``) in scenarios ``rows``."""

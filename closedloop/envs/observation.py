@@ -56,8 +56,12 @@ class ObservationConfig:
 
     @property
     def size(self) -> int:
-        return (OWN_FEATURES + AGENT_FEATURES * self.num_agents + ROAD_FEATURES * self.num_road_points
-                + LIGHT_FEATURES * self.num_lights)
+        return (
+            OWN_FEATURES
+            + AGENT_FEATURES * self.num_agents
+            + ROAD_FEATURES * self.num_road_points
+            + LIGHT_FEATURES * self.num_lights
+        )
 
 
 def _to_frame(dx: torch.Tensor, dy: torch.Tensor, yaw: torch.Tensor):
@@ -67,8 +71,9 @@ def _to_frame(dx: torch.Tensor, dy: torch.Tensor, yaw: torch.Tensor):
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values [B, N, ...]`` at agent indices ``index [B, Q]``: ``[B, Q, ...]``."""
-    return values.gather(1, index.view(*index.shape, *([1] * (values.dim() - 2))).expand(
-        *index.shape, *values.shape[2:]))
+    return values.gather(
+        1, index.view(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
+    )
 
 
 class Observer:
@@ -97,10 +102,19 @@ class Observer:
         fwd, lat = _to_frame(vx, vy, yaw)
         kind = _take(b.agent_type, agents)
         my_dims = _take(dims, agents)
-        own = torch.stack([torch.hypot(vx, vy) / SPEED_SCALE, fwd / SPEED_SCALE, lat / SPEED_SCALE,
-                           my_dims[..., 0] / LENGTH_SCALE, my_dims[..., 1] / WIDTH_SCALE,
-                           (kind == TYPE_VEHICLE).float(), (kind == TYPE_PEDESTRIAN).float(),
-                           (kind == TYPE_CYCLIST).float()], -1)
+        own = torch.stack(
+            [
+                torch.hypot(vx, vy) / SPEED_SCALE,
+                fwd / SPEED_SCALE,
+                lat / SPEED_SCALE,
+                my_dims[..., 0] / LENGTH_SCALE,
+                my_dims[..., 1] / WIDTH_SCALE,
+                (kind == TYPE_VEHICLE).float(),
+                (kind == TYPE_PEDESTRIAN).float(),
+                (kind == TYPE_CYCLIST).float(),
+            ],
+            -1,
+        )
 
         # Nearest other agents.
         k = min(cfg.num_agents, max(N - 1, 1))
@@ -114,9 +128,23 @@ class Observer:
         ovx, ovy = _to_frame(other[..., 3] - vx[..., None], other[..., 4] - vy[..., None], yaw[..., None])
         dh = other[..., 2] - yaw[..., None]
         ok = torch.isfinite(near.values).float()
-        nearby = torch.stack([ox / POSITION_SCALE, oy / POSITION_SCALE, torch.cos(dh), torch.sin(dh),
-                              ovx / SPEED_SCALE, ovy / SPEED_SCALE, other_dims[..., 0] / LENGTH_SCALE,
-                              other_dims[..., 1] / WIDTH_SCALE, ok], -1) * ok[..., None]
+        nearby = (
+            torch.stack(
+                [
+                    ox / POSITION_SCALE,
+                    oy / POSITION_SCALE,
+                    torch.cos(dh),
+                    torch.sin(dh),
+                    ovx / SPEED_SCALE,
+                    ovy / SPEED_SCALE,
+                    other_dims[..., 0] / LENGTH_SCALE,
+                    other_dims[..., 1] / WIDTH_SCALE,
+                    ok,
+                ],
+                -1,
+            )
+            * ok[..., None]
+        )
         nearby = _pad(nearby, cfg.num_agents)
 
         # Nearest roadgraph points (exact: see NearestPoints).
@@ -132,8 +160,12 @@ class Observer:
         px, py = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
         dx, dy = _to_frame(point[..., 2], point[..., 3], yaw[..., None])
         ok = (road_distance < FAR / 2).float()
-        road = torch.cat([torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy], -1), point[..., 4:],
-                          ok[..., None]], -1) * ok[..., None]
+        road = (
+            torch.cat(
+                [torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy], -1), point[..., 4:], ok[..., None]], -1
+            )
+            * ok[..., None]
+        )
         road = _pad(road, cfg.num_road_points)
 
         # Nearest traffic lights (their stop points) and their state now.
@@ -150,9 +182,20 @@ class Observer:
             sx, sy = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
             st = _take(b.light_state[:, :, t], li.flatten(1)).view(B, Q, nl)
             ok = torch.isfinite(pick.values).float()
-            lights[:, :, :nl] = torch.stack([sx / POSITION_SCALE, sy / POSITION_SCALE, light_is_red(st).float(),
-                                             light_is_yellow(st).float(), light_is_green(st).float(), ok],
-                                            -1) * ok[..., None]
+            lights[:, :, :nl] = (
+                torch.stack(
+                    [
+                        sx / POSITION_SCALE,
+                        sy / POSITION_SCALE,
+                        light_is_red(st).float(),
+                        light_is_yellow(st).float(),
+                        light_is_green(st).float(),
+                        ok,
+                    ],
+                    -1,
+                )
+                * ok[..., None]
+            )
         obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1)
         return obs.float().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -8,8 +8,9 @@ from closedloop.constants import is_road_edge, light_is_red, light_is_yellow
 from closedloop.envs.core import SimState
 
 
-def render_state(state: SimState, scenario: int = 0, size: int = 512, radius: float = 60.0,
-                 ghosts: bool = False) -> np.ndarray:
+def render_state(
+    state: SimState, scenario: int = 0, size: int = 512, radius: float = 60.0, ghosts: bool = False
+) -> np.ndarray:
     """An ``[size, size, 3]`` uint8 frame centred on the SDC: road points, light stop points
     (red/yellow/green), agent boxes (SDC dark blue, controlled blue, logged grey), and
     optionally the logged boxes as ghosts."""
@@ -75,9 +76,9 @@ def state_from_rollout(scenario, object_ids, trajectory, device: str = "cpu"):
     cur = batch.current_time_index
     pose, z = state.history.pose.clone(), state.history.z.clone()
     origin = batch.origin[0].to(device)
-    pose[0, agents, cur + 1:, 0:2] = (traj[..., :2] - origin).to(pose.dtype)
-    pose[0, agents, cur + 1:, 2] = traj[..., 3].to(pose.dtype)
-    z[0, agents, cur + 1:] = traj[..., 2].to(z.dtype)
+    pose[0, agents, cur + 1 :, 0:2] = (traj[..., :2] - origin).to(pose.dtype)
+    pose[0, agents, cur + 1 :, 2] = traj[..., 3].to(pose.dtype)
+    z[0, agents, cur + 1 :] = traj[..., 2].to(z.dtype)
     history = History(pose, z, state.history.valid, head=state.num_steps - 1)
     return dataclasses.replace(state, history=history, t=state.num_steps - 1)
 

@@ -31,21 +31,23 @@ class RewardConfig:
     action: float = 0.0  # times the squared norm of the action in units of its bounds (continuous dynamics)
     scale: float = 1.0  # multiplies the sum of the terms
 
-    def __call__(self, transition: "Transition") -> torch.Tensor:
+    def __call__(self, transition: Transition) -> torch.Tensor:
         """Rewards ``[B, N]`` for the step ``transition.previous -> transition.state``."""
         events, state, previous = transition.events, transition.state, transition.previous
         travelled = torch.linalg.norm(state.current[..., :2] - previous.current[..., :2], dim=-1)
-        reward = (self.distance_to_log * torch.nan_to_num(events["distance_to_log"], nan=0.0)
-                  + self.collision * events["collision"].float()
-                  + self.offroad * events["offroad"].float()
-                  + self.red_light * events["red_light"].float()
-                  + self.progress * travelled)
+        reward = (
+            self.distance_to_log * torch.nan_to_num(events["distance_to_log"], nan=0.0)
+            + self.collision * events["collision"].float()
+            + self.offroad * events["offroad"].float()
+            + self.red_light * events["red_light"].float()
+            + self.progress * travelled
+        )
         if self.action:
             reward = reward + self.action * _action_size(transition)
         return reward * self.scale if self.scale != 1.0 else reward
 
 
-def _action_size(transition: "Transition") -> torch.Tensor:
+def _action_size(transition: Transition) -> torch.Tensor:
     """Squared norm ``[B, N]`` of each action, each dimension divided by its bound."""
     spec = transition.dynamics.spec
     if spec.discrete:

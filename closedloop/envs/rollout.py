@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ def _policy(policy):
 
 def _check_chunks(state: SimState, dynamics: Dynamics) -> None:
     if (state.num_steps - 1 - state.t) % dynamics.chunk:
-        raise ValueError(f"{dynamics.name} moves {dynamics.chunk} steps at a time, which does not "
-                         f"divide the {state.num_steps - 1 - state.t} steps left")
+        raise ValueError(
+            f"{dynamics.name} moves {dynamics.chunk} steps at a time, which does not "
+            f"divide the {state.num_steps - 1 - state.t} steps left"
+        )
 
 
 def run_episode(state: SimState, policy, dynamics: Dynamics, generator: torch.Generator | None = None) -> SimState:
@@ -41,8 +43,13 @@ def run_episode(state: SimState, policy, dynamics: Dynamics, generator: torch.Ge
     return env.state
 
 
-def count_events(state: SimState, policy, dynamics: Dynamics, agents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[SimState, dict[str, int]]:
+def count_events(
+    state: SimState,
+    policy,
+    dynamics: Dynamics,
+    agents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[SimState, dict[str, int]]:
     """Step ``policy`` to the end, counting the steps at which ``agents`` ``[B, N]``
     (default: the controlled ones) collide, leave the road or run a red light."""
     _check_chunks(state, dynamics)
@@ -50,8 +57,9 @@ def count_events(state: SimState, policy, dynamics: Dynamics, agents: torch.Tens
     env = EnvCore(state, EnvConfig(dynamics))
     policy = _policy(policy)
     policy.reset(state, dynamics, generator)
-    counts = {key: torch.zeros((), dtype=torch.long, device=state.device) for key in ("collision", "offroad",
-                                                                                       "red_light")}
+    counts = {
+        key: torch.zeros((), dtype=torch.long, device=state.device) for key in ("collision", "offroad", "red_light")
+    }
     while not env.done:
         events = env.step(policy.act(env.state)).events
         for key in counts:
@@ -59,9 +67,15 @@ def count_events(state: SimState, policy, dynamics: Dynamics, agents: torch.Tens
     return env.state, {key: int(value) for key, value in counts.items()}
 
 
-def rollout_scenarios(scenarios: Iterable[Scenario], policy, dynamics: Dynamics,
-                      num_rollouts: int = 32, batch_size: int = 8, device: str = "cpu",
-                      seed: int = 0) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def rollout_scenarios(
+    scenarios: Iterable[Scenario],
+    policy,
+    dynamics: Dynamics,
+    num_rollouts: int = 32,
+    batch_size: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(scenario_id, object_ids [A], trajectories [R, A, 80, 4])`` per scenario,
     the WOSAC objects (valid at step 10) controlled by ``policy``, in track order.
 

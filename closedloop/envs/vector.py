@@ -32,7 +32,7 @@ epoch.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -51,8 +51,10 @@ class ScenarioSource:
 
     def __init__(self, scenarios, shuffle: bool = True):
         if isinstance(scenarios, Iterator):
-            raise TypeError("the scenario source is a one-shot iterator (a generator?), which cannot start a "
-                            "second epoch: pass a list, a Dataset or a re-iterable such as WomdIterableDataset")
+            raise TypeError(
+                "the scenario source is a one-shot iterator (a generator?), which cannot start a "
+                "second epoch: pass a list, a Dataset or a re-iterable such as WomdIterableDataset"
+            )
         sized = hasattr(scenarios, "__len__") and hasattr(scenarios, "__getitem__")
         if not sized and not isinstance(scenarios, Iterable):
             raise TypeError(f"the scenario source must be a list, a Dataset or an iterable, not {type(scenarios)}")
@@ -94,12 +96,23 @@ class BatchedEnv:
     (``"wosac"``: every agent valid at step 10; ``"sdc"``; or a ``[B, N]`` mask);
     ``others`` (a policy) drives the remaining valid agents, which otherwise follow the log."""
 
-    def __init__(self, scenarios, batch_size: int = 8, max_agents: int = 128,
-                 dynamics: str | Dynamics = "delta_local", controlled: Controlled = "wosac",
-                 observation: ObservationConfig = ObservationConfig(), reward: RewardConfig = RewardConfig(),
-                 terminate_on_collision: bool = False, terminate_on_offroad: bool = False, others=None,
-                 guidance: bool = True, shuffle: bool = True, device: str = "cpu",
-                 vocabulary: torch.Tensor | None = None):
+    def __init__(
+        self,
+        scenarios,
+        batch_size: int = 8,
+        max_agents: int = 128,
+        dynamics: str | Dynamics = "delta_local",
+        controlled: Controlled = "wosac",
+        observation: ObservationConfig = ObservationConfig(),
+        reward: RewardConfig = RewardConfig(),
+        terminate_on_collision: bool = False,
+        terminate_on_offroad: bool = False,
+        others=None,
+        guidance: bool = True,
+        shuffle: bool = True,
+        device: str = "cpu",
+        vocabulary: torch.Tensor | None = None,
+    ):
         self.source = ScenarioSource(scenarios, shuffle=shuffle)
         self.batch_size, self.max_agents = batch_size, max_agents
         self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
@@ -110,7 +123,7 @@ class BatchedEnv:
         self.core: EnvCore | None = None
 
     @property
-    def unwrapped(self) -> "BatchedEnv":
+    def unwrapped(self) -> BatchedEnv:
         return self
 
     @property
@@ -130,10 +143,17 @@ class BatchedEnv:
         scenarios = self.source.draw(self.batch_size, self.generator)
         batch = collate_scenarios(scenarios, max_agents=self.max_agents, pad_agents=True).to(self.device)
         policy_generator = torch.Generator(device=self.device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        )
         exposed = self.controlled if self.others is not None else None
-        self.core = EnvCore(batch, self.config, controlled=self.controlled, exposed=exposed, others=self.others,
-                            generator=policy_generator)
+        self.core = EnvCore(
+            batch,
+            self.config,
+            controlled=self.controlled,
+            exposed=exposed,
+            others=self.others,
+            generator=policy_generator,
+        )
         info = {"reset": True, "scenario_id": batch.scenario_id, "t": self.core.state.t}
         return self.core.observe(), self._info(info)
 
@@ -142,8 +162,9 @@ class BatchedEnv:
         info.update(controlled=core.exposed, active=core.active, agent_mask=core.state.batch.agent_mask)
         if self.with_guidance:
             guidance = core.guidance()
-            info.update(log_next=guidance.log_next, log_next_valid=guidance.log_next_valid,
-                        expert_action=guidance.expert_action)
+            info.update(
+                log_next=guidance.log_next, log_next_valid=guidance.log_next_valid, expert_action=guidance.expert_action
+            )
         return info
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -156,7 +177,11 @@ class BatchedEnv:
             none = torch.zeros_like(self.core.exposed)
             return obs, torch.zeros(none.shape, device=none.device), none, none.clone(), info
         transition = self.core.step(actions)
-        info = {**transition.events, "clipped": transition.clipped, "reset": False,
-                "scenario_id": transition.state.batch.scenario_id, "t": transition.state.t}
-        return (self.core.observe(), transition.rewards, transition.terminated, transition.truncated,
-                self._info(info))
+        info = {
+            **transition.events,
+            "clipped": transition.clipped,
+            "reset": False,
+            "scenario_id": transition.state.batch.scenario_id,
+            "t": transition.state.t,
+        }
+        return (self.core.observe(), transition.rewards, transition.terminated, transition.truncated, self._info(info))
