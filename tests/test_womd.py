@@ -225,6 +225,11 @@ def _set_neighbor_index(proto) -> None:
     lane.left_neighbors[0].self_end_index = 10**6
 
 
+def _set_neighbor_far_index(proto) -> None:
+    lane = next(f.lane for f in proto.map_features if f.lane.left_neighbors)
+    lane.left_neighbors[0].neighbor_end_index = 10**6  # into the neighbour's polyline
+
+
 def _set_boundary_index(proto) -> None:
     lane = next(f.lane for f in proto.map_features if f.lane.right_boundaries)
     lane.right_boundaries[0].lane_start_index = -3
@@ -236,6 +241,7 @@ def _set_boundary_index(proto) -> None:
     ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[1], "track_index", -1)),
     ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[0], "track_index", 1000)),
     ("left_neighbors", _set_neighbor_index),
+    ("left_neighbors: neighbour", _set_neighbor_far_index),
     ("right_boundaries", _set_boundary_index),
     ("dynamic_map_states", lambda p: p.dynamic_map_states.add()),
     ("tracks", lambda p: p.tracks[3].states.add()),

@@ -371,12 +371,12 @@ def check_references(s: Scenario) -> None:
                 raise ValueError(f"map feature {feature}: {name.removeprefix('lane_')} index points "
                                  f"{rows[bad][0, columns].tolist()} outside its {lengths[owner[bad][0]]} points")
         rows = getattr(s, f"lane_{side}_neighbors")
-        for feature_id, start, end in rows[:, [0, 3, 4]].tolist():
-            if feature_id in position and not (
-                0 <= start < lengths[position[feature_id]] and 0 <= end < lengths[position[feature_id]]
-            ):
-                raise ValueError(f"lane {side} neighbour {feature_id}: neighbor indices {[start, end]} "
-                                 f"outside its {lengths[position[feature_id]]} points")
+        owner = np.repeat(s.map_id, np.diff(getattr(s, f"lane_{side}_neighbor_splits")))
+        for lane, (feature_id, start, end) in zip(owner.tolist(), rows[:, [0, 3, 4]].tolist()):
+            size = lengths[position[feature_id]] if feature_id in position else None
+            if size is not None and not (0 <= start < size and 0 <= end < size):
+                raise ValueError(f"map feature {lane}: {side}_neighbors: neighbour {feature_id}'s index "
+                                 f"points {[start, end]} outside its {size} points")
 
 
 class SkipCounter:
