@@ -118,3 +118,16 @@ def test_corrupt_payload_inside_intact_framing_can_be_passed_over(tmp_path):
     assert len(errors) == 1 and errors[0].record_index == 1 and "CRC mismatch in the payload" in str(errors[0])
     with pytest.raises(TFRecordError, match="record 1"):  # without the callback it is an error
         list(iter_records(path))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_reads_from_a_pipe():
+    import os
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, encode_record(b"a") + encode_record(b"b"))  # a pipe has no size to check against
+    os.close(write_end)
+    try:
+        assert list(iter_records(f"/dev/fd/{read_end}")) == [b"a", b"b"]
+    finally:
+        os.close(read_end)

@@ -79,12 +79,10 @@ def _shard_is_intact(out: Path, shard: dict) -> bool:
     return path.stat().st_size == shard["bytes"] and _sha256(path) == shard["sha256"]
 
 
-def _remove_stale_temporaries(out: Path) -> list[Path]:
+def _remove_stale_temporaries(out: Path) -> None:
     """Delete the hidden ``.*.tmp`` files of writes a killed ``prepare`` never finished."""
-    stale = [p for folder in (out, out / "shards") for p in folder.glob(".*.tmp") if p.is_file()]
-    for path in stale:
+    for path in [p for folder in (out, out / "shards") for p in folder.glob(".*.tmp") if p.is_file()]:
         path.unlink(missing_ok=True)
-    return stale
 
 
 def _write_manifest(out: Path, shards: Sequence[dict]) -> None:
@@ -140,10 +138,10 @@ def prepare_cache(
 
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
     sources = [p.resolve() for p in expand_paths(paths)]
     wanted = {str(s) for s in sources}
-    recorded = {s["source"]: s for s in _read_manifest(out)}
+    recorded = {s["source"]: s for s in _read_manifest(out)}  # first: is this a cache at all?
+    _remove_stale_temporaries(out)
     # Shards of other sources are kept as they are; those of these sources must verify.
     done = {src: s for src, s in recorded.items() if src not in wanted or _shard_is_intact(out, s)}
     pending = [s for s in sources if str(s) not in done]

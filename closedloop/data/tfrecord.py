@@ -15,6 +15,7 @@ puzzling protobuf error.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -90,7 +91,9 @@ def iter_record_spans(
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such TFRecord file") from None
     with handle:
-        size = os.fstat(handle.fileno()).st_size
+        info = os.fstat(handle.fileno())
+        # A pipe has no size to check against; MAX_RECORD_BYTES still bounds what it can claim.
+        size = info.st_size if stat.S_ISREG(info.st_mode) else None
         index = 0
         offset = 0
         while True:
@@ -110,8 +113,8 @@ def iter_record_spans(
                     path, index, offset,
                     "CRC mismatch in the length header (corrupt, or not a TFRecord file)",
                 )
-            left = size - offset - _HEADER.size
-            if length + _FOOTER.size > left:
+            left = None if size is None else size - offset - _HEADER.size
+            if left is not None and length + _FOOTER.size > left:
                 raise TFRecordError(
                     path, index, offset,
                     f"truncated record: declares {length} payload bytes and a checksum, "
