@@ -9,8 +9,9 @@ agents, not padding), every agent controlled and replaying its logged motion
 (actions precomputed, so no policy is timed). The PettingZoo row steps one scenario
 through the face (dict actions, per-agent observations and infos) with every agent
 driving straight ahead, and is compared with the core at B = 1 on that same workload.
-The BatchedEnv rows time the trainers' env (core + observations + rewards) at B = 1 and
-64 on that straight-ahead workload.
+The BatchedEnv rows time the trainers' env (core + observations + rewards, then also
+the guidance in ``info``: the log ahead and the expert action) at B = 1 and 64 on that
+straight-ahead workload.
 Prints a table and one JSON line.
 """
 
@@ -79,10 +80,11 @@ def core_rate(scenarios, B: int, N: int, steps: int, device: str, workload: str 
     return int(batch.agent_mask.sum()) * steps / seconds  # real agents, not padding slots
 
 
-def env_rate(scenarios, B: int, N: int, steps: int, device: str) -> float:
+def env_rate(scenarios, B: int, N: int, steps: int, device: str, guidance: bool = True) -> float:
     """Agent-steps/s of the trainers' ``BatchedEnv``: the core plus observations and
-    rewards, every agent driving straight ahead (real agents counted)."""
-    env = BatchedEnv(scenarios, batch_size=B, max_agents=N, device=device)
+    rewards (and, with ``guidance``, the log ahead and the expert action in ``info``),
+    every agent driving straight ahead (real agents counted)."""
+    env = BatchedEnv(scenarios, batch_size=B, max_agents=N, device=device, guidance=guidance)
     env.reset()
     agents = int(env.state.batch.agent_mask.sum())
     forward = torch.zeros(B, N, 3, device=device)
@@ -131,10 +133,14 @@ def main() -> None:
                 rows.append({"device": device, "B": B, "N": N, "agent_steps_per_s": round(rate)})
                 print(f"{device:<7}{B:>5}{N:>6}{rate:>16,.0f}{rate / base:>8.1f}x")
     env_rows = []
-    for B in (1, 64):
-        rate = best_of(args.repeats, env_rate, scenarios, B, 128, args.steps, devices[-1])
-        env_rows.append({"device": devices[-1], "B": B, "N": 128, "agent_steps_per_s": round(rate)})
-        print(f"BatchedEnv ({devices[-1]}, observations + rewards + events), B={B}, N=128: {rate:,.0f} agent-steps/s")
+    for guidance in (False, True):
+        for B in (1, 64):
+            rate = best_of(args.repeats, env_rate, scenarios, B, 128, args.steps, devices[-1], guidance)
+            env_rows.append(
+                {"device": devices[-1], "B": B, "N": 128, "guidance": guidance, "agent_steps_per_s": round(rate)}
+            )
+            what = "observations + rewards + events" + (" + guidance" if guidance else "")
+            print(f"BatchedEnv ({devices[-1]}, {what}), B={B}, N=128: {rate:,.0f} agent-steps/s")
     face, agents = max(face_rate(scenarios[0], args.steps) for _ in range(args.repeats))
     core_one = best_of(args.repeats, core_rate, scenarios[:1], 1, 128, args.steps, "cpu", "forward")
     print(

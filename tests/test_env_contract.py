@@ -73,6 +73,26 @@ def test_parallel_env_does_not_simulate_before_reset(town):
     assert set(env.possible_agents) < expected and env.agents == env.possible_agents
 
 
+def test_parallel_env_trajectories_are_the_rollout_in_world_coordinates(real_scenarios):
+    scenario = real_scenarios["637f20cafde22ff8"]
+    env = parallel_env([scenario], dynamics="delta_global")
+    obs, infos = env.reset(seed=0)
+    while env.agents:  # drive every agent along its logged next state
+        current = env.sim_state.current[0].numpy()
+        actions = {}
+        for a in env.agents:
+            nxt, cur = infos[a]["log_next"], current[env.names.index(a)]
+            actions[a] = np.zeros(3, np.float32) if np.isnan(nxt).any() else (nxt[:3] - cur[:3]).astype(np.float32)
+        obs, rewards, terms, truncs, infos = env.step(actions)
+    object_ids, traj = env.trajectories()
+    valid_now = scenario.valid_at_current()
+    assert np.array_equal(object_ids, scenario.track_id[valid_now]) and traj.shape == (len(object_ids), 80, 4)
+    logged = scenario.track_valid[valid_now, 11:]
+    error = np.linalg.norm(traj[..., :2] - scenario.track_xyz[valid_now, 11:, :2], axis=-1)
+    assert error[logged].max() < 1e-2  # float32 in the scenario frame, float64 in the world
+    assert np.allclose(traj[..., 2][logged], scenario.track_xyz[valid_now, 11:, 2][logged], atol=1e-4)
+
+
 def test_base_parallel_wrapper_forwards(town):
     from pettingzoo.test import parallel_api_test
 

@@ -93,7 +93,7 @@ class EnvCore:
         if bool((self.exposed & ~self.state.controlled).any()):
             raise SimulationError("exposed agents must be controlled")
         self.active = self.exposed.clone()
-        self._any_finished = False
+        self._finished_possible = False
         self.others = others
         if others is not None:
             others.reset(self.state, self.dynamics, generator)
@@ -145,7 +145,7 @@ class EnvCore:
         previous = self.state
         if previous.done:
             raise SimulationError(f"the episode ended at step {previous.t}: reset before stepping again")
-        if self.others is not None or self._any_finished:
+        if self.others is not None or self._finished_possible:
             actions = self._compose(actions)
         checked = check_actions(previous, actions, self.dynamics)
         state = step(previous, checked, self.dynamics)
@@ -166,7 +166,7 @@ class EnvCore:
         terminated &= active
         truncated = active & ~terminated if state.done else torch.zeros_like(active)
         self.active = active & ~terminated & ~truncated
-        self._any_finished |= cfg.terminate_on_collision or cfg.terminate_on_offroad
+        self._finished_possible |= cfg.terminate_on_collision or cfg.terminate_on_offroad
         return Transition(
             previous, state, self.dynamics, checked.actions, checked.clipped, events, rewards, terminated, truncated
         )
@@ -184,7 +184,7 @@ class EnvCore:
                     f"the caller {list(actions.shape)}"
                 )
             actions = _where_agents(self.exposed, actions, theirs.to(actions.dtype))
-        if self._any_finished:
+        if self._finished_possible:
             actions = _where_agents(self.exposed & ~self.active, self.hold().to(actions.dtype), actions)
         return actions
 

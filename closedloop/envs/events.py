@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from closedloop.data.scenario import LIGHT_ARROW_STOP, LIGHT_STOP
+from closedloop.constants import light_forbids_crossing
 from closedloop.envs.core import SimState, collisions, distance_to_log
 from closedloop.envs.map_index import FAR, RoadEdges
 from closedloop.geometry import box_corners
@@ -65,7 +65,7 @@ class StopLines:
     def red(self, t: int) -> torch.Tensor:
         """Lights ``[B, L]`` that say stop at step ``t``."""
         state = self.state[:, :, t]
-        return ((state == LIGHT_STOP) | (state == LIGHT_ARROW_STOP)) & self.valid
+        return light_forbids_crossing(state) & self.valid
 
     def crossings(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Whether each agent's centre went from behind to past each stop line between
