@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from closedloop.paths import scenario_path
 
@@ -27,10 +27,11 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
 
         start = time.perf_counter()
         data_dir = out / "synthetic"
-        files = generate_dataset(data_dir, num_scenarios=num_scenarios, seed=seed, shards=2,
-                                 progress=False)
-        _say(f"generated {num_scenarios} synthetic WOMD scenarios (seed {seed}) in "
-             f"{time.perf_counter() - start:.1f} s: {', '.join(str(f) for f in files)}")
+        files = generate_dataset(data_dir, num_scenarios=num_scenarios, seed=seed, shards=2, progress=False)
+        _say(
+            f"generated {num_scenarios} synthetic WOMD scenarios (seed {seed}) in "
+            f"{time.perf_counter() - start:.1f} s: {', '.join(str(f) for f in files)}"
+        )
         data = [str(data_dir)]
 
     scenarios = list(read_scenarios(data))
@@ -53,8 +54,7 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     result = prepare_cache(data, cache_dir, progress=False)
     cache = ScenarioCache(cache_dir)
     same = all(cache[i].equals(s) for i, s in enumerate(scenarios))
-    _say(f"cached {result['scenarios']} scenarios in {cache_dir} (pickle-free npz); "
-         f"read back identical: {same}")
+    _say(f"cached {result['scenarios']} scenarios in {cache_dir} (pickle-free npz); read back identical: {same}")
 
     from closedloop.agents.baselines import Expert
     from closedloop.envs.dynamics import make_dynamics
@@ -66,20 +66,26 @@ def run_demo(data: Sequence[str] | None, out: Path, seed: int = 0, num_scenarios
     results = list(rollout_scenarios(scenarios, Expert(), make_dynamics("bicycle"), num_rollouts=4))
     rollout_dir = out / "rollouts"
     write_rollouts(results, rollout_dir)
-    _say(f"simulated {len(results)} scenarios x 4 rollouts with the expert policy and bicycle "
-         f"dynamics in {time.perf_counter() - start:.1f} s: {rollout_dir}")
+    _say(
+        f"simulated {len(results)} scenarios x 4 rollouts with the expert policy and bicycle "
+        f"dynamics in {time.perf_counter() - start:.1f} s: {rollout_dir}"
+    )
     by_id = {s.scenario_id: s for s in scenarios}
     start = time.perf_counter()
     scores = score_scenarios([(by_id[sid], ids, traj) for sid, ids, traj in results])
     total = aggregate(scores)
-    _say(f"WOSAC 2025 metrics in {time.perf_counter() - start:.1f} s: realism meta-metric "
-         f"{total['metametric']:.4f}, minADE {total['min_average_displacement_error']:.3f} m, "
-         f"collision rate {total['simulated_collision_rate']:.3f}, off-road rate "
-         f"{total['simulated_offroad_rate']:.3f}")
+    _say(
+        f"WOSAC 2025 metrics in {time.perf_counter() - start:.1f} s: realism meta-metric "
+        f"{total['metametric']:.4f}, minADE {total['min_average_displacement_error']:.3f} m, "
+        f"collision rate {total['simulated_collision_rate']:.3f}, off-road rate "
+        f"{total['simulated_offroad_rate']:.3f}"
+    )
     sid, ids, traj = results[0]
     final = state_from_rollout(by_id[sid], ids, traj[0])
-    frames = [render_state(dataclasses.replace(final, t=t), size=256)
-              for t in range(final.batch.current_time_index, final.num_steps, 2)]
+    frames = [
+        render_state(dataclasses.replace(final, t=t), size=256)
+        for t in range(final.batch.current_time_index, final.num_steps, 2)
+    ]
     movie = scenario_path(out, sid, ".gif")
     write_animation(frames, movie, fps=5)
     _say(f"animated the first rollout of {sid}: {movie}")

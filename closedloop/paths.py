@@ -24,11 +24,12 @@ def check_scenario_id(scenario_id: str) -> str:
     if not isinstance(scenario_id, str) or not scenario_id:
         raise ValueError(f"scenario id {scenario_id!r} is empty, so it cannot name a file")
     if len(scenario_id) > MAX_ID_LENGTH:
-        raise ValueError(f"scenario id {scenario_id[:40]!r}... is {len(scenario_id)} characters long, "
-                         f"more than the {MAX_ID_LENGTH} a file name may take")
+        raise ValueError(
+            f"scenario id {scenario_id[:40]!r}... is {len(scenario_id)} characters long, "
+            f"more than the {MAX_ID_LENGTH} a file name may take"
+        )
     if any(c in scenario_id for c in "/\\\0"):
-        raise ValueError(f"scenario id {scenario_id!r} contains a path separator or NUL, so it "
-                         "cannot name a file")
+        raise ValueError(f"scenario id {scenario_id!r} contains a path separator or NUL, so it cannot name a file")
     if scenario_id.startswith("."):
         raise ValueError(f"scenario id {scenario_id!r} starts with '.', so it cannot name a file")
     return scenario_id

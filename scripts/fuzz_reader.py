@@ -96,11 +96,15 @@ def build_seeds(womd_dir: Path | None, synthetic_seed: int = 0) -> list[Seed]:
     scenario = real.get("motion_data_one_scenario.tfrecord")
     if example and scenario:
         seeds.append(Seed("real:mixed", [example[0], scenario[0], example[0]]))
-    cross = [scenario_to_proto(s).SerializeToString()
-             for s in generate_scenarios(3, seed=synthetic_seed, town="cross", agents=(3, 6))]
+    cross = [
+        scenario_to_proto(s).SerializeToString()
+        for s in generate_scenarios(3, seed=synthetic_seed, town="cross", agents=(3, 6))
+    ]
     seeds.append(Seed("synthetic:cross x3", cross))
-    grid = [scenario_to_proto(s).SerializeToString()
-            for s in generate_scenarios(2, seed=synthetic_seed, town="grid", agents=(3, 6))]
+    grid = [
+        scenario_to_proto(s).SerializeToString()
+        for s in generate_scenarios(2, seed=synthetic_seed, town="grid", agents=(3, 6))
+    ]
     seeds.append(Seed("synthetic:grid x2", grid))
     for seed in seeds:  # every seed record must be valid, or "lost" would mean nothing
         for i, payload in enumerate(seed.records):
@@ -133,9 +137,9 @@ def _shrink_example(payload: bytes, slots: int = 16, points: int = 1000) -> byte
         values = getattr(feature, feature.WhichOneof("kind")).value
         part = name.split("/")
         if name.startswith("roadgraph_samples/"):
-            del values[points * (3 if name.endswith(("xyz", "dir")) else 1):]
+            del values[points * (3 if name.endswith(("xyz", "dir")) else 1) :]
         elif part[0] == "state":
-            del values[slots * steps.get(part[1], 1):]
+            del values[slots * steps.get(part[1], 1) :]
     example.features.feature["state/is_sdc"].int64_list.value[0] = 1
     return example.SerializeToString()
 
@@ -145,8 +149,10 @@ def small_seeds(womd_dir: Path | None, synthetic_seed: int = 0) -> list[Seed]:
     tests): three cut-down synthetic Scenario protos and two cut-down real tf.Examples."""
     from closedloop.data.synthetic import generate_scenarios
 
-    scenarios = [_shrink_scenario(scenario_to_proto(s).SerializeToString())
-                 for s in generate_scenarios(3, seed=synthetic_seed, town="cross", agents=(3, 6))]
+    scenarios = [
+        _shrink_scenario(scenario_to_proto(s).SerializeToString())
+        for s in generate_scenarios(3, seed=synthetic_seed, town="cross", agents=(3, 6))
+    ]
     seeds = [Seed("small synthetic x3", scenarios)]
     example = (womd_dir / "motion_data_one_example.tfrecord") if womd_dir is not None else None
     if example is not None and example.exists():
@@ -194,11 +200,25 @@ def _length(rng: random.Random, seed: Seed) -> Mutant:
     data = bytearray(frame(seed.records))
     i = rng.randrange(len(seed.records))
     offset, size = _spans(seed.records)[i], len(seed.records[i])
-    length = rng.choice([0, 1, size - 1, size + 1, size + rng.randint(-100, 100), rng.randrange(len(data)),
-                         len(data), 2**31 - 1, 2**32 + size, 2**63, 2**64 - 1, rng.getrandbits(64)])
+    length = rng.choice(
+        [
+            0,
+            1,
+            size - 1,
+            size + 1,
+            size + rng.randint(-100, 100),
+            rng.randrange(len(data)),
+            len(data),
+            2**31 - 1,
+            2**32 + size,
+            2**63,
+            2**64 - 1,
+            rng.getrandbits(64),
+        ]
+    )
     length = min(max(length, 0), 2**64 - 1)
     header = struct.pack("<Q", length)
-    data[offset: offset + 12] = header + struct.pack("<I", masked_crc32c(header))
+    data[offset : offset + 12] = header + struct.pack("<I", masked_crc32c(header))
     return Mutant(bytes(data), "length", f"record {i} length {size} -> {length}")
 
 
@@ -211,15 +231,15 @@ def _mutate_bytes(rng: random.Random, payload: bytes) -> tuple[bytes, str]:
         for _ in range(rng.randint(1, 16)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     elif op == "overwrite":
-        data[pos: pos + span] = bytes(rng.getrandbits(8) for _ in range(span))
+        data[pos : pos + span] = bytes(rng.getrandbits(8) for _ in range(span))
     elif op == "cut":
-        del data[pos: pos + rng.randint(1, max(1, len(data) // 4))]
+        del data[pos : pos + rng.randint(1, max(1, len(data) // 4))]
     elif op == "insert":
         data[pos:pos] = bytes(rng.getrandbits(8) for _ in range(span))
     elif op == "duplicate":
-        data[pos:pos] = data[pos: pos + rng.randint(1, 4096)]
+        data[pos:pos] = data[pos : pos + rng.randint(1, 4096)]
     else:
-        data[pos: pos + span] = bytes(min(span, len(data) - pos))
+        data[pos : pos + span] = bytes(min(span, len(data) - pos))
     return bytes(data), f"{op} at {pos}"
 
 
@@ -243,29 +263,43 @@ def _scenario_edit(rng: random.Random, proto) -> str:
         "timestamps": lambda: proto.timestamps_seconds.extend([9.1] * rng.randint(1, 3)),
         "no tracks": lambda: proto.ClearField("tracks"),
         "dynamic states": lambda: [proto.dynamic_map_states.add() for _ in range(rng.randint(1, 150))],
-        "light": lambda: (proto.dynamic_map_states[rng.randrange(len(proto.dynamic_map_states))].lane_states
-                          .add(lane=rng.getrandbits(63), state=rng.randrange(9))
-                          if proto.dynamic_map_states else None),
+        "light": lambda: (
+            proto.dynamic_map_states[rng.randrange(len(proto.dynamic_map_states))].lane_states.add(
+                lane=rng.getrandbits(63), state=rng.randrange(9)
+            )
+            if proto.dynamic_map_states
+            else None
+        ),
         "empty feature": lambda: proto.map_features.add(id=rng.getrandbits(40)),
         "scenario_id": lambda: setattr(proto, "scenario_id", rng.choice(["../../x", "/abs", ".", "a" * 500])),
-        "nan state": lambda: setattr(proto.tracks[rng.randrange(tracks)].states[0], "center_x", float("nan"))
-        if tracks else None,
-        "huge values": lambda: setattr(proto.tracks[rng.randrange(tracks)].states[0], "length", 1e308)
-        if tracks else None,
+        "nan state": lambda: (
+            setattr(proto.tracks[rng.randrange(tracks)].states[0], "center_x", float("nan")) if tracks else None
+        ),
+        "huge values": lambda: (
+            setattr(proto.tracks[rng.randrange(tracks)].states[0], "length", 1e308) if tracks else None
+        ),
     }
     if lanes:
         lane = rng.choice(lanes)
         n = len(lane.polyline)
-        edits.update({
-            "neighbor index": lambda: lane.left_neighbors.add(
-                feature_id=rng.getrandbits(20), self_start_index=rng.choice([0, -1]),
-                self_end_index=rng.choice([n, big]), neighbor_start_index=big, neighbor_end_index=big),
-            "boundary index": lambda: lane.right_boundaries.add(
-                lane_start_index=rng.choice([-1, 0]), lane_end_index=rng.choice([n, big]),
-                boundary_feature_id=rng.getrandbits(20)),
-            "entry lanes": lambda: lane.entry_lanes.extend([rng.getrandbits(62), -1]),
-            "empty polyline": lambda: lane.ClearField("polyline"),
-        })
+        edits.update(
+            {
+                "neighbor index": lambda: lane.left_neighbors.add(
+                    feature_id=rng.getrandbits(20),
+                    self_start_index=rng.choice([0, -1]),
+                    self_end_index=rng.choice([n, big]),
+                    neighbor_start_index=big,
+                    neighbor_end_index=big,
+                ),
+                "boundary index": lambda: lane.right_boundaries.add(
+                    lane_start_index=rng.choice([-1, 0]),
+                    lane_end_index=rng.choice([n, big]),
+                    boundary_feature_id=rng.getrandbits(20),
+                ),
+                "entry lanes": lambda: lane.entry_lanes.extend([rng.getrandbits(62), -1]),
+                "empty polyline": lambda: lane.ClearField("polyline"),
+            }
+        )
     name = rng.choice(sorted(edits))
     edits[name]()
     return name
@@ -325,13 +359,16 @@ def _example_field(rng: random.Random, seed: Seed) -> Mutant | None:
         if op == "empty":
             del target[:]
         elif op == "shorten":
-            del target[rng.randrange(len(target) + 1):]
+            del target[rng.randrange(len(target) + 1) :]
         else:
             target.extend(target[: rng.randint(1, 2000)] if len(target) else [])
     elif kind in ("float_list", "int64_list") and values:
         target = getattr(feature, kind).value
-        odd = ([float("nan"), float("inf"), 0.5, 1e30, -1e30] if kind == "float_list"
-               else [-1, 2**62, -(2**63), 2**31, 127, 128, 17, 99])
+        odd = (
+            [float("nan"), float("inf"), 0.5, 1e30, -1e30]
+            if kind == "float_list"
+            else [-1, 2**62, -(2**63), 2**31, 127, 128, 17, 99]
+        )
         for _ in range(rng.randint(1, 8)):
             target[rng.randrange(len(target))] = rng.choice(odd)
     records[i] = example.SerializeToString()
@@ -354,8 +391,13 @@ def _splice(rng: random.Random, seed: Seed) -> Mutant:
 
 
 STRATEGIES = {
-    "bit_flips": _bit_flips, "truncate": _truncate, "length": _length, "payload": _payload,
-    "scenario_field": _scenario_field, "example_field": _example_field, "splice": _splice,
+    "bit_flips": _bit_flips,
+    "truncate": _truncate,
+    "length": _length,
+    "payload": _payload,
+    "scenario_field": _scenario_field,
+    "example_field": _example_field,
+    "splice": _splice,
 }
 
 
@@ -374,9 +416,9 @@ def intact_records(data: bytes) -> list[tuple[bytes, bool]]:
     out, offset = [], 0
     while len(data) - offset >= 12:
         length, crc = struct.unpack_from("<QI", data, offset)
-        if masked_crc32c(data[offset: offset + 8]) != crc or length + 16 > len(data) - offset:
+        if masked_crc32c(data[offset : offset + 8]) != crc or length + 16 > len(data) - offset:
             break
-        payload = data[offset + 12: offset + 12 + length]
+        payload = data[offset + 12 : offset + 12 + length]
         (footer,) = struct.unpack_from("<I", data, offset + 12 + length)
         out.append((payload, masked_crc32c(payload) == footer))
         offset += 16 + length
@@ -422,8 +464,7 @@ def read_case(path: Path, mode: str, time_limit: float) -> tuple[list, BaseExcep
     return scenarios, error, peak, seconds
 
 
-def run_case(rng: random.Random, seeds: list[Seed], good: set[bytes], workdir: Path,
-             time_limit: float) -> CaseResult:
+def run_case(rng: random.Random, seeds: list[Seed], good: set[bytes], workdir: Path, time_limit: float) -> CaseResult:
     seed = rng.choice(seeds)
     mutant = mutate(rng, seed)
     path = workdir / "case.tfrecord"
@@ -464,8 +505,9 @@ def run_case(rng: random.Random, seeds: list[Seed], good: set[bytes], workdir: P
     return result
 
 
-def fuzz(cases: int, seed: int, seeds: list[Seed], time_limit: float = 10.0, first: int = 0,
-         on_result=None) -> list[CaseResult]:
+def fuzz(
+    cases: int, seed: int, seeds: list[Seed], time_limit: float = 10.0, first: int = 0, on_result=None
+) -> list[CaseResult]:
     """Run cases ``first .. first + cases - 1``; case ``k`` is reproducible from (seed, k)."""
     good = {digest(r) for s in seeds for r in s.records}
     results = []
@@ -501,8 +543,11 @@ def main() -> int:
             print(f"case {case}: {result.seed}: {result.strategy}: {result.note}: {result.outcomes}")
         if any(o in FAILURES for o in result.outcomes.values()):
             failures.append((case, result))
-            print(f"case {case} FAILED: {result.seed}: {result.strategy}: {result.note}: {result.outcomes}\n"
-                  + "\n".join(f"  {m}: {d}" for m, d in result.details.items()), flush=True)
+            print(
+                f"case {case} FAILED: {result.seed}: {result.strategy}: {result.note}: {result.outcomes}\n"
+                + "\n".join(f"  {m}: {d}" for m, d in result.details.items()),
+                flush=True,
+            )
 
     start = time.perf_counter()
     first, cases = (args.case, 1) if args.case is not None else (0, args.cases)
@@ -511,11 +556,14 @@ def main() -> int:
     print("strategies: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(r.strategy for r in results).items())))
     for mode, counts in summary(results).items():
         print(f"{mode:>5}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"largest tracemalloc peak: {max(r.peak_ratio for r in results):.2f}x the file size; "
-          f"slowest read: {max(r.seconds for r in results):.2f} s")
+    print(
+        f"largest tracemalloc peak: {max(r.peak_ratio for r in results):.2f}x the file size; "
+        f"slowest read: {max(r.seconds for r in results):.2f} s"
+    )
     bad = Counter(o for r in results for o in r.outcomes.values() if o in FAILURES)
-    print("failures: " + (", ".join(f"{k} {bad[k]}" for k in FAILURES) if bad else
-                          ", ".join(f"{k} 0" for k in FAILURES)))
+    print(
+        "failures: " + (", ".join(f"{k} {bad[k]}" for k in FAILURES) if bad else ", ".join(f"{k} 0" for k in FAILURES))
+    )
     return 1 if failures else 0
 
 

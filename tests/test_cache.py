@@ -70,15 +70,22 @@ def test_count_off_by_one_is_a_cache_error(cache):
         reader[2]
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ("{not json", r"not a readable cache manifest"),
-    ('{"format": "closedloop-cache", "version": 1, "shards": {}}', r"'shards' is not a list"),
-    ('{"format": "closedloop-cache", "version": 1, "shards": [{"source": "x", "file": 3, "count": 1}]}',
-     r"shards\[0\]\.file is missing or not a str"),
-    ('{"format": "closedloop-cache", "version": 1, "shards": [{"source": "x", "file": "../../x", "count": 1}]}',
-     r"a plain file name"),
-    ("[1, 2]", r"not a closedloop cache manifest"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("{not json", r"not a readable cache manifest"),
+        ('{"format": "closedloop-cache", "version": 1, "shards": {}}', r"'shards' is not a list"),
+        (
+            '{"format": "closedloop-cache", "version": 1, "shards": [{"source": "x", "file": 3, "count": 1}]}',
+            r"shards\[0\]\.file is missing or not a str",
+        ),
+        (
+            '{"format": "closedloop-cache", "version": 1, "shards": [{"source": "x", "file": "../../x", "count": 1}]}',
+            r"a plain file name",
+        ),
+        ("[1, 2]", r"not a closedloop cache manifest"),
+    ],
+)
 def test_garbage_manifest_is_a_cache_error(cache, sources, text, pattern):
     (cache / "manifest.json").write_text(text)
     with pytest.raises(CacheError, match=rf"manifest.json: .*{pattern}"):

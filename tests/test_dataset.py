@@ -24,8 +24,7 @@ def test_two_workers_see_every_scenario_once(many_shards, num_files):
     files = sorted(many_shards.glob("*.tfrecord"))[:num_files]
     expected = Counter(s.scenario_id for s in read_scenarios(files))
     dataset = WomdIterableDataset(files)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2,
-                        collate_fn=partial(collate_scenarios, max_agents=128))
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=partial(collate_scenarios, max_agents=128))
     assert _ids(loader) == expected and set(expected.values()) == {1}
 
 
@@ -52,8 +51,7 @@ def test_cache_prepare_resume_and_read(tmp_path, many_shards):
     assert cache[-1].equals(originals[-1])
     with pytest.raises(IndexError):
         cache[15]
-    loader = DataLoader(CachedScenarioDataset(out), batch_size=4, num_workers=2,
-                        collate_fn=collate_scenarios)
+    loader = DataLoader(CachedScenarioDataset(out), batch_size=4, num_workers=2, collate_fn=collate_scenarios)
     assert _ids(loader) == Counter(s.scenario_id for s in originals)
 
 

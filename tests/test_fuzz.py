@@ -45,8 +45,11 @@ def test_mutations_are_reproducible(fuzz_reader, seeds):
 
 def test_seeded_fuzz_run_has_no_failures(fuzz_reader, seeds):
     results = fuzz_reader.fuzz(300, seed=1, seeds=seeds, time_limit=10.0)
-    failures = [(r.seed, r.strategy, r.note, r.outcomes, r.details) for r in results
-                if set(r.outcomes.values()) & set(fuzz_reader.FAILURES)]
+    failures = [
+        (r.seed, r.strategy, r.note, r.outcomes, r.details)
+        for r in results
+        if set(r.outcomes.values()) & set(fuzz_reader.FAILURES)
+    ]
     assert failures == []
     counts = fuzz_reader.summary(results)
     assert counts["raise"]["TFRecordError"] and counts["raise"]["ScenarioDecodeError"]  # both paths exercised

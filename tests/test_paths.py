@@ -14,8 +14,9 @@ def test_ordinary_ids_name_files_in_the_directory(tmp_path, scenario_id):
     assert path.parent == tmp_path and path.name == f"{scenario_id}.npz"
 
 
-@pytest.mark.parametrize("scenario_id", ["", ".", "..", "../../x", "/etc/passwd", "a/b", "a\\b", "a\0b",
-                                         ".hidden", "a" * 201])
+@pytest.mark.parametrize(
+    "scenario_id", ["", ".", "..", "../../x", "/etc/passwd", "a/b", "a\\b", "a\0b", ".hidden", "a" * 201]
+)
 def test_unsafe_ids_are_rejected_naming_the_id(tmp_path, scenario_id):
     with pytest.raises(ValueError, match="scenario id") as err:
         scenario_path(tmp_path, scenario_id, ".npz")

@@ -23,17 +23,22 @@ def test_a_saved_file_loads(tmp_path):
     assert rollouts.scenario_id == "abc" and rollouts.trajectories.shape == (2, 2, 80, 4)
 
 
-@pytest.mark.parametrize("change, pattern", [
-    ({"trajectories": TRAJ.astype(str)}, r"real floating point, got <U"),
-    ({"trajectories": TRAJ + 0j}, r"real floating point, got complex"),
-    ({"trajectories": TRAJ.astype(np.int32)}, r"real floating point, got int32"),
-    ({"trajectories": np.full_like(TRAJ, 1e30)}, r"values up to 1e\+30, beyond the plausible"),
-    ({"trajectories": np.where(np.arange(4) == 3, np.inf, TRAJ)},
-     r"non-finite .* rollout 0, object 3, step 0, channel h"),
-    ({"trajectories": TRAJ[:0]}, r"rollouts >= 1"),
-    ({"object_ids": IDS.astype(np.float64)}, r"object_ids must be a 1-D integer array"),
-    ({"scenario_id": np.array([1, 2])}, r"scenario_id must be one string"),
-])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"trajectories": TRAJ.astype(str)}, r"real floating point, got <U"),
+        ({"trajectories": TRAJ + 0j}, r"real floating point, got complex"),
+        ({"trajectories": TRAJ.astype(np.int32)}, r"real floating point, got int32"),
+        ({"trajectories": np.full_like(TRAJ, 1e30)}, r"values up to 1e\+30, beyond the plausible"),
+        (
+            {"trajectories": np.where(np.arange(4) == 3, np.inf, TRAJ)},
+            r"non-finite .* rollout 0, object 3, step 0, channel h",
+        ),
+        ({"trajectories": TRAJ[:0]}, r"rollouts >= 1"),
+        ({"object_ids": IDS.astype(np.float64)}, r"object_ids must be a 1-D integer array"),
+        ({"scenario_id": np.array([1, 2])}, r"scenario_id must be one string"),
+    ],
+)
 def test_bad_contents_are_named(tmp_path, change, pattern):
     path = _write(tmp_path, **change)
     with pytest.raises(RolloutFileError, match=pattern) as err:
@@ -41,10 +46,14 @@ def test_bad_contents_are_named(tmp_path, change, pattern):
     assert str(err.value).startswith(str(path))
 
 
-@pytest.mark.parametrize("data, pattern", [
-    (b"", r"empty file"), (b"PK\x03\x04 not really a zip", r"not a readable rollout .npz"),
-    (b"\x93NUMPY junk" * 20, r"not a readable rollout .npz"),
-])
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        (b"", r"empty file"),
+        (b"PK\x03\x04 not really a zip", r"not a readable rollout .npz"),
+        (b"\x93NUMPY junk" * 20, r"not a readable rollout .npz"),
+    ],
+)
 def test_unreadable_files_are_named(tmp_path, data, pattern):
     path = tmp_path / "r.npz"
     path.write_bytes(data)

@@ -93,8 +93,9 @@ def test_huge_declared_length_fails_before_allocating(tmp_path):
     import tracemalloc
 
     length = struct.pack("<Q", 2**31 - 1)  # a valid header CRC, but far more than the file holds
-    path = _corrupt(tmp_path, encode_record(b"a" * 1000) + length + struct.pack("<I", masked_crc32c(length))
-                    + b"b" * 500_000)
+    path = _corrupt(
+        tmp_path, encode_record(b"a" * 1000) + length + struct.pack("<I", masked_crc32c(length)) + b"b" * 500_000
+    )
     tracemalloc.start()
     try:
         with pytest.raises(TFRecordError, match=r"record 1 .*declares 2147483647 payload bytes.*500000 bytes left"):

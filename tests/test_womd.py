@@ -28,7 +28,11 @@ def test_known_counts_of_real_scenarios(real_scenarios):
     assert s["num_map_features"] == 301 and s["num_steps"] == 91
     assert s["sdc_track_index"] == 82 and s["num_valid_at_current"] == 50
     assert s["map_feature_types"] == {
-        "lane": 199, "road_line": 59, "road_edge": 28, "stop_sign": 8, "crosswalk": 4,
+        "lane": 199,
+        "road_line": 59,
+        "road_edge": 28,
+        "stop_sign": 8,
+        "crosswalk": 4,
         "speed_bump": 3,
     }
     assert s["tracks_to_predict"] == [72, 43, 42]
@@ -47,13 +51,9 @@ def test_state_values_match_the_proto(scenario_file, real_scenarios):
         assert scenario.track_id[a] == proto.tracks[a].id
         assert scenario.track_type[a] == proto.tracks[a].object_type
         assert tuple(scenario.track_xyz[a, t]) == (state.center_x, state.center_y, state.center_z)
-        np.testing.assert_array_equal(
-            scenario.track_dims[a, t], np.float32([state.length, state.width, state.height])
-        )
+        np.testing.assert_array_equal(scenario.track_dims[a, t], np.float32([state.length, state.width, state.height]))
         assert scenario.track_heading[a, t] == np.float32(state.heading)
-        assert tuple(scenario.track_velocity[a, t]) == (
-            np.float32(state.velocity_x), np.float32(state.velocity_y)
-        )
+        assert tuple(scenario.track_velocity[a, t]) == (np.float32(state.velocity_x), np.float32(state.velocity_y))
         assert scenario.track_valid[a, t] == state.valid
     np.testing.assert_array_equal(scenario.timestamps_seconds, proto.timestamps_seconds)
 
@@ -66,17 +66,17 @@ def test_map_features_match_the_proto(scenario_file, real_scenarios):
         assert MAP_KINDS[scenario.map_kind[i]] == kind and scenario.map_id[i] == feature.id
         data = getattr(feature, kind)
         points = (
-            [data.position] if kind == "stop_sign"
-            else data.polygon if kind in ("crosswalk", "speed_bump", "driveway")
+            [data.position]
+            if kind == "stop_sign"
+            else data.polygon
+            if kind in ("crosswalk", "speed_bump", "driveway")
             else data.polyline
         )
         np.testing.assert_array_equal(
             scenario.map_polyline(i), np.array([[p.x, p.y, p.z] for p in points]).reshape(-1, 3)
         )
         if kind == "lane":
-            entries = scenario.lane_entry_lanes[
-                scenario.lane_entry_splits[i] : scenario.lane_entry_splits[i + 1]
-            ]
+            entries = scenario.lane_entry_lanes[scenario.lane_entry_splits[i] : scenario.lane_entry_splits[i + 1]]
             assert entries.tolist() == list(data.entry_lanes)
             assert scenario.lane_speed_limit_mph[i] == data.speed_limit_mph
 
@@ -92,7 +92,8 @@ def test_traffic_light_states_per_step(scenario_file, real_scenarios):
         assert scenario.light_state[rows].tolist() == [ls.state for ls in dynamic.lane_states]
     # Lights change over the scenario: some lane has more than one state.
     changing = [
-        lane for lane in np.unique(scenario.light_lane)
+        lane
+        for lane in np.unique(scenario.light_lane)
         if len(np.unique(scenario.light_state[scenario.light_lane == lane])) > 1
     ]
     assert len(changing) == 8
@@ -198,16 +199,25 @@ def _set_bytes(feature, value: list[bytes]) -> None:
     feature.bytes_list.value[:] = value  # assigning the oneof member drops the numbers
 
 
-@pytest.mark.parametrize("feature, mutate", [
-    ("scenario/id", lambda f: f["scenario/id"].bytes_list.value.pop()),
-    ("state/current/x", lambda f: _set_bytes(f["state/current/x"], [b"1.0"] * 128)),
-    ("state/tracks_to_predict", lambda f: f["state/tracks_to_predict"].int64_list.value.__delitem__(slice(5, None))),
-    ("roadgraph_samples/valid", lambda f: f["roadgraph_samples/valid"].int64_list.value.__delitem__(slice(100, None))),
-    ("state/is_sdc", lambda f: f.__delitem__("state/is_sdc")),
-    ("state/id", lambda f: f["state/id"].float_list.value.__setitem__(0, 0.5)),
-    ("roadgraph_samples/type", lambda f: f["roadgraph_samples/type"].int64_list.value.__setitem__(0, 99)),
-    ("traffic_light_state/past/state", lambda f: f["traffic_light_state/past/state"].int64_list.value.append(1)),
-])
+@pytest.mark.parametrize(
+    "feature, mutate",
+    [
+        ("scenario/id", lambda f: f["scenario/id"].bytes_list.value.pop()),
+        ("state/current/x", lambda f: _set_bytes(f["state/current/x"], [b"1.0"] * 128)),
+        (
+            "state/tracks_to_predict",
+            lambda f: f["state/tracks_to_predict"].int64_list.value.__delitem__(slice(5, None)),
+        ),
+        (
+            "roadgraph_samples/valid",
+            lambda f: f["roadgraph_samples/valid"].int64_list.value.__delitem__(slice(100, None)),
+        ),
+        ("state/is_sdc", lambda f: f.__delitem__("state/is_sdc")),
+        ("state/id", lambda f: f["state/id"].float_list.value.__setitem__(0, 0.5)),
+        ("roadgraph_samples/type", lambda f: f["roadgraph_samples/type"].int64_list.value.__setitem__(0, 99)),
+        ("traffic_light_state/past/state", lambda f: f["traffic_light_state/past/state"].int64_list.value.append(1)),
+    ],
+)
 def test_malformed_tf_example_names_record_and_feature(tmp_path, example_file, feature, mutate):
     good = next(iter_records(example_file))
     path = tmp_path / "bad_example.tfrecord"
@@ -235,17 +245,20 @@ def _set_boundary_index(proto) -> None:
     lane.right_boundaries[0].lane_start_index = -3
 
 
-@pytest.mark.parametrize("field, mutate", [
-    ("sdc_track_index", lambda p: setattr(p, "sdc_track_index", 83)),
-    ("current_time_index", lambda p: setattr(p, "current_time_index", 91)),
-    ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[1], "track_index", -1)),
-    ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[0], "track_index", 1000)),
-    ("left_neighbors", _set_neighbor_index),
-    ("left_neighbors: neighbour", _set_neighbor_far_index),
-    ("right_boundaries", _set_boundary_index),
-    ("dynamic_map_states", lambda p: p.dynamic_map_states.add()),
-    ("tracks", lambda p: p.tracks[3].states.add()),
-])
+@pytest.mark.parametrize(
+    "field, mutate",
+    [
+        ("sdc_track_index", lambda p: setattr(p, "sdc_track_index", 83)),
+        ("current_time_index", lambda p: setattr(p, "current_time_index", 91)),
+        ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[1], "track_index", -1)),
+        ("tracks_to_predict", lambda p: setattr(p.tracks_to_predict[0], "track_index", 1000)),
+        ("left_neighbors", _set_neighbor_index),
+        ("left_neighbors: neighbour", _set_neighbor_far_index),
+        ("right_boundaries", _set_boundary_index),
+        ("dynamic_map_states", lambda p: p.dynamic_map_states.add()),
+        ("tracks", lambda p: p.tracks[3].states.add()),
+    ],
+)
 def test_out_of_range_references_are_decode_errors(tmp_path, scenario_file, field, mutate):
     proto = _proto(scenario_file)
     mutate(proto)

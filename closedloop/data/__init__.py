@@ -15,8 +15,22 @@ from closedloop.data.womd import (
 )
 
 __all__ = [
-    "CacheError", "CachedScenarioDataset", "Scenario", "ScenarioBatch", "ScenarioCache", "ScenarioDecodeError",
-    "SkipCounter", "TFRecordError", "WomdIterableDataset", "collate_scenarios", "iter_records",
-    "prepare_cache", "read_scenarios", "scenario_from_proto", "scenario_to_proto",
-    "select_agents", "write_records", "write_scenarios",
+    "CacheError",
+    "CachedScenarioDataset",
+    "Scenario",
+    "ScenarioBatch",
+    "ScenarioCache",
+    "ScenarioDecodeError",
+    "SkipCounter",
+    "TFRecordError",
+    "WomdIterableDataset",
+    "collate_scenarios",
+    "iter_records",
+    "prepare_cache",
+    "read_scenarios",
+    "scenario_from_proto",
+    "scenario_to_proto",
+    "select_agents",
+    "write_records",
+    "write_scenarios",
 ]

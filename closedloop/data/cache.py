@@ -24,9 +24,9 @@ import json
 import os
 import zipfile
 import zlib
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -66,9 +66,15 @@ def _convert_shard(source: str, target: str, on_error: OnError) -> dict:
             arrays[f"{count - 1}/{name}"] = value
     with atomic_write(target) as handle:
         np.savez(handle, **arrays)
-    return {"source": source, "file": Path(target).name, "count": count,
-            "bytes": os.path.getsize(target), "sha256": _sha256(Path(target)),
-            "skipped": len(skipped), "errors": skipped.errors}
+    return {
+        "source": source,
+        "file": Path(target).name,
+        "count": count,
+        "bytes": os.path.getsize(target),
+        "sha256": _sha256(Path(target)),
+        "skipped": len(skipped),
+        "errors": skipped.errors,
+    }
 
 
 def _shard_is_intact(out: Path, shard: dict) -> bool:
@@ -100,8 +106,10 @@ def _check_shard_entry(path: Path, i: int, entry: object) -> dict:
             raise CacheError(f"{path}: shards[{i}].{key} is missing or not a {kind.__name__}")
     name = entry["file"]
     if entry["count"] < 0 or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise CacheError(f"{path}: shards[{i}] has count {entry['count']} and file {name!r}; "
-                         "expected a non-negative count and a plain file name")
+        raise CacheError(
+            f"{path}: shards[{i}] has count {entry['count']} and file {name!r}; "
+            "expected a non-negative count and a plain file name"
+        )
     return entry
 
 
@@ -112,8 +120,9 @@ def _read_manifest(out: Path) -> list[dict]:
     try:
         manifest = json.loads(path.read_bytes())
     except (ValueError, OSError) as err:
-        raise CacheError(f"{path}: not a readable cache manifest ({err}); delete the cache directory "
-                         "and rerun `closedloop prepare`") from None
+        raise CacheError(
+            f"{path}: not a readable cache manifest ({err}); delete the cache directory and rerun `closedloop prepare`"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(f"{path}: not a closedloop cache manifest (version {VERSION})")
     if not isinstance(manifest.get("shards"), list):
@@ -147,8 +156,9 @@ def prepare_cache(
     pending = [s for s in sources if str(s) not in done]
     rebuilt = sum(str(s) in recorded for s in pending)
     shards = list(done.values())
-    bar = tqdm(total=len(sources), initial=len(sources) - len(pending), unit="shard",
-               desc="prepare", disable=not progress)
+    bar = tqdm(
+        total=len(sources), initial=len(sources) - len(pending), unit="shard", desc="prepare", disable=not progress
+    )
     jobs = [(str(s), str(out / "shards" / _shard_name(s)), on_error) for s in pending]
     try:
         if workers <= 1:
@@ -167,7 +177,9 @@ def prepare_cache(
         bar.close()
     _write_manifest(out, shards)
     return {
-        "converted": len(pending), "rebuilt": rebuilt, "reused": len(sources) - len(pending),
+        "converted": len(pending),
+        "rebuilt": rebuilt,
+        "reused": len(sources) - len(pending),
         "scenarios": sum(s["count"] for s in shards if Path(s["source"]) in set(sources)),
         "skipped": sum(s["skipped"] for s in shards),
     }
@@ -196,8 +208,10 @@ class ScenarioCache:
             entry = self.shards[shard]
             path = self.root / "shards" / entry["file"]
             if "bytes" in entry and path.is_file() and path.stat().st_size != entry["bytes"]:
-                raise CacheError(f"{path}: {path.stat().st_size} bytes, the manifest recorded {entry['bytes']}; "
-                                 "rerun `closedloop prepare` to rebuild it")
+                raise CacheError(
+                    f"{path}: {path.stat().st_size} bytes, the manifest recorded {entry['bytes']}; "
+                    "rerun `closedloop prepare` to rebuild it"
+                )
             archive = self._guarded(path, "(the archive)", lambda: np.load(path, allow_pickle=False))
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CacheError(f"{path}: not an npz archive; rerun `closedloop prepare` to rebuild it")
@@ -206,8 +220,10 @@ class ScenarioCache:
             if (count and f"{count - 1}/scenario_id" not in names) or f"{count}/scenario_id" in names:
                 archive.close()
                 held = sum(name.endswith("/scenario_id") for name in names)
-                raise CacheError(f"{path}: holds {held} scenarios, the manifest says {count}; "
-                                 "rerun `closedloop prepare` to rebuild it")
+                raise CacheError(
+                    f"{path}: holds {held} scenarios, the manifest says {count}; "
+                    "rerun `closedloop prepare` to rebuild it"
+                )
             self._open = (pid, shard, archive)
         return self._open[2]
 
@@ -221,8 +237,9 @@ class ScenarioCache:
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
             # numpy reads garbage where an npy header belongs as "pickled data": say what it is.
             reason = "corrupt: no npy array header" if "pickle" in str(err) else str(err) or type(err).__name__
-            raise CacheError(f"{path}: member {member}: unreadable ({reason}); "
-                             "rerun `closedloop prepare` to rebuild it") from None
+            raise CacheError(
+                f"{path}: member {member}: unreadable ({reason}); rerun `closedloop prepare` to rebuild it"
+            ) from None
 
     def __getitem__(self, index: int) -> Scenario:
         if not -len(self) <= index < len(self):

@@ -16,7 +16,7 @@ which the reader reports as a ``ScenarioDecodeError`` for that record.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -35,35 +35,45 @@ _LIGHT_SLOTS = 16
 _MAX_INTEGER = 2.0**53
 
 
-@lru_cache(maxsize=None)
+@cache
 def example_class():
     """The protobuf class of ``tf.Example``, built from its schema at first use."""
     F = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(
-        name="closedloop_tf_example.proto", package=_PACKAGE, syntax="proto3"
-    )
-    for name, value_type in (("BytesList", F.TYPE_BYTES), ("FloatList", F.TYPE_FLOAT),
-                             ("Int64List", F.TYPE_INT64)):
-        file.message_type.add(name=name).field.add(
-            name="value", number=1, label=F.LABEL_REPEATED, type=value_type
-        )
+    file = descriptor_pb2.FileDescriptorProto(name="closedloop_tf_example.proto", package=_PACKAGE, syntax="proto3")
+    for name, value_type in (("BytesList", F.TYPE_BYTES), ("FloatList", F.TYPE_FLOAT), ("Int64List", F.TYPE_INT64)):
+        file.message_type.add(name=name).field.add(name="value", number=1, label=F.LABEL_REPEATED, type=value_type)
     feature = file.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, (name, type_name) in enumerate(
         (("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")), 1
     ):
-        feature.field.add(name=name, number=number, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                          type_name=f".{_PACKAGE}.{type_name}", oneof_index=0)
+        feature.field.add(
+            name=name,
+            number=number,
+            label=F.LABEL_OPTIONAL,
+            type=F.TYPE_MESSAGE,
+            type_name=f".{_PACKAGE}.{type_name}",
+            oneof_index=0,
+        )
     features = file.message_type.add(name="Features")
     entry = features.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_STRING)
-    entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                    type_name=f".{_PACKAGE}.Feature")
-    features.field.add(name="feature", number=1, label=F.LABEL_REPEATED, type=F.TYPE_MESSAGE,
-                       type_name=f".{_PACKAGE}.Features.FeatureEntry")
+    entry.field.add(
+        name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=f".{_PACKAGE}.Feature"
+    )
+    features.field.add(
+        name="feature",
+        number=1,
+        label=F.LABEL_REPEATED,
+        type=F.TYPE_MESSAGE,
+        type_name=f".{_PACKAGE}.Features.FeatureEntry",
+    )
     file.message_type.add(name="Example").field.add(
-        name="features", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
+        name="features",
+        number=1,
+        label=F.LABEL_OPTIONAL,
+        type=F.TYPE_MESSAGE,
         type_name=f".{_PACKAGE}.Features",
     )
     pool = descriptor_pool.DescriptorPool()
@@ -109,8 +119,11 @@ class ExampleFeatures:
         """``size`` integer values as int64; floats must be whole and exact."""
         values = self.numbers(name, size)
         if values.dtype.kind == "f":
-            if not (np.isfinite(values).all() and (np.abs(values) <= _MAX_INTEGER).all()
-                    and (values == np.round(values)).all()):
+            if not (
+                np.isfinite(values).all()
+                and (np.abs(values) <= _MAX_INTEGER).all()
+                and (values == np.round(values)).all()
+            ):
                 raise ValueError(f"feature {name!r} holds values that are not integers")
             values = values.astype(np.int64)
         return values
@@ -185,9 +198,14 @@ def _map_features(f: ExampleFeatures) -> tuple[np.ndarray, ...]:
     counts = np.bincount(feature_of_point, minlength=len(rank))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     try:
-        kinds, subtypes = (np.array(c, dtype=np.int8).reshape(-1) for c in zip(
-            *(road_type_kind(int(code)) for code in road_type[order][starts])
-        )) if len(rank) else (np.zeros(0, np.int8), np.zeros(0, np.int8))
+        kinds, subtypes = (
+            (
+                np.array(c, dtype=np.int8).reshape(-1)
+                for c in zip(*(road_type_kind(int(code)) for code in road_type[order][starts]))
+            )
+            if len(rank)
+            else (np.zeros(0, np.int8), np.zeros(0, np.int8))
+        )
     except ValueError as err:
         raise ValueError(f"feature 'roadgraph_samples/type': {err}") from None
     stop_sign = kinds == MAP_KIND_INDEX["stop_sign"]
@@ -216,8 +234,12 @@ def _lights(f: ExampleFeatures) -> tuple[np.ndarray, ...]:
         offset += num
     if not steps:
         return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros((0, 3))
-    return (np.concatenate(steps).astype(np.int32), np.concatenate(lanes), np.concatenate(states).astype(np.int8),
-            np.concatenate(points).astype(np.float64))
+    return (
+        np.concatenate(steps).astype(np.int32),
+        np.concatenate(lanes),
+        np.concatenate(states).astype(np.int8),
+        np.concatenate(points).astype(np.float64),
+    )
 
 
 def scenario_from_example(f: ExampleFeatures) -> Scenario:
@@ -238,8 +260,9 @@ def scenario_from_example(f: ExampleFeatures) -> Scenario:
     if not len(sdc):
         raise ValueError("feature 'state/is_sdc' marks no valid track as the SDC")
     ttp = np.flatnonzero(f.flags("state/tracks_to_predict", slots)[keep]).astype(np.int32)
-    difficulty = (f.integers("state/difficulty_level", slots) if "state/difficulty_level" in f
-                  else np.zeros(slots, np.int64))[keep]
+    difficulty = (
+        f.integers("state/difficulty_level", slots) if "state/difficulty_level" in f else np.zeros(slots, np.int64)
+    )[keep]
     track_type = _in_range("state/type", f.integers("state/type", slots)[keep], 0, 127)
     interesting = f.flags("state/objects_of_interest", slots)[keep]
 

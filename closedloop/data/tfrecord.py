@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import google_crc32c
 
@@ -55,9 +56,7 @@ def _read_exact(handle: BinaryIO, size: int) -> bytes:
     return data if data is not None else b""
 
 
-def iter_records(
-    path: str | os.PathLike, *, allow_empty: bool = False, verify: bool = True
-) -> Iterator[bytes]:
+def iter_records(path: str | os.PathLike, *, allow_empty: bool = False, verify: bool = True) -> Iterator[bytes]:
     """Yield the payload of every record in ``path``, verifying both checksums.
 
     Raises :class:`TFRecordError` on the first bad record; records before it have already
@@ -69,7 +68,10 @@ def iter_records(
 
 
 def iter_record_spans(
-    path: str | os.PathLike, *, allow_empty: bool = False, verify: bool = True,
+    path: str | os.PathLike,
+    *,
+    allow_empty: bool = False,
+    verify: bool = True,
     keep: Callable[[int], bool] | None = None,
     on_corrupt_payload: Callable[[TFRecordError], None] | None = None,
 ) -> Iterator[tuple[int, int, bytes | None]]:
@@ -104,21 +106,26 @@ def iter_record_spans(
                 return
             if len(header) < _HEADER.size:
                 raise TFRecordError(
-                    path, index, offset,
+                    path,
+                    index,
+                    offset,
                     f"truncated length header ({len(header)} of {_HEADER.size} bytes)",
                 )
             length, length_crc = _HEADER.unpack(header)
             if verify and masked_crc32c(header[:8]) != length_crc:
                 raise TFRecordError(
-                    path, index, offset,
+                    path,
+                    index,
+                    offset,
                     "CRC mismatch in the length header (corrupt, or not a TFRecord file)",
                 )
             left = None if size is None else size - offset - _HEADER.size
             if left is not None and length + _FOOTER.size > left:
                 raise TFRecordError(
-                    path, index, offset,
-                    f"truncated record: declares {length} payload bytes and a checksum, "
-                    f"the file has {left} bytes left",
+                    path,
+                    index,
+                    offset,
+                    f"truncated record: declares {length} payload bytes and a checksum, the file has {left} bytes left",
                 )
             if length > MAX_RECORD_BYTES:
                 raise TFRecordError(path, index, offset, f"implausible record length {length}")
@@ -130,7 +137,9 @@ def iter_record_spans(
                 footer = _read_exact(handle, _FOOTER.size)
                 if len(payload) < length or len(footer) < _FOOTER.size:  # the file shrank
                     raise TFRecordError(
-                        path, index, offset,
+                        path,
+                        index,
+                        offset,
                         f"truncated record: expected {length} payload bytes and a checksum",
                     )
                 if verify and masked_crc32c(payload) != _FOOTER.unpack(footer)[0]:
@@ -152,9 +161,7 @@ def count_records(path: str | os.PathLike) -> int:
 def encode_record(payload: bytes) -> bytes:
     """One framed record, byte for byte what TensorFlow's TFRecordWriter writes."""
     length = struct.pack("<Q", len(payload))
-    return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack(
-        "<I", masked_crc32c(payload)
-    )
+    return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
 
 
 def write_records(path: str | os.PathLike, payloads: Iterable[bytes]) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -22,9 +23,7 @@ from closedloop.data.tfrecord import TFRecordError, iter_record_spans, write_rec
 try:
     from waymo_open_dataset.protos import map_pb2, scenario_pb2
 except ImportError as err:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "closedloop needs the WOMD protos: pip install --no-deps waymo-open-dataset-tf-2-12-0"
-    ) from err
+    raise ImportError("closedloop needs the WOMD protos: pip install --no-deps waymo-open-dataset-tf-2-12-0") from err
 
 from google.protobuf.message import DecodeError
 
@@ -50,13 +49,10 @@ def _flatten(groups: Sequence[Sequence], width: int | None = None, dtype=np.int6
 
 
 def _boundary_rows(segments) -> list[tuple[int, int, int, int]]:
-    return [
-        (b.lane_start_index, b.lane_end_index, b.boundary_feature_id, b.boundary_type)
-        for b in segments
-    ]
+    return [(b.lane_start_index, b.lane_end_index, b.boundary_feature_id, b.boundary_type) for b in segments]
 
 
-def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
+def scenario_from_proto(proto: scenario_pb2.Scenario) -> Scenario:
     """Convert a parsed ``Scenario`` proto into a record."""
     num_steps = len(proto.timestamps_seconds)
     num_tracks = len(proto.tracks)
@@ -73,11 +69,24 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
                 f"tracks[{a}].states: track {track.id} has {len(track.states)} states "
                 f"but the scenario has {num_steps} timestamps"
             )
-        rows = np.array([
-            (s.center_x, s.center_y, s.center_z, s.length, s.width, s.height, s.heading,
-             s.velocity_x, s.velocity_y, s.valid)
-            for s in track.states
-        ], dtype=np.float64).reshape(num_steps, 10)
+        rows = np.array(
+            [
+                (
+                    s.center_x,
+                    s.center_y,
+                    s.center_z,
+                    s.length,
+                    s.width,
+                    s.height,
+                    s.heading,
+                    s.velocity_x,
+                    s.velocity_y,
+                    s.valid,
+                )
+                for s in track.states
+            ],
+            dtype=np.float64,
+        ).reshape(num_steps, 10)
         xyz[a], dims[a], heading[a] = rows[:, 0:3], rows[:, 3:6], rows[:, 6]
         velocity[a], valid[a] = rows[:, 7:9], rows[:, 9]
 
@@ -118,20 +127,22 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
     neighbor_fields = {}
     for side in ("left", "right"):
         rows = [
-            [(n.feature_id, n.self_start_index, n.self_end_index, n.neighbor_start_index,
-              n.neighbor_end_index) for n in group]
+            [
+                (n.feature_id, n.self_start_index, n.self_end_index, n.neighbor_start_index, n.neighbor_end_index)
+                for n in group
+            ]
             for group in neighbors[side]
         ]
         flat, splits = _flatten(rows, 5)
-        bounds, bound_splits = _flatten(
-            [_boundary_rows(n.boundaries) for group in neighbors[side] for n in group], 4
+        bounds, bound_splits = _flatten([_boundary_rows(n.boundaries) for group in neighbors[side] for n in group], 4)
+        neighbor_fields.update(
+            {
+                f"lane_{side}_neighbors": flat,
+                f"lane_{side}_neighbor_splits": splits,
+                f"lane_{side}_neighbor_boundaries": bounds,
+                f"lane_{side}_neighbor_boundary_splits": bound_splits,
+            }
         )
-        neighbor_fields.update({
-            f"lane_{side}_neighbors": flat,
-            f"lane_{side}_neighbor_splits": splits,
-            f"lane_{side}_neighbor_boundaries": bounds,
-            f"lane_{side}_neighbor_boundary_splits": bound_splits,
-        })
 
     light_rows = [
         (step, ls.lane, ls.state, ls.stop_point.x, ls.stop_point.y, ls.stop_point.z)
@@ -140,9 +151,7 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
     ]
     lights = np.array(light_rows, dtype=np.float64).reshape(-1, 6)
     # Lane ids are int64 and may exceed float64's exact range: take them from the proto.
-    light_lane = np.array(
-        [ls.lane for dyn in proto.dynamic_map_states for ls in dyn.lane_states], dtype=np.int64
-    )
+    light_lane = np.array([ls.lane for dyn in proto.dynamic_map_states for ls in dyn.lane_states], dtype=np.int64)
 
     entry_flat, entry_splits = _flatten(entry)
     exit_flat, exit_splits = _flatten(exits)
@@ -162,9 +171,7 @@ def scenario_from_proto(proto: "scenario_pb2.Scenario") -> Scenario:
         track_velocity=velocity,
         track_valid=valid,
         tracks_to_predict=np.array([r.track_index for r in proto.tracks_to_predict], dtype=np.int32),
-        tracks_to_predict_difficulty=np.array(
-            [r.difficulty for r in proto.tracks_to_predict], dtype=np.int8
-        ),
+        tracks_to_predict_difficulty=np.array([r.difficulty for r in proto.tracks_to_predict], dtype=np.int8),
         objects_of_interest=np.array(proto.objects_of_interest, dtype=np.int64),
         map_id=np.array(ids, dtype=np.int64),
         map_kind=np.array(kinds, dtype=np.int8),
@@ -199,11 +206,12 @@ def _rows(flat: np.ndarray, splits: np.ndarray, i: int) -> np.ndarray:
 
 def _fill_boundaries(target, rows: np.ndarray) -> None:
     for start, end, feature_id, boundary_type in rows.tolist():
-        target.add(lane_start_index=start, lane_end_index=end,
-                   boundary_feature_id=feature_id, boundary_type=boundary_type)
+        target.add(
+            lane_start_index=start, lane_end_index=end, boundary_feature_id=feature_id, boundary_type=boundary_type
+        )
 
 
-def scenario_to_proto(scenario: Scenario) -> "scenario_pb2.Scenario":
+def scenario_to_proto(scenario: Scenario) -> scenario_pb2.Scenario:
     """Build the ``Scenario`` proto a record came from."""
     s = scenario
     proto = scenario_pb2.Scenario(
@@ -218,9 +226,15 @@ def scenario_to_proto(scenario: Scenario) -> "scenario_pb2.Scenario":
         track = proto.tracks.add(id=track_id, object_type=track_type)
         for t in range(s.num_steps):
             track.states.add(
-                center_x=xyz[a][t][0], center_y=xyz[a][t][1], center_z=xyz[a][t][2],
-                length=dims[a][t][0], width=dims[a][t][1], height=dims[a][t][2],
-                heading=heading[a][t], velocity_x=vel[a][t][0], velocity_y=vel[a][t][1],
+                center_x=xyz[a][t][0],
+                center_y=xyz[a][t][1],
+                center_z=xyz[a][t][2],
+                length=dims[a][t][0],
+                width=dims[a][t][1],
+                height=dims[a][t][2],
+                heading=heading[a][t],
+                velocity_x=vel[a][t][0],
+                velocity_y=vel[a][t][1],
                 valid=valid[a][t],
             )
     for index, difficulty in zip(s.tracks_to_predict.tolist(), s.tracks_to_predict_difficulty.tolist()):
@@ -263,13 +277,20 @@ def scenario_to_proto(scenario: Scenario) -> "scenario_pb2.Scenario":
             target = getattr(data, f"{side}_neighbors")
             for n in range(splits[i], splits[i + 1]):
                 fid, s0, s1, n0, n1 = flat[n].tolist()
-                neighbor = target.add(feature_id=fid, self_start_index=s0, self_end_index=s1,
-                                      neighbor_start_index=n0, neighbor_end_index=n1)
+                neighbor = target.add(
+                    feature_id=fid,
+                    self_start_index=s0,
+                    self_end_index=s1,
+                    neighbor_start_index=n0,
+                    neighbor_end_index=n1,
+                )
                 _fill_boundaries(neighbor.boundaries, _rows(bounds, bound_splits, n))
 
     dynamic = [proto.dynamic_map_states.add() for _ in range(s.num_dynamic_states)]
     for step, lane, state, (x, y, z) in zip(
-        s.light_step.tolist(), s.light_lane.tolist(), s.light_state.tolist(),
+        s.light_step.tolist(),
+        s.light_lane.tolist(),
+        s.light_state.tolist(),
         s.light_stop_point.tolist(),
     ):
         dynamic[step].lane_states.add(lane=lane, state=state, stop_point=map_pb2.MapPoint(x=x, y=y, z=z))
@@ -318,9 +339,7 @@ def parse_scenario(payload: bytes, path: str = "<bytes>", record_index: int = 0)
         else:
             features = parse_example_features(payload)
             if not is_motion_example(features):
-                raise ScenarioDecodeError(
-                    path, record_index, "not a WOMD Scenario proto nor a WOMD motion tf.Example"
-                )
+                raise ScenarioDecodeError(path, record_index, "not a WOMD Scenario proto nor a WOMD motion tf.Example")
             scenario = scenario_from_example(features)
         check_references(scenario)
     except (ValueError, KeyError) as err:
@@ -345,17 +364,17 @@ def check_references(s: Scenario) -> None:
     cropped, so a lane may lead to one outside the scenario.
     """
     if not 0 <= s.current_time_index < s.num_steps:
-        raise ValueError(f"current_time_index {s.current_time_index} is not a step of the "
-                         f"{s.num_steps} timestamps")
+        raise ValueError(f"current_time_index {s.current_time_index} is not a step of the {s.num_steps} timestamps")
     if not 0 <= s.sdc_track_index < s.num_tracks:
         raise ValueError(f"sdc_track_index {s.sdc_track_index} is not one of the {s.num_tracks} tracks")
     bad = _outside(s.tracks_to_predict, s.num_tracks)
     if bad.any():
-        raise ValueError(f"tracks_to_predict[{np.flatnonzero(bad)[0]}].track_index "
-                         f"{s.tracks_to_predict[bad][0]} is not one of the {s.num_tracks} tracks")
+        raise ValueError(
+            f"tracks_to_predict[{np.flatnonzero(bad)[0]}].track_index "
+            f"{s.tracks_to_predict[bad][0]} is not one of the {s.num_tracks} tracks"
+        )
     if s.num_dynamic_states > s.num_steps:
-        raise ValueError(f"dynamic_map_states has {s.num_dynamic_states} steps, more than the "
-                         f"{s.num_steps} timestamps")
+        raise ValueError(f"dynamic_map_states has {s.num_dynamic_states} steps, more than the {s.num_steps} timestamps")
     lengths = np.diff(s.map_point_splits)
     position = {feature_id: i for i, feature_id in enumerate(s.map_id.tolist())}
     for side in ("left", "right"):
@@ -368,15 +387,19 @@ def check_references(s: Scenario) -> None:
             bad = _outside(rows[:, columns], lengths[owner, None]).any(axis=1)
             if bad.any():
                 feature = s.map_id[owner[np.flatnonzero(bad)[0]]]
-                raise ValueError(f"map feature {feature}: {name.removeprefix('lane_')} index points "
-                                 f"{rows[bad][0, columns].tolist()} outside its {lengths[owner[bad][0]]} points")
+                raise ValueError(
+                    f"map feature {feature}: {name.removeprefix('lane_')} index points "
+                    f"{rows[bad][0, columns].tolist()} outside its {lengths[owner[bad][0]]} points"
+                )
         rows = getattr(s, f"lane_{side}_neighbors")
         owner = np.repeat(s.map_id, np.diff(getattr(s, f"lane_{side}_neighbor_splits")))
         for lane, (feature_id, start, end) in zip(owner.tolist(), rows[:, [0, 3, 4]].tolist()):
             size = lengths[position[feature_id]] if feature_id in position else None
             if size is not None and not (0 <= start < size and 0 <= end < size):
-                raise ValueError(f"map feature {lane}: {side}_neighbors: neighbour {feature_id}'s index "
-                                 f"points {[start, end]} outside its {size} points")
+                raise ValueError(
+                    f"map feature {lane}: {side}_neighbors: neighbour {feature_id}'s index "
+                    f"points {[start, end]} outside its {size} points"
+                )
 
 
 class SkipCounter:
@@ -425,6 +448,7 @@ def iter_file_scenarios(
     decode is skipped alone; only broken framing (a bad length header, a truncated record)
     ends the file, since no record after it can be located.
     """
+
     def corrupt_payload(err: TFRecordError) -> None:
         _note_skip(skipped, f"skipping bad record: {err}")
 

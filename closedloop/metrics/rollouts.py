@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -36,12 +36,15 @@ class Rollouts:
     path: str = ""
 
 
-def save_rollouts(path: str | os.PathLike, scenario_id: str, object_ids: np.ndarray,
-                  trajectories: np.ndarray) -> None:
+def save_rollouts(path: str | os.PathLike, scenario_id: str, object_ids: np.ndarray, trajectories: np.ndarray) -> None:
     """Write one rollout file atomically."""
     with atomic_write(path) as handle:
-        np.savez(handle, scenario_id=np.array(scenario_id), object_ids=np.asarray(object_ids, np.int64),
-                 trajectories=np.asarray(trajectories, np.float32))
+        np.savez(
+            handle,
+            scenario_id=np.array(scenario_id),
+            object_ids=np.asarray(object_ids, np.int64),
+            trajectories=np.asarray(trajectories, np.float32),
+        )
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,8 +52,9 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise RolloutFileError(f"{path}: a single .npy array, not a rollout .npz archive "
-                                   f"(expected keys {', '.join(KEYS)})")
+            raise RolloutFileError(
+                f"{path}: a single .npy array, not a rollout .npz archive (expected keys {', '.join(KEYS)})"
+            )
         with data:
             missing = [k for k in KEYS if k not in data.files]
             if missing:
@@ -81,14 +85,18 @@ def load_rollouts(path: str | os.PathLike) -> Rollouts:
         raise RolloutFileError(f"{path}: trajectories must be real floating point, got {traj.dtype}")
     if traj.ndim != 4 or traj.shape[0] < 1 or traj.shape[2:] != (80, 4) or traj.shape[1] != len(ids):
         raise RolloutFileError(
-            f"{path}: trajectories must be [rollouts >= 1, {len(ids)} objects, 80, 4], got {list(traj.shape)}")
+            f"{path}: trajectories must be [rollouts >= 1, {len(ids)} objects, 80, 4], got {list(traj.shape)}"
+        )
     if not np.isfinite(traj).all():
         r, a, t, c = np.argwhere(~np.isfinite(traj))[0]
-        raise RolloutFileError(f"{path}: non-finite trajectory value at rollout {r}, object {ids[a]}, "
-                               f"step {t}, channel {'xyzh'[c]}")
+        raise RolloutFileError(
+            f"{path}: non-finite trajectory value at rollout {r}, object {ids[a]}, step {t}, channel {'xyzh'[c]}"
+        )
     if np.abs(traj).max(initial=0) > MAX_ABS_VALUE:
-        raise RolloutFileError(f"{path}: trajectory values up to {np.abs(traj).max():.3g}, beyond the "
-                               f"plausible {MAX_ABS_VALUE:g} (metres or radians)")
+        raise RolloutFileError(
+            f"{path}: trajectory values up to {np.abs(traj).max():.3g}, beyond the "
+            f"plausible {MAX_ABS_VALUE:g} (metres or radians)"
+        )
     sid = sid.item().decode(errors="replace") if sid.dtype.kind == "S" else str(sid)
     return Rollouts(sid, ids.astype(np.int64), traj.astype(np.float32), str(path))
 

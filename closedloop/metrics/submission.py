@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 from waymo_open_dataset.protos import sim_agents_submission_pb2 as pb
@@ -34,12 +34,20 @@ def scenario_rollouts(rollouts: Rollouts) -> pb.ScenarioRollouts:
     traj = rollouts.trajectories
     scenes = []
     for r in range(traj.shape[0]):
-        scenes.append(pb.JointScene(simulated_trajectories=[
-            pb.SimulatedTrajectory(center_x=traj[r, a, :, 0], center_y=traj[r, a, :, 1],
-                                   center_z=traj[r, a, :, 2], heading=traj[r, a, :, 3],
-                                   object_id=int(object_id))
-            for a, object_id in enumerate(rollouts.object_ids)
-        ]))
+        scenes.append(
+            pb.JointScene(
+                simulated_trajectories=[
+                    pb.SimulatedTrajectory(
+                        center_x=traj[r, a, :, 0],
+                        center_y=traj[r, a, :, 1],
+                        center_z=traj[r, a, :, 2],
+                        heading=traj[r, a, :, 3],
+                        object_id=int(object_id),
+                    )
+                    for a, object_id in enumerate(rollouts.object_ids)
+                ]
+            )
+        )
     return pb.ScenarioRollouts(scenario_id=rollouts.scenario_id, joint_scenes=scenes)
 
 
@@ -57,8 +65,7 @@ def submission_problem(rollouts: Rollouts, num_rollouts: int = NUM_ROLLOUTS) -> 
     return None
 
 
-def validate(proto: pb.ScenarioRollouts, scenario: Scenario | None = None,
-             num_rollouts: int = NUM_ROLLOUTS) -> None:
+def validate(proto: pb.ScenarioRollouts, scenario: Scenario | None = None, num_rollouts: int = NUM_ROLLOUTS) -> None:
     """The reference validator's checks: a scenario id, ``num_rollouts`` joint scenes,
     80 steps for x, y, z and heading, and (given the scenario) exactly the objects valid
     at the current step. Raises :class:`SubmissionError` naming the scenario."""
@@ -66,8 +73,9 @@ def validate(proto: pb.ScenarioRollouts, scenario: Scenario | None = None,
     if not proto.HasField("scenario_id") or not sid:
         raise SubmissionError("scenario rollouts without a scenario_id")
     if len(proto.joint_scenes) != num_rollouts:
-        raise SubmissionError(f"scenario {sid}: {len(proto.joint_scenes)} rollouts, the challenge "
-                              f"needs exactly {num_rollouts}")
+        raise SubmissionError(
+            f"scenario {sid}: {len(proto.joint_scenes)} rollouts, the challenge needs exactly {num_rollouts}"
+        )
     expected = None
     if scenario is not None:
         if scenario.scenario_id != sid:
@@ -79,8 +87,10 @@ def validate(proto: pb.ScenarioRollouts, scenario: Scenario | None = None,
             for field in ("center_x", "center_y", "center_z", "heading"):
                 n = len(getattr(trajectory, field))
                 if n != SIM_STEPS:
-                    raise SubmissionError(f"scenario {sid}: rollout {k}: object {trajectory.object_id} "
-                                          f"has {n} {field} values, expected {SIM_STEPS}")
+                    raise SubmissionError(
+                        f"scenario {sid}: rollout {k}: object {trajectory.object_id} "
+                        f"has {n} {field} values, expected {SIM_STEPS}"
+                    )
             ids.append(trajectory.object_id)
         if len(set(ids)) != len(ids):
             raise SubmissionError(f"scenario {sid}: rollout {k}: repeated object ids")
@@ -114,8 +124,12 @@ def write_submission(
         raise SubmissionError("a submission needs --method-name and --account")
     header = pb.SimAgentsChallengeSubmission(
         submission_type=pb.SimAgentsChallengeSubmission.SIM_AGENTS_SUBMISSION,
-        account_name=account, unique_method_name=method_name, authors=authors,
-        affiliation=affiliation, description=description, method_link=method_link,
+        account_name=account,
+        unique_method_name=method_name,
+        authors=authors,
+        affiliation=affiliation,
+        description=description,
+        method_link=method_link,
         num_model_parameters=num_model_parameters,
         acknowledge_complies_with_closed_loop_requirement=True,
     ).SerializeToString()
