@@ -27,8 +27,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from closedloop.data.cache import prepare_cache
 
     start = time.perf_counter()
-    result = prepare_cache(args.data, args.out, workers=args.workers, on_error=args.on_error,
-                           progress=not args.quiet)
+    result = prepare_cache(args.data, args.out, workers=args.workers, on_error=args.on_error, progress=not args.quiet)
     seconds = time.perf_counter() - start
     rebuilt = f" ({result['rebuilt']} rebuilt: corrupt or changed)" if result["rebuilt"] else ""
     print(
@@ -54,12 +53,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from closedloop.data.synthetic import generate_dataset
 
     start = time.perf_counter()
-    paths = generate_dataset(args.out, args.num_scenarios, seed=args.seed, shards=args.shards,
-                             town=args.town, agents=args.agents, workers=args.workers,
-                             progress=not args.quiet)
+    paths = generate_dataset(
+        args.out,
+        args.num_scenarios,
+        seed=args.seed,
+        shards=args.shards,
+        town=args.town,
+        agents=args.agents,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - start
-    print(f"wrote {args.num_scenarios} {args.town} scenarios in {len(paths)} shards to {args.out} "
-          f"in {seconds:.1f} s ({args.num_scenarios / seconds:.1f} scenarios/s)")
+    print(
+        f"wrote {args.num_scenarios} {args.town} scenarios in {len(paths)} shards to {args.out} "
+        f"in {seconds:.1f} s ({args.num_scenarios / seconds:.1f} scenarios/s)"
+    )
     return 0
 
 
@@ -75,12 +83,18 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
     files = list(iter_rollout_files(args.rollouts))
     scores = []
-    columns = ("metametric", "min_average_displacement_error", "kinematic", "interactive",
-               "map_based", "simulated_collision_rate", "simulated_offroad_rate")
+    columns = (
+        "metametric",
+        "min_average_displacement_error",
+        "kinematic",
+        "interactive",
+        "map_based",
+        "simulated_collision_rate",
+        "simulated_offroad_rate",
+    )
     if not args.json:
         print(f"{'scenario_id':<18}" + "".join(f"{c[:16]:>17}" for c in columns), flush=True)
-    for path in tqdm(files, desc="metrics", unit="scenario", disable=args.json or len(files) < 2,
-                     file=sys.stderr):
+    for path in tqdm(files, desc="metrics", unit="scenario", disable=args.json or len(files) < 2, file=sys.stderr):
         rollouts = load_rollouts(path)
         if rollouts.scenario_id not in scenarios:
             raise RolloutFileError(f"{path}: scenario {rollouts.scenario_id} is not in --data")
@@ -89,17 +103,18 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         # Scored anyway (debug runs with fewer rollouts are useful), but said out loud.
         problem = submission_problem(rollouts)
         if problem:
-            tqdm.write(f"closedloop metrics: warning: {path}: {problem}; `closedloop submit` would refuse it",
-                       file=sys.stderr)
-        score = score_scenario(scenario, rollouts.object_ids, rollouts.trajectories,
-                               config=args.config, device=args.device)
+            tqdm.write(
+                f"closedloop metrics: warning: {path}: {problem}; `closedloop submit` would refuse it", file=sys.stderr
+            )
+        score = score_scenario(
+            scenario, rollouts.object_ids, rollouts.trajectories, config=args.config, device=args.device
+        )
         score.update(buckets(score, args.config))
         scores.append(score)
         if args.json:
             print(json.dumps(score), flush=True)
         else:
-            print(f"{score['scenario_id']:<18}" + "".join(f"{score[c]:>17.4f}" for c in columns),
-                  flush=True)
+            print(f"{score['scenario_id']:<18}" + "".join(f"{score[c]:>17.4f}" for c in columns), flush=True)
     total = aggregate(scores)
     total.update(buckets(total, args.config))
     if args.json:
@@ -121,10 +136,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
         scenarios = {s.scenario_id: s for s in read_scenarios(args.data)}
     result = write_submission(
-        (load_rollouts(p) for p in iter_rollout_files(args.rollouts)), args.out,
-        method_name=args.method_name, authors=args.authors, account=args.account,
-        affiliation=args.affiliation, description=args.description, method_link=args.method_link,
-        num_model_parameters=args.num_model_parameters, scenarios=scenarios,
+        (load_rollouts(p) for p in iter_rollout_files(args.rollouts)),
+        args.out,
+        method_name=args.method_name,
+        authors=args.authors,
+        account=args.account,
+        affiliation=args.affiliation,
+        description=args.description,
+        method_link=args.method_link,
+        num_model_parameters=args.num_model_parameters,
+        scenarios=scenarios,
         scenarios_per_shard=args.scenarios_per_shard,
     )
     checked = "checked against --data" if scenarios else "shape-checked (pass --data for object checks)"
@@ -148,13 +169,18 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     dynamics = make_dynamics(args.dynamics, vocabulary=vocabulary, chunk=args.chunk)
     scenarios = list(read_scenarios(args.data))
     policy = load_policy(args.policy)
-    results = rollout_scenarios(scenarios, policy, dynamics, args.num_rollouts,
-                                batch_size=args.batch_size, device=args.device, seed=args.seed)
+    results = rollout_scenarios(
+        scenarios, policy, dynamics, args.num_rollouts, batch_size=args.batch_size, device=args.device, seed=args.seed
+    )
     start = time.perf_counter()
-    paths = write_rollouts(tqdm(results, total=len(scenarios), desc="rollout", unit="scenario",
-                                disable=args.quiet, file=sys.stderr), args.out)
-    print(f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
-          f"dynamics {args.dynamics}) to {args.out} in {time.perf_counter() - start:.1f} s")
+    paths = write_rollouts(
+        tqdm(results, total=len(scenarios), desc="rollout", unit="scenario", disable=args.quiet, file=sys.stderr),
+        args.out,
+    )
+    print(
+        f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
+        f"dynamics {args.dynamics}) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -177,10 +203,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise ValueError(f"{rollouts.path}: scenario {rollouts.scenario_id} is not in --data")
     if not 0 <= args.rollout < rollouts.trajectories.shape[0]:
         raise ValueError(f"--rollout {args.rollout}: the file has {rollouts.trajectories.shape[0]} rollouts")
-    final = state_from_rollout(scenarios[rollouts.scenario_id], rollouts.object_ids,
-                               rollouts.trajectories[args.rollout])
-    frames = [render_state(dataclasses.replace(final, t=t), size=args.size, ghosts=args.ghosts)
-              for t in range(final.batch.current_time_index, final.num_steps)]
+    final = state_from_rollout(
+        scenarios[rollouts.scenario_id], rollouts.object_ids, rollouts.trajectories[args.rollout]
+    )
+    frames = [
+        render_state(dataclasses.replace(final, t=t), size=args.size, ghosts=args.ghosts)
+        for t in range(final.batch.current_time_index, final.num_steps)
+    ]
     write_animation(frames, args.out, fps=args.fps)
     print(f"wrote {args.out}: {len(frames)} frames of scenario {rollouts.scenario_id}, rollout {args.rollout}")
     return 0
@@ -189,8 +218,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo
 
-    run_demo(data=args.data, out=Path(args.out), seed=args.seed,
-             num_scenarios=args.num_scenarios)
+    run_demo(data=args.data, out=Path(args.out), seed=args.seed, num_scenarios=args.num_scenarios)
     return 0
 
 
@@ -211,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="TFRecord files, dirs or globs")
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="what to do with corrupt records (skip counts and reports them)")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="what to do with corrupt records (skip counts and reports them)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
@@ -223,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scenarios", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--agents", type=_parse_agents, default=(30, 60), metavar="MIN:MAX",
-                   help="range of the number of agents placed per scenario (default 30:60)")
+    p.add_argument(
+        "--agents",
+        type=_parse_agents,
+        default=(30, 60),
+        metavar="MIN:MAX",
+        help="range of the number of agents placed per scenario (default 30:60)",
+    )
     p.add_argument("--town", choices=TOWNS, default="grid")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -234,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rollout", help="roll a policy out and write rollout files")
     p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
-    p.add_argument("--policy", default="expert", metavar="NAME|module:attr|file.py:attr",
-                   help="log, expert, constant_velocity, idm, or your policy: module:attr, "
-                        "path/to/file.py:attr or an entry point of closedloop.policies (default expert)")
+    p.add_argument(
+        "--policy",
+        default="expert",
+        metavar="NAME|module:attr|file.py:attr",
+        help="log, expert, constant_velocity, idm, or your policy: module:attr, "
+        "path/to/file.py:attr or an entry point of closedloop.policies (default expert)",
+    )
     p.add_argument("--dynamics", choices=DYNAMICS, default="delta_global")
     p.add_argument("--num-rollouts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -285,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="WOMD TFRecords to use instead of synthetic data")
     p.add_argument("--out", default="closedloop_demo", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-scenarios", type=int, default=8,
-                   help="synthetic scenarios to generate when --data is not given")
+    p.add_argument(
+        "--num-scenarios", type=int, default=8, help="synthetic scenarios to generate when --data is not given"
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

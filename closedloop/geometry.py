@@ -13,8 +13,9 @@ import torch
 _CORNER_SIGNS = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
 
 
-def box_corners(x: torch.Tensor, y: torch.Tensor, heading: torch.Tensor,
-                length: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+def box_corners(
+    x: torch.Tensor, y: torch.Tensor, heading: torch.Tensor, length: torch.Tensor, width: torch.Tensor
+) -> torch.Tensor:
     """Corners ``[..., 4, 2]`` of oriented boxes."""
     signs = torch.tensor(_CORNER_SIGNS, dtype=x.dtype, device=x.device)
     half = torch.stack([length, width], dim=-1)[..., None, :] / 2 * signs  # [..., 4, 2]
@@ -46,10 +47,12 @@ def _separations(a, b) -> torch.Tensor:
     hla, hwa, hlb, hwb = la / 2, wa / 2, lb / 2, wb / 2
     ua, va = _corners_in_frame(xa, ya, ha, hla, hwa, xb, yb, hb)
     ub, vb = _corners_in_frame(xb, yb, hb, hlb, hwb, xa, ya, ha)
-    sep_b = torch.maximum(torch.maximum(ua.amin(-1) - hlb, -ua.amax(-1) - hlb),
-                          torch.maximum(va.amin(-1) - hwb, -va.amax(-1) - hwb))
-    sep_a = torch.maximum(torch.maximum(ub.amin(-1) - hla, -ub.amax(-1) - hla),
-                          torch.maximum(vb.amin(-1) - hwa, -vb.amax(-1) - hwa))
+    sep_b = torch.maximum(
+        torch.maximum(ua.amin(-1) - hlb, -ua.amax(-1) - hlb), torch.maximum(va.amin(-1) - hwb, -va.amax(-1) - hwb)
+    )
+    sep_a = torch.maximum(
+        torch.maximum(ub.amin(-1) - hla, -ub.amax(-1) - hla), torch.maximum(vb.amin(-1) - hwa, -vb.amax(-1) - hwa)
+    )
     return torch.maximum(sep_a, sep_b), (ua, va, ub, vb)
 
 

@@ -24,8 +24,9 @@ def _box(x, y, heading, length, width) -> np.ndarray:
     return corners @ np.array([[c, s], [-s, c]]) + [x, y]
 
 
-def plot_scenario(scenario: Scenario, ax=None, step: int | None = None, title: str | None = None,
-                  trajectories: bool = True):
+def plot_scenario(
+    scenario: Scenario, ax=None, step: int | None = None, title: str | None = None, trajectories: bool = True
+):
     """Draw the map, each agent's logged trajectory, and boxes at ``step`` (default current)."""
     import matplotlib.pyplot as plt
 
@@ -42,16 +43,14 @@ def plot_scenario(scenario: Scenario, ax=None, step: int | None = None, title: s
             pts = np.concatenate([pts, pts[:1]])
         ax.plot(pts[:, 0], pts[:, 1], **_MAP_STYLE[kind])
     rows = scenario.light_step == step
-    for lane, state, point in zip(scenario.light_lane[rows], scenario.light_state[rows],
-                                  scenario.light_stop_point[rows]):
+    for state, point in zip(scenario.light_state[rows], scenario.light_stop_point[rows]):
         color = "#d62828" if light_is_red(state) else "#f4a261" if light_is_yellow(state) else "#2a9d2a"
         ax.plot(point[0], point[1], "o", color=color, ms=4)
     for a in range(scenario.num_tracks):
         valid = scenario.track_valid[a]
         if not valid.any():
             continue
-        color = "#1d3557" if a == scenario.sdc_track_index else _AGENT_COLOR.get(
-            int(scenario.track_type[a]), "#457b9d")
+        color = "#1d3557" if a == scenario.sdc_track_index else _AGENT_COLOR.get(int(scenario.track_type[a]), "#457b9d")
         if trajectories:
             xy = scenario.track_xyz[a, valid, :2]
             ax.plot(xy[:, 0], xy[:, 1], "-", color=color, lw=0.8, alpha=0.6)
@@ -59,8 +58,7 @@ def plot_scenario(scenario: Scenario, ax=None, step: int | None = None, title: s
             x, y, _ = scenario.track_xyz[a, step]
             length, width, _ = scenario.track_dims[a, step]
             outline = _box(x, y, scenario.track_heading[a, step], length, width)
-            ax.fill(outline[:, 0], outline[:, 1], color=color,
-                    alpha=0.9 if a == scenario.sdc_track_index else 0.6)
+            ax.fill(outline[:, 0], outline[:, 1], color=color, alpha=0.9 if a == scenario.sdc_track_index else 0.6)
     ax.set_aspect("equal")
     ax.set_title(title or f"{scenario.scenario_id} (step {step})")
     return ax

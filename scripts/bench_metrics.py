@@ -51,9 +51,22 @@ def _reference_seconds(venv: str | None, scenario, ids, traj) -> tuple[float, st
         save_rollouts(Path(tmp) / f"{scenario.scenario_id}.noisy_log.npz", scenario.scenario_id, ids, traj)
         site = next(Path(venv).glob("lib/python*/site-packages"))
         out = Path(tmp) / "ref.json"
-        subprocess.run([str(Path(venv) / "bin" / "python"), str(ROOT / "scripts" / "wosac_crosscheck.py"),
-                        "reference", "--data", str(REAL), "--rollouts", tmp, "--out", str(out)],
-                       cwd=site, check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(Path(venv) / "bin" / "python"),
+                str(ROOT / "scripts" / "wosac_crosscheck.py"),
+                "reference",
+                "--data",
+                str(REAL),
+                "--rollouts",
+                tmp,
+                "--out",
+                str(out),
+            ],
+            cwd=site,
+            check=True,
+            capture_output=True,
+        )
         return json.loads(out.read_text())["noisy_log/2025"]["seconds"], "measured in this run"
 
 
@@ -70,22 +83,34 @@ def main() -> None:
     ids, traj = noisy_log(scenario, 32)
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
     for device in devices:
-        seconds = _time(lambda: score_scenario(scenario, ids, traj, device=device), args.repeats)
+        seconds = _time(lambda device=device: score_scenario(scenario, ids, traj, device=device), args.repeats)
         rows.append(("real 637f20cafde22ff8", device, int(scenario.valid_at_current().sum()), seconds))
         synthetic = list(generate_scenarios(args.synthetic, seed=1))
         sets = [(s, *noisy_log(s, 32)) for s in synthetic]
-        seconds = _time(lambda: [score_scenario(s, i, t, device=device) for s, i, t in sets], max(1, args.repeats // 2))
+        seconds = _time(
+            lambda device=device, sets=sets: [score_scenario(s, i, t, device=device) for s, i, t in sets],
+            max(1, args.repeats // 2),
+        )
         agents = sum(int(s.valid_at_current().sum()) for s in synthetic) // len(synthetic)
         rows.append((f"synthetic x{len(sets)}", device, agents, seconds / len(sets)))
     reference, how = _reference_seconds(args.reference_venv, scenario, ids, traj)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"reference (TensorFlow) on the real scenario: {reference:.1f} s per scenario ({how})")
     print(f"{'scenarios':<24}{'device':>8}{'agents':>8}{'s/scenario':>12}{'scen/s':>9}{'speed-up':>10}")
     for name, device, agents, seconds in rows:
         print(f"{name:<24}{device:>8}{agents:>8}{seconds:>12.3f}{1 / seconds:>9.2f}{reference / seconds:>9.0f}x")
-    print(json.dumps({"reference_seconds": reference, "reference_source": how,
-                      "rows": [dict(zip(("scenarios", "device", "agents", "seconds"), r)) for r in rows]}))
+    print(
+        json.dumps(
+            {
+                "reference_seconds": reference,
+                "reference_source": how,
+                "rows": [dict(zip(("scenarios", "device", "agents", "seconds"), r)) for r in rows],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

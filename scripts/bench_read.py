@@ -29,8 +29,7 @@ def _source_scenarios(source: str, count: int, seed: int):
         from closedloop.data.synthetic import generate_scenarios
 
         return list(generate_scenarios(count, seed=seed))
-    base = list(read_scenarios([WOMD / "motion_data_one_scenario.tfrecord",
-                                WOMD / "womd_scenario_input.tfrecord"]))
+    base = list(read_scenarios([WOMD / "motion_data_one_scenario.tfrecord", WOMD / "womd_scenario_input.tfrecord"]))
     return [base[i % len(base)].replace(scenario_id=f"r{i:06d}") for i in range(count)]
 
 

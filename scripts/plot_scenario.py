@@ -1,6 +1,6 @@
 """Draw scenarios' maps and logged trajectories to PNG files.
 
-  python scripts/plot_scenario.py DATA... --out DIR [--limit 4] [--step 10]
+python scripts/plot_scenario.py DATA... --out DIR [--limit 4] [--step 10]
 """
 
 from __future__ import annotations

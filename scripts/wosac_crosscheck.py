@@ -30,12 +30,21 @@ import numpy as np
 
 ROLLOUT_SETS = ("log_replay", "constant_velocity", "noisy_log", "random_motion")
 FIELDS = (
-    "metametric", "average_displacement_error", "min_average_displacement_error",
-    "linear_speed_likelihood", "linear_acceleration_likelihood", "angular_speed_likelihood",
-    "angular_acceleration_likelihood", "distance_to_nearest_object_likelihood",
-    "collision_indication_likelihood", "time_to_collision_likelihood",
-    "distance_to_road_edge_likelihood", "offroad_indication_likelihood",
-    "traffic_light_violation_likelihood", "simulated_collision_rate", "simulated_offroad_rate",
+    "metametric",
+    "average_displacement_error",
+    "min_average_displacement_error",
+    "linear_speed_likelihood",
+    "linear_acceleration_likelihood",
+    "angular_speed_likelihood",
+    "angular_acceleration_likelihood",
+    "distance_to_nearest_object_likelihood",
+    "collision_indication_likelihood",
+    "time_to_collision_likelihood",
+    "distance_to_road_edge_likelihood",
+    "offroad_indication_likelihood",
+    "traffic_light_violation_likelihood",
+    "simulated_collision_rate",
+    "simulated_offroad_rate",
     "simulated_traffic_light_violation_rate",
 )
 
@@ -57,13 +66,15 @@ def make(args: argparse.Namespace) -> None:
 
 def reference(args: argparse.Namespace) -> None:
     import tensorflow as tf
-    from waymo_open_dataset.protos import scenario_pb2, sim_agents_metrics_pb2, sim_agents_submission_pb2
     from google.protobuf import text_format
+    from waymo_open_dataset.protos import scenario_pb2, sim_agents_metrics_pb2, sim_agents_submission_pb2
     from waymo_open_dataset.wdl_limited.sim_agents_metrics import metrics
 
     configs = {}
-    for name, path in (("2025", "challenge_2025_sim_agents_config.textproto"),
-                       ("2024", "challenge_2024_config.textproto")):
+    for name, path in (
+        ("2025", "challenge_2025_sim_agents_config.textproto"),
+        ("2024", "challenge_2024_config.textproto"),
+    ):
         config = sim_agents_metrics_pb2.SimAgentMetricsConfig()
         folder = Path("waymo_open_dataset/wdl_limited/sim_agents_metrics")
         text_format.Parse((folder / path).read_text(), config)
@@ -80,19 +91,28 @@ def reference(args: argparse.Namespace) -> None:
         traj, ids = data["trajectories"], data["object_ids"]
         joint_scenes = []
         for r in range(traj.shape[0]):
-            joint_scenes.append(sim_agents_submission_pb2.JointScene(simulated_trajectories=[
-                sim_agents_submission_pb2.SimulatedTrajectory(
-                    center_x=traj[r, a, :, 0], center_y=traj[r, a, :, 1],
-                    center_z=traj[r, a, :, 2], heading=traj[r, a, :, 3], object_id=int(ids[a]))
-                for a in range(len(ids))
-            ]))
+            joint_scenes.append(
+                sim_agents_submission_pb2.JointScene(
+                    simulated_trajectories=[
+                        sim_agents_submission_pb2.SimulatedTrajectory(
+                            center_x=traj[r, a, :, 0],
+                            center_y=traj[r, a, :, 1],
+                            center_z=traj[r, a, :, 2],
+                            heading=traj[r, a, :, 3],
+                            object_id=int(ids[a]),
+                        )
+                        for a in range(len(ids))
+                    ]
+                )
+            )
         rollouts = sim_agents_submission_pb2.ScenarioRollouts(scenario_id=sid, joint_scenes=joint_scenes)
         for name, config in configs.items():
             start = time.perf_counter()
             m = metrics.compute_scenario_metrics_for_bundle(config, scenarios[sid], rollouts)
             seconds = time.perf_counter() - start
             results[f"{rollout_set}/{name}"] = {
-                "scenario_id": sid, "seconds": round(seconds, 2),
+                "scenario_id": sid,
+                "seconds": round(seconds, 2),
                 **{field: float(getattr(m, field)) for field in FIELDS},
             }
             print(rollout_set, name, f"{seconds:.1f} s", results[f"{rollout_set}/{name}"]["metametric"], flush=True)

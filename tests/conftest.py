@@ -48,8 +48,6 @@ def many_shards(tmp_path_factory, real_scenarios):
     root = tmp_path_factory.mktemp("shards")
     base = list(real_scenarios.values())
     for shard in range(5):
-        copies = [
-            base[i % len(base)].replace(scenario_id=f"s{shard}_{i}") for i in range(3)
-        ]
+        copies = [base[i % len(base)].replace(scenario_id=f"s{shard}_{i}") for i in range(3)]
         write_scenarios(root / f"part-{shard:03d}.tfrecord", copies)
     return root

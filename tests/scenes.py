@@ -9,8 +9,9 @@ from closedloop.data.scenario import MAP_KIND_INDEX, Scenario
 STEPS = 91
 
 
-def make_scenario(tracks: list[dict], road_edges=(), lanes=(), lights=(), scenario_id="hand",
-                  sdc: int = 0, predict=()) -> Scenario:
+def make_scenario(
+    tracks: list[dict], road_edges=(), lanes=(), lights=(), scenario_id="hand", sdc: int = 0, predict=()
+) -> Scenario:
     """``tracks``: dicts with ``xy`` [91, 2] (or [2] for a parked object), optional
     ``heading`` [91] (default: direction of motion), ``size`` (length, width, height),
     ``type`` (1 vehicle), ``valid`` [91], ``z``. ``road_edges`` / ``lanes``: lists of
@@ -42,22 +43,30 @@ def make_scenario(tracks: list[dict], road_edges=(), lanes=(), lights=(), scenar
     ids = list(range(1, len(road_edges) + 1)) + [1000 + k for k in range(len(lanes))]
     splits = np.concatenate([[0], np.cumsum([len(p) for p in polylines])]).astype(np.int64)
     m = len(polylines)
-    rows = [(step, 1000 + lane, state[step], stop[0], stop[1])
-            for lane, state, stop in lights for step in range(STEPS)]
+    rows = [(step, 1000 + lane, state[step], stop[0], stop[1]) for lane, state, stop in lights for step in range(STEPS)]
     return Scenario(
-        scenario_id=scenario_id, timestamps_seconds=np.arange(STEPS) * 0.1,
-        current_time_index=10, sdc_track_index=sdc,
-        track_id=np.arange(1, num + 1, dtype=np.int64), track_type=types,
-        track_xyz=xyz, track_dims=dims, track_heading=heading,
-        track_velocity=np.zeros((num, STEPS, 2), np.float32), track_valid=valid,
+        scenario_id=scenario_id,
+        timestamps_seconds=np.arange(STEPS) * 0.1,
+        current_time_index=10,
+        sdc_track_index=sdc,
+        track_id=np.arange(1, num + 1, dtype=np.int64),
+        track_type=types,
+        track_xyz=xyz,
+        track_dims=dims,
+        track_heading=heading,
+        track_velocity=np.zeros((num, STEPS, 2), np.float32),
+        track_valid=valid,
         tracks_to_predict=np.asarray(predict, np.int32),
         tracks_to_predict_difficulty=np.zeros(len(predict), np.int8),
-        map_id=np.array(ids, np.int64), map_kind=np.array(kinds, np.int8),
+        map_id=np.array(ids, np.int64),
+        map_kind=np.array(kinds, np.int8),
         map_subtype=np.array(subtypes, np.int8),
         map_points=np.concatenate(polylines) if polylines else np.zeros((0, 3)),
-        map_point_splits=splits, lane_speed_limit_mph=np.zeros(m),
+        map_point_splits=splits,
+        lane_speed_limit_mph=np.zeros(m),
         lane_interpolating=np.zeros(m, bool),
-        lane_entry_splits=np.zeros(m + 1, np.int64), lane_exit_splits=np.zeros(m + 1, np.int64),
+        lane_entry_splits=np.zeros(m + 1, np.int64),
+        lane_exit_splits=np.zeros(m + 1, np.int64),
         lane_left_boundary_splits=np.zeros(m + 1, np.int64),
         lane_right_boundary_splits=np.zeros(m + 1, np.int64),
         lane_left_neighbor_splits=np.zeros(m + 1, np.int64),

@@ -14,9 +14,7 @@ def test_collate_shapes_masks_and_origin(real_scenarios):
     # Positions are relative to the SDC at the current step: the SDC sits at the origin.
     sdc_xy = batch.agent_xyz[batch.is_sdc][:, 10, :2]
     assert torch.allclose(sdc_xy, torch.zeros(2, 2), atol=1e-4)
-    assert torch.allclose(
-        batch.origin[0], torch.tensor(small.track_xyz[82, 10, :2], dtype=torch.float64)
-    )
+    assert torch.allclose(batch.origin[0], torch.tensor(small.track_xyz[82, 10, :2], dtype=torch.float64))
     # Absolute positions are recovered to float64 precision from origin + float32 offsets.
     a = int(np.flatnonzero(small.track_valid[:, 10])[3])
     recovered = batch.agent_xyz[0, a, 10, :2].double() + batch.origin[0]

@@ -11,8 +11,9 @@ from closedloop.data.tfrecord import encode_record, iter_records
 
 
 def run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "closedloop.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "closedloop.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -88,8 +89,22 @@ def test_prepare_cli_resumes(tmp_path, many_shards):
 
 def test_generate_is_deterministic_and_inspectable(tmp_path):
     for name in ("a", "b"):
-        run("generate", "--out", tmp_path / name, "--num-scenarios", 3, "--seed", 5,
-            "--shards", 2, "--town", "cross", "--agents", "20:30", "--quiet")
+        run(
+            "generate",
+            "--out",
+            tmp_path / name,
+            "--num-scenarios",
+            3,
+            "--seed",
+            5,
+            "--shards",
+            2,
+            "--town",
+            "cross",
+            "--agents",
+            "20:30",
+            "--quiet",
+        )
     files = sorted((tmp_path / "a").glob("*.tfrecord"))
     assert len(files) == 2
     assert all(f.read_bytes() == (tmp_path / "b" / f.name).read_bytes() for f in files)
@@ -122,8 +137,10 @@ def rollout_dir(tmp_path_factory, real_scenarios):
 
 
 def test_metrics_cli_json_and_table(rollout_dir, scenario_file):
-    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts",
-                                       rollout_dir, "--json").stdout.splitlines()]
+    rows = [
+        json.loads(x)
+        for x in run("metrics", "--data", scenario_file, "--rollouts", rollout_dir, "--json").stdout.splitlines()
+    ]
     assert [r["scenario_id"] for r in rows] == ["637f20cafde22ff8", "ALL"]
     assert 0 < rows[0]["metametric"] < 1 and rows[1]["metametric"] == rows[0]["metametric"]
     table = run("metrics", "--data", scenario_file, "--rollouts", rollout_dir, "--config", "2024").stdout
@@ -142,12 +159,21 @@ def _bad_rollouts(tmp_path, real_scenarios, **change):
     return path
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", r"missing \["), ("extra", r"extra \[4242\]"), ("shape", r"trajectories must be"),
-    ("nan", r"non-finite"), ("scenario", r"scenario nope is not in --data"),
-    ("keys", r"missing trajectories"), ("empty", r"empty file"), ("npy", r"a single .npy array"),
-    ("complex", r"must be real floating point, got complex"), ("huge", r"beyond the plausible"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing", r"missing \["),
+        ("extra", r"extra \[4242\]"),
+        ("shape", r"trajectories must be"),
+        ("nan", r"non-finite"),
+        ("scenario", r"scenario nope is not in --data"),
+        ("keys", r"missing trajectories"),
+        ("empty", r"empty file"),
+        ("npy", r"a single .npy array"),
+        ("complex", r"must be real floating point, got complex"),
+        ("huge", r"beyond the plausible"),
+    ],
+)
 def test_metrics_cli_bad_rollouts(tmp_path, real_scenarios, scenario_file, case, pattern):
     from closedloop.agents.open_loop import constant_velocity
 
@@ -213,9 +239,22 @@ def test_submit_cli_packs_and_validates(tmp_path, rollout_dir, scenario_file, re
     from closedloop.metrics.submission import read_submission
 
     out = tmp_path / "sub.tar.gz"
-    proc = run("submit", "--rollouts", rollout_dir, "--out", out, "--method-name", "cv",
-               "--authors", "A. Author", "B. Author", "--account", "me@example.com",
-               "--data", scenario_file)
+    proc = run(
+        "submit",
+        "--rollouts",
+        rollout_dir,
+        "--out",
+        out,
+        "--method-name",
+        "cv",
+        "--authors",
+        "A. Author",
+        "B. Author",
+        "--account",
+        "me@example.com",
+        "--data",
+        scenario_file,
+    )
     assert "1 scenarios in 1 shards, checked against --data" in proc.stdout
     (shard,) = read_submission(out)
     assert shard.unique_method_name == "cv" and list(shard.authors) == ["A. Author", "B. Author"]
@@ -231,19 +270,44 @@ def test_submit_cli_packs_and_validates(tmp_path, rollout_dir, scenario_file, re
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     np.savez(bad_dir / "x.npz", scenario_id=np.array("637f20cafde22ff8"), object_ids=ids, trajectories=traj)
-    proc = run("submit", "--rollouts", bad_dir, "--out", tmp_path / "b.tar.gz", "--method-name", "m",
-               "--authors", "a", "--account", "a@b.c", check=False)
+    proc = run(
+        "submit",
+        "--rollouts",
+        bad_dir,
+        "--out",
+        tmp_path / "b.tar.gz",
+        "--method-name",
+        "m",
+        "--authors",
+        "a",
+        "--account",
+        "a@b.c",
+        check=False,
+    )
     assert proc.returncode == 2 and "31 rollouts" in proc.stderr and "x.npz" in proc.stderr
     assert not (tmp_path / "b.tar.gz").exists()
 
 
 def test_rollout_then_metrics(tmp_path, scenario_file):
     out = tmp_path / "rollouts"
-    proc = run("rollout", "--data", scenario_file, "--policy", "expert", "--dynamics", "bicycle",
-               "--num-rollouts", 2, "--out", out, "--quiet")
+    proc = run(
+        "rollout",
+        "--data",
+        scenario_file,
+        "--policy",
+        "expert",
+        "--dynamics",
+        "bicycle",
+        "--num-rollouts",
+        2,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert "wrote 1 rollout files" in proc.stdout
-    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out,
-                                       "--json").stdout.splitlines()]
+    rows = [
+        json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out, "--json").stdout.splitlines()
+    ]
     assert rows[0]["min_average_displacement_error"] < 0.2
     proc = run("rollout", "--data", scenario_file, "--dynamics", "tokens", "--out", out, check=False)
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
@@ -253,8 +317,18 @@ def test_render_cli_writes_a_gif(tmp_path, scenario_file):
     import imageio.v2 as imageio
 
     out = tmp_path / "ro"
-    run("rollout", "--data", scenario_file, "--policy", "constant_velocity", "--num-rollouts", 1,
-        "--out", out, "--quiet")
+    run(
+        "rollout",
+        "--data",
+        scenario_file,
+        "--policy",
+        "constant_velocity",
+        "--num-rollouts",
+        1,
+        "--out",
+        out,
+        "--quiet",
+    )
     gif = tmp_path / "movie.gif"
     proc = run("render", "--data", scenario_file, "--rollouts", out, "--out", gif, "--size", 96)
     assert "81 frames" in proc.stdout
@@ -271,13 +345,26 @@ def test_readme_custom_policy_rolls_out_32_times_and_scores(tmp_path, scenario_f
     block = readme.split("```python\n# my_policy.py", 1)[1].split("```", 1)[0]
     (tmp_path / "my_policy.py").write_text("# my_policy.py" + block)
     out = tmp_path / "runs"
-    proc = run("rollout", "--data", scenario_file, "--policy", tmp_path / "my_policy.py:policy",
-               "--dynamics", "delta_local", "--num-rollouts", 32, "--out", out, "--quiet")
+    proc = run(
+        "rollout",
+        "--data",
+        scenario_file,
+        "--policy",
+        tmp_path / "my_policy.py:policy",
+        "--dynamics",
+        "delta_local",
+        "--num-rollouts",
+        32,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert "wrote 1 rollout files (32 rollouts, policy" in proc.stdout
     traj = np.load(out / "637f20cafde22ff8.npz")["trajectories"]
     assert traj.shape[0] == 32 and not np.array_equal(traj[0], traj[1])  # sampled with the generator
-    rows = [json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out,
-                                       "--json").stdout.splitlines()]
+    rows = [
+        json.loads(x) for x in run("metrics", "--data", scenario_file, "--rollouts", out, "--json").stdout.splitlines()
+    ]
     assert 0 < rows[-1]["metametric"] < 1 and rows[-1]["scenario_id"] == "ALL"
     bad = run("rollout", "--data", scenario_file, "--policy", "warp", "--out", out, check=False)
     assert bad.returncode == 2 and "unknown policy 'warp'" in bad.stderr

@@ -156,7 +156,8 @@ def test_differentiable_rollouts_backpropagate_through_steps(real_scenarios):
     for grad in (first.grad, second.grad):
         assert torch.equal(grad[..., 0], ctrl.float()) and not grad[..., 1:].any()
     # A model that reads the heading (saved for backward) through three steps: the
-    # differentiable mode gives gradients; the in-place fast path makes autograd refuse.
+    # differentiable mode gives gradients; the in-place fast path keeps no graph at all
+    # (actions that carry one, a policy's output say, are detached).
     local = make_dynamics("delta_local")
     for differentiable in (True, False):
         start = reset(batch, differentiable=differentiable)
@@ -168,8 +169,7 @@ def test_differentiable_rollouts_backpropagate_through_steps(real_scenarios):
             final.current[..., 1].sum().backward()
             assert torch.isfinite(a.grad).all() and a.grad[ctrl].abs().sum() > 0
         else:
-            with pytest.raises(RuntimeError, match="inplace"):
-                final.current[..., 1].sum().backward()
+            assert not final.current.requires_grad and not final.pose.requires_grad
 
 
 # -- BatchedEnv ------------------------------------------------------------------------
@@ -246,20 +246,18 @@ def test_batched_env_guidance_is_the_log_and_the_expert(town):
     assert torch.equal(truncated, info["controlled"]) and info["log_next"].isnan().all()
 
 
-def test_batched_env_terminated_agents_stand_still_and_earn_nothing():
-    # Two cars driving into each other head on; a third far away.
-    cars = [{"xy": straight(0.0, 0.0, 5.0)}, {"xy": straight(20.0, 0.0, -5.0)}, {"xy": straight(0.0, 50.0, 5.0)}]
+@pytest.mark.parametrize("dynamics", ["delta_local", "bicycle"])
+def test_batched_env_terminated_agents_stand_still_and_earn_nothing(dynamics):
+    # Two cars driving into each other head on at 10 m/s; a third far away, faster than its log.
+    cars = [{"xy": straight(0.0, 0.0, 10.0)}, {"xy": straight(25.0, 0.0, -10.0)}, {"xy": straight(0.0, 50.0, 5.0)}]
+    scenario = make_scenario(cars)
+    scenario.track_velocity[:, :, 0] = [[10.0], [-10.0], [10.0]]
     env = BatchedEnv(
-        [make_scenario(cars)],
-        batch_size=1,
-        max_agents=3,
-        terminate_on_collision=True,
-        dynamics="delta_local",
-        guidance=False,
+        [scenario], batch_size=1, max_agents=3, terminate_on_collision=True, dynamics=dynamics, guidance=False
     )
     env.reset(seed=0)
-    ahead = torch.zeros(1, 3, 3)
-    ahead[..., 0] = 1.0  # 10 m/s straight on
+    # Straight on at 10 m/s: 1 m ahead per step, or no acceleration and no turn.
+    ahead = torch.tensor([1.0, 0.0, 0.0]).expand(1, 3, 3) if dynamics == "delta_local" else torch.zeros(1, 3, 2)
     ended_at = None
     for i in range(40):
         _, rewards, terminated, truncated, info = env.step(ahead)
@@ -270,7 +268,88 @@ def test_batched_env_terminated_agents_stand_still_and_earn_nothing():
         elif ended_at is not None:
             assert not terminated.any() and rewards[0, :2].eq(0).all() and rewards[0, 2] != 0
             assert torch.allclose(env.state.current[0, :2, :2], where, atol=1e-5)  # standing still
+            assert not env.state.current[0, :2, 3:].any()
     assert ended_at is not None and info["active"][0].tolist() == [False, False, True]
+
+
+def test_batched_env_auto_reset_step_ignores_actions_and_keeps_the_info_keys(town):
+    env = BatchedEnv(town, batch_size=2, max_agents=32, dynamics=make_dynamics("trajectory", chunk=10))
+    obs, first_info = env.reset(seed=0)
+    for _ in range(8):
+        obs, rewards, terminated, truncated, info = env.step(first_info["expert_action"] * 0)
+    assert env.core.done and truncated.any()
+    garbage = torch.full((2, 32, 10, 3), float("nan"))
+    obs, rewards, terminated, truncated, reset_info = env.step(garbage)  # ignored: a new batch starts
+    assert reset_info["reset"] and env.state.t == 10 and set(reset_info) == set(info) == set(first_info)
+    assert not rewards.any() and not terminated.any() and not truncated.any()
+    assert not reset_info["collision"].any() and reset_info["distance_to_log"].isnan().all()
+    with pytest.raises(SimulationError, match="NaN/inf"):
+        env.step(garbage)  # the next step reads them again
+
+
+def test_chunks_must_divide_the_episode(town):
+    with pytest.raises(SimulationError, match="trajectory moves 3 steps at a time, which does not divide the 80"):
+        BatchedEnv(town, batch_size=1, max_agents=32, dynamics=make_dynamics("trajectory", chunk=3)).reset()
+    with pytest.raises(SimulationError, match="does not divide"):
+        parallel_env(town[:1], dynamics=make_dynamics("trajectory", chunk=3)).reset(seed=0)
+
+
+def test_batched_env_with_a_function_for_the_others_and_an_iterable_dataset(town):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(town)
+
+        def __len__(self):
+            return len(town)
+
+    def stand(state, dynamics):
+        return torch.zeros(*state.controlled.shape, 3)
+
+    env = BatchedEnv(Stream(), batch_size=2, max_agents=32, controlled="sdc", others=stand, guidance=False)
+    obs, info = env.reset(seed=0)
+    assert info["scenario_id"] == [s.scenario_id for s in town[:2]]  # in order: an iterable
+    assert torch.equal(info["controlled"], env.state.batch.is_sdc & env.state.batch.agent_mask)
+    assert obs[~info["controlled"]].eq(0).all() and obs[info["controlled"]].abs().sum() > 0  # only exposed observed
+    before = env.state.current.clone()
+    env.step(torch.zeros(2, 32, 3))
+    others = env.state.controlled & ~info["controlled"]
+    assert torch.allclose(env.state.current[others][:, :2], before[others][:, :2])  # the others' policy stood
+
+
+def test_actions_within_bounds_are_untouched_and_inf_is_refused(town):
+    batch = collate_scenarios(town[:1])
+    for name in ("delta_local", "state", "trajectory"):
+        dynamics = make_dynamics(name)
+        core = EnvCore(batch, EnvConfig(dynamics))
+        ctrl = core.state.controlled
+        g = torch.Generator().manual_seed(0)
+        low, high, _ = dynamics.limits(torch.zeros(()))
+        actions = (
+            low + (high - low) * torch.rand(*ctrl.shape, *dynamics.spec.shape, generator=g) * 0.98 + 0.01 * (high - low)
+        )
+        actions[..., 2] = torch.rand(actions[..., 2].shape, generator=g) * 0.02 - 0.01  # small turns
+        transition = core.step(actions)
+        assert not transition.clipped.any()
+        assert torch.equal(transition.actions[ctrl], actions[ctrl])
+    core = EnvCore(batch, EnvConfig(make_dynamics("delta_local")))
+    actions = torch.zeros(*core.state.controlled.shape, 3)
+    slot = int(torch.nonzero(core.state.controlled[0])[0])
+    actions[0, slot, 0] = float("inf")
+    with pytest.raises(
+        SimulationError, match=f"NaN/inf at step 10 for scenario .* track {int(batch.agent_id[0, slot])}"
+    ):
+        core.step(actions)
+
+
+def test_env_core_refuses_ambiguous_setups(real_scenarios):
+    batch = collate_scenarios([real_scenarios["637f20cafde22ff8"]])
+    config = EnvConfig(make_dynamics("delta_local"))
+    with pytest.raises(SimulationError, match="every controlled agent must be exposed"):
+        EnvCore(batch, config, controlled="wosac", exposed="sdc")
+    with pytest.raises(SimulationError, match="pass neither"):
+        EnvCore(reset(batch), config, differentiable=True)
 
 
 # -- policies ----------------------------------------------------------------------------
@@ -316,7 +395,7 @@ def test_sampling_policies_get_a_generator_and_rollouts_reproduce(town):
 
     class Jitter(BasePolicy):
         def act(self, state):
-            noise = torch.randn(*state.controlled.shape, 3, generator=self.generator) * 0.05
+            noise = torch.randn(*state.controlled.shape, 3, generator=self.generator, device=state.device) * 0.05
             return _ahead(state, 0.5) + noise
 
     runs = [

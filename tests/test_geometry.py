@@ -8,8 +8,7 @@ from closedloop.geometry import box_corners, rectangle_distance, rectangles_over
 
 
 def _random_boxes(rng, n):
-    return torch.tensor(rng.uniform([-6, -6, -3.2, 0.4, 0.3], [6, 6, 3.2, 7, 3], (n, 5)),
-                        dtype=torch.float64)
+    return torch.tensor(rng.uniform([-6, -6, -3.2, 0.4, 0.3], [6, 6, 3.2, 7, 3], (n, 5)), dtype=torch.float64)
 
 
 def test_corners_distances_and_overlaps_match_shapely():

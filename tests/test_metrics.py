@@ -109,7 +109,7 @@ def test_car_parked_half_off_the_road_edge():
 
 def test_kinematics_of_constant_acceleration():
     t = np.arange(91) * 0.1
-    xy = np.stack([0.5 * 2.0 * t ** 2, np.zeros(91)], 1)  # a = 2 m/s^2
+    xy = np.stack([0.5 * 2.0 * t**2, np.zeros(91)], 1)  # a = 2 m/s^2
     _, xyzh, _ = _features(make_scenario([{"xy": xy, "heading": 0.0}]))
     speed, accel, yaw_rate, _ = F.kinematics(xyzh[0, 0, 0])
     np.testing.assert_allclose(speed[1:-1].numpy(), 2.0 * t[1:-1], atol=1e-3)
@@ -149,8 +149,13 @@ def test_log_replay_scores_and_aggregation(real_scenarios):
     assert total["scenario_id"] == "ALL" and total["metametric"] == pytest.approx(score["metametric"])
     b = buckets(score)
     weights = get_config("2025").weights
-    kinematic = sum(weights[n] * score[f"{n}_likelihood"] for n in
-                    ("linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration")) / 0.2
+    kinematic = (
+        sum(
+            weights[n] * score[f"{n}_likelihood"]
+            for n in ("linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration")
+        )
+        / 0.2
+    )
     assert b["kinematic"] == pytest.approx(kinematic)
 
 
@@ -161,8 +166,7 @@ def test_rollouts_that_do_not_fit_are_clear_errors(real_scenarios):
     with pytest.raises(RolloutError, match=r"missing \[\d+"):
         score_scenario(scenario, ids[1:], trajectories[:, 1:])
     with pytest.raises(RolloutError, match=r"extra \[999999\]"):
-        score_scenario(scenario, np.append(ids, 999999),
-                       np.concatenate([trajectories, trajectories[:, :1]], 1))
+        score_scenario(scenario, np.append(ids, 999999), np.concatenate([trajectories, trajectories[:, :1]], 1))
     with pytest.raises(RolloutError, match=r"shape"):
         score_scenario(scenario, ids, trajectories[:, :, :79])
     bad = trajectories.copy()

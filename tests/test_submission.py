@@ -5,7 +5,13 @@ import pytest
 
 from closedloop.agents.open_loop import constant_velocity
 from closedloop.metrics.rollouts import Rollouts
-from closedloop.metrics.submission import SubmissionError, read_submission, scenario_rollouts, validate, write_submission
+from closedloop.metrics.submission import (
+    SubmissionError,
+    read_submission,
+    scenario_rollouts,
+    validate,
+    write_submission,
+)
 
 
 def _rollouts(scenario, count=32):
@@ -17,12 +23,19 @@ def test_valid_rollouts_pass_and_pack(tmp_path, real_scenarios):
     scenario = real_scenarios["637f20cafde22ff8"]
     validate(scenario_rollouts(_rollouts(scenario)), scenario)
     out = tmp_path / "s.tar.gz"
-    result = write_submission([_rollouts(scenario)], out, method_name="m", authors=["a"], account="a@b.c",
-                              scenarios={scenario.scenario_id: scenario})
+    result = write_submission(
+        [_rollouts(scenario)],
+        out,
+        method_name="m",
+        authors=["a"],
+        account="a@b.c",
+        scenarios={scenario.scenario_id: scenario},
+    )
     assert result == {"scenarios": 1, "shards": ["submission.binproto-00000-of-00001"]}
     (shard,) = read_submission(out)
     assert shard.scenario_rollouts[0].joint_scenes[5].simulated_trajectories[0].center_x[0] == pytest.approx(
-        float(_rollouts(scenario).trajectories[5, 0, 0, 0]))
+        float(_rollouts(scenario).trajectories[5, 0, 0, 0])
+    )
 
 
 def test_validator_rules(real_scenarios):
@@ -31,8 +44,13 @@ def test_validator_rules(real_scenarios):
     missing = scenario_rollouts(Rollouts(good.scenario_id, good.object_ids[1:], good.trajectories[:, 1:]))
     with pytest.raises(SubmissionError, match=rf"sim agents \[{good.object_ids[0]}\] are missing"):
         validate(missing, scenario)
-    extra = scenario_rollouts(Rollouts(good.scenario_id, np.append(good.object_ids, 77777),
-                                       np.concatenate([good.trajectories, good.trajectories[:, :1]], 1)))
+    extra = scenario_rollouts(
+        Rollouts(
+            good.scenario_id,
+            np.append(good.object_ids, 77777),
+            np.concatenate([good.trajectories, good.trajectories[:, :1]], 1),
+        )
+    )
     with pytest.raises(SubmissionError, match=r"objects \[77777\] are not sim agents"):
         validate(extra, scenario)
     short = scenario_rollouts(good)

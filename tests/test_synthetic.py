@@ -56,11 +56,9 @@ def test_every_map_kind_and_changing_lights(town_scenarios):
     assert kinds == set(MAP_KINDS)
     changing = [summarize(s)["num_traffic_light_lanes_changing"] for s in town_scenarios]
     assert sum(c > 0 for c in changing) >= len(changing) // 2
-    road_lines = np.concatenate([s.map_subtype[s.map_kind == MAP_KIND_INDEX["road_line"]]
-                                 for s in town_scenarios])
+    road_lines = np.concatenate([s.map_subtype[s.map_kind == MAP_KIND_INDEX["road_line"]] for s in town_scenarios])
     assert {1, 2, 6, 7} <= set(road_lines.tolist())  # broken/solid white, solid/double yellow
-    edges = np.concatenate([s.map_subtype[s.map_kind == MAP_KIND_INDEX["road_edge"]]
-                            for s in town_scenarios])
+    edges = np.concatenate([s.map_subtype[s.map_kind == MAP_KIND_INDEX["road_edge"]] for s in town_scenarios])
     assert set(edges.tolist()) == {1, 2}  # boundary and median
 
 
@@ -112,17 +110,26 @@ def _box(s, a, t) -> Polygon:
     x, y = s.track_xyz[a, t, :2]
     length, width = s.track_dims[a, t, :2]
     c, sn = np.cos(s.track_heading[a, t]), np.sin(s.track_heading[a, t])
-    corners = [(x + c * dl - sn * dw, y + sn * dl + c * dw)
-               for dl, dw in ((length / 2, width / 2), (length / 2, -width / 2),
-                              (-length / 2, -width / 2), (-length / 2, width / 2))]
+    corners = [
+        (x + c * dl - sn * dw, y + sn * dl + c * dw)
+        for dl, dw in (
+            (length / 2, width / 2),
+            (length / 2, -width / 2),
+            (-length / 2, -width / 2),
+            (-length / 2, width / 2),
+        )
+    ]
     return Polygon(corners)
 
 
 def test_no_vehicle_overlaps_and_none_off_road(town_scenarios):
     checked = 0
     for s in town_scenarios:
-        edges = [LineString(s.map_polyline(i)[:, :2]) for i in range(s.num_map_features)
-                 if s.map_kind[i] == MAP_KIND_INDEX["road_edge"]]
+        edges = [
+            LineString(s.map_polyline(i)[:, :2])
+            for i in range(s.num_map_features)
+            if s.map_kind[i] == MAP_KIND_INDEX["road_edge"]
+        ]
         edge_tree = STRtree(edges)
         vehicles = np.flatnonzero(np.isin(s.track_type, [TYPE_VEHICLE, TYPE_CYCLIST]))
         for t in range(0, 91, 3):
@@ -133,9 +140,11 @@ def test_no_vehicle_overlaps_and_none_off_road(town_scenarios):
                 for j in tree.query(box, predicate="intersects"):
                     if j != i:
                         assert box.intersection(boxes[j]).area < 1e-6, (
-                            f"{s.scenario_id}: tracks {here[i]} and {here[j]} overlap at step {t}")
+                            f"{s.scenario_id}: tracks {here[i]} and {here[j]} overlap at step {t}"
+                        )
                 assert len(edge_tree.query(box, predicate="intersects")) == 0, (
-                    f"{s.scenario_id}: track {here[i]} crosses a road edge at step {t}")
+                    f"{s.scenario_id}: track {here[i]} crosses a road edge at step {t}"
+                )
                 # The centre is on the road: road edges keep the road on their left.
                 centre = Point(*s.track_xyz[here[i], t, :2])
                 edge = edges[edge_tree.nearest(centre)]

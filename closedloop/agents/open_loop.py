@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.data.scenario import DT, Scenario
-
-SIM_STEPS = 80
+from closedloop.constants import DT, SIM_STEPS
+from closedloop.data.scenario import Scenario
 
 
 def _simulated(scenario: Scenario) -> np.ndarray:

@@ -8,7 +8,8 @@ A policy drives the controlled agents of B scenarios at once::
 ``reset`` receives the episode's first state (so a policy can build per-scenario caches
 or hidden state), the dynamics its actions are for, and the ``torch.Generator`` it must
 draw any randomness from (so rollouts are reproducible from a seed and independent of
-the global RNG). ``act`` returns actions for every agent slot; the simulator reads only
+the global RNG); the generator lives on the state's device, so sample with
+``device=state.device``. ``act`` returns actions for every agent slot; the simulator reads only
 the controlled agents' entries. Subclass :class:`BasePolicy` to get ``reset``'s
 bookkeeping and ``__call__``; a plain function ``fn(state, dynamics) -> actions`` becomes a
 policy through :func:`as_policy`.

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from closedloop.data.scenario import POLYGON_KINDS, Scenario, road_type_code
-
 
 
 @dataclass
@@ -66,7 +65,7 @@ class ScenarioBatch:
     def batch_size(self) -> int:
         return len(self.scenario_id)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ScenarioBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ScenarioBatch:
         """A copy with every tensor on ``device``."""
         changes = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -75,7 +74,7 @@ class ScenarioBatch:
         }
         return dataclasses.replace(self, **changes)
 
-    def pin_memory(self) -> "ScenarioBatch":
+    def pin_memory(self) -> ScenarioBatch:
         """Called by DataLoader(pin_memory=True)."""
         changes = {
             f.name: getattr(self, f.name).pin_memory()
@@ -116,8 +115,8 @@ def select_agents(
         )
     if dropped_scored:
         warnings.warn(
-            f"scenario {scenario.scenario_id}: dropped {dropped_scored} scored objects "
-            f"(max_agents={max_agents})", stacklevel=3,
+            f"scenario {scenario.scenario_id}: dropped {dropped_scored} scored objects (max_agents={max_agents})",
+            stacklevel=3,
         )
     return kept, dropped_scored
 
@@ -169,9 +168,7 @@ def collate_scenarios(
     steps = {s.num_steps for s in scenarios}
     currents = {s.current_time_index for s in scenarios}
     if len(steps) > 1 or len(currents) > 1:
-        raise ValueError(
-            f"scenarios disagree on num_steps {sorted(steps)} or current index {sorted(currents)}"
-        )
+        raise ValueError(f"scenarios disagree on num_steps {sorted(steps)} or current index {sorted(currents)}")
     B, T = len(scenarios), steps.pop()
     kept = [select_agents(s, max_agents, allow_drop_scored) for s in scenarios]
     roads = [_road_points(s) for s in scenarios]
@@ -187,21 +184,31 @@ def collate_scenarios(
 
     origin = np.zeros((B, 2))
     agent = {
-        "id": np.zeros((B, N), np.int64), "track": np.full((B, N), -1, np.int64),
-        "type": np.zeros((B, N), np.int64), "mask": np.zeros((B, N), bool),
-        "xyz": np.zeros((B, N, T, 3), np.float32), "dims": np.zeros((B, N, T, 3), np.float32),
-        "heading": np.zeros((B, N, T), np.float32), "vel": np.zeros((B, N, T, 2), np.float32),
-        "valid": np.zeros((B, N, T), bool), "sdc": np.zeros((B, N), bool),
-        "ttp": np.zeros((B, N), bool), "ooi": np.zeros((B, N), bool),
+        "id": np.zeros((B, N), np.int64),
+        "track": np.full((B, N), -1, np.int64),
+        "type": np.zeros((B, N), np.int64),
+        "mask": np.zeros((B, N), bool),
+        "xyz": np.zeros((B, N, T, 3), np.float32),
+        "dims": np.zeros((B, N, T, 3), np.float32),
+        "heading": np.zeros((B, N, T), np.float32),
+        "vel": np.zeros((B, N, T, 2), np.float32),
+        "valid": np.zeros((B, N, T), bool),
+        "sdc": np.zeros((B, N), bool),
+        "ttp": np.zeros((B, N), bool),
+        "ooi": np.zeros((B, N), bool),
     }
     road = {
-        "xyz": np.zeros((B, P, 3), np.float32), "dir": np.zeros((B, P, 3), np.float32),
-        "type": np.full((B, P), -1, np.int64), "id": np.full((B, P), -1, np.int64),
+        "xyz": np.zeros((B, P, 3), np.float32),
+        "dir": np.zeros((B, P, 3), np.float32),
+        "type": np.full((B, P), -1, np.int64),
+        "id": np.full((B, P), -1, np.int64),
         "mask": np.zeros((B, P), bool),
     }
     light = {
-        "lane": np.full((B, L), -1, np.int64), "state": np.zeros((B, L, T), np.int64),
-        "stop": np.zeros((B, L, 3), np.float32), "mask": np.zeros((B, L), bool),
+        "lane": np.full((B, L), -1, np.int64),
+        "state": np.zeros((B, L, T), np.int64),
+        "stop": np.zeros((B, L, 3), np.float32),
+        "mask": np.zeros((B, L), bool),
     }
     for b, (s, (idx, _), (rxyz, rdir, rtype, rid), (llane, lstate, lstop)) in enumerate(
         zip(scenarios, kept, roads, lights)
@@ -237,14 +244,26 @@ def collate_scenarios(
         scenario_id=[s.scenario_id for s in scenarios],
         origin=t(origin),
         current_time_index=cur,
-        agent_id=t(agent["id"]), agent_track_index=t(agent["track"]), agent_type=t(agent["type"]),
-        agent_mask=t(agent["mask"]), agent_xyz=t(agent["xyz"]), agent_dims=t(agent["dims"]),
-        agent_heading=t(agent["heading"]), agent_velocity=t(agent["vel"]),
-        agent_valid=t(agent["valid"]), is_sdc=t(agent["sdc"]),
-        tracks_to_predict=t(agent["ttp"]), objects_of_interest=t(agent["ooi"]),
-        road_xyz=t(road["xyz"]), road_dir=t(road["dir"]), road_type=t(road["type"]),
-        road_id=t(road["id"]), road_mask=t(road["mask"]),
-        light_lane_id=t(light["lane"]), light_state=t(light["state"]),
-        light_stop_point=t(light["stop"]), light_mask=t(light["mask"]),
+        agent_id=t(agent["id"]),
+        agent_track_index=t(agent["track"]),
+        agent_type=t(agent["type"]),
+        agent_mask=t(agent["mask"]),
+        agent_xyz=t(agent["xyz"]),
+        agent_dims=t(agent["dims"]),
+        agent_heading=t(agent["heading"]),
+        agent_velocity=t(agent["vel"]),
+        agent_valid=t(agent["valid"]),
+        is_sdc=t(agent["sdc"]),
+        tracks_to_predict=t(agent["ttp"]),
+        objects_of_interest=t(agent["ooi"]),
+        road_xyz=t(road["xyz"]),
+        road_dir=t(road["dir"]),
+        road_type=t(road["type"]),
+        road_id=t(road["id"]),
+        road_mask=t(road["mask"]),
+        light_lane_id=t(light["lane"]),
+        light_state=t(light["state"]),
+        light_stop_point=t(light["stop"]),
+        light_mask=t(light["mask"]),
         num_dropped_scored=torch.tensor([d for _, d in kept], dtype=torch.int64),
     )

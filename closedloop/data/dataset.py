@@ -13,7 +13,7 @@ scenario is seen by exactly one reader.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -59,7 +59,9 @@ class WomdIterableDataset(IterableDataset):
         for path in self.paths:
             count = 0
             for index, scenario in iter_file_scenarios(
-                path, self.on_error, self.skipped,
+                path,
+                self.on_error,
+                self.skipped,
                 keep=lambda i, base=base: (base + i) % slots == slot,
             ):
                 count = index + 1

@@ -9,8 +9,8 @@ offsets, CSR style: the items of element ``i`` are ``flat[splits[i]:splits[i + 1
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
 
 import numpy as np
 
@@ -63,7 +63,6 @@ def road_type_kind(code: int) -> tuple[int, int]:
         if low <= code <= high:
             return kind, code - low
     raise ValueError(f"unknown roadgraph type code {code}")
-
 
 
 def _ints(shape=(0,), dtype=np.int64) -> np.ndarray:
@@ -160,7 +159,7 @@ class Scenario:
         return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Scenario":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Scenario:
         """Inverse of :meth:`to_arrays`; missing keys raise ``KeyError`` naming the field."""
         values = {}
         for f in fields(cls):
@@ -174,18 +173,16 @@ class Scenario:
             values[f.name] = value
         return cls(**values)
 
-    def equals(self, other: "Scenario") -> bool:
+    def equals(self, other: Scenario) -> bool:
         """Exact equality of every field (dtype, shape and values)."""
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if isinstance(a, np.ndarray):
-                if a.dtype != np.asarray(b).dtype or not np.array_equal(
-                    a, b, equal_nan=a.dtype.kind == "f"
-                ):
+                if a.dtype != np.asarray(b).dtype or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
                     return False
             elif a != b:
                 return False
         return True
 
-    def replace(self, **changes) -> "Scenario":
+    def replace(self, **changes) -> Scenario:
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from closedloop.constants import DT
 from closedloop.data.scenario import MAP_KIND_INDEX, Scenario, road_type_kind
 
 _PACKAGE = "closedloop.tfexample"
@@ -270,7 +271,7 @@ def scenario_from_example(f: ExampleFeatures) -> Scenario:
     if all(name in f for name in times):
         timestamps = np.concatenate([f.numbers(name, steps) for name, (_, steps) in zip(times, _PARTS)]) / 1e6
     else:
-        timestamps = np.arange(_NUM_STEPS) * 0.1
+        timestamps = np.arange(_NUM_STEPS) * DT
 
     map_id, kinds, subtypes, points, splits = _map_features(f)
     num_features = len(map_id)

@@ -116,8 +116,9 @@ class SimState:
         )
 
     def snapshot(self) -> SimState:
-        """An independent copy holding steps ``0..t`` only (detached from autograd): for
-        consumers that keep states and must not pin a rollout's whole buffers."""
+        """An independent copy (detached from autograd) whose buffers hold this state's
+        steps ``0..t`` and the log after them, nothing of the rollout's later steps: for
+        consumers that keep states apart from the rollout that made them."""
         t, b = self.t, self.batch
         log_after = self.log_states(t + 1, self.num_steps)  # what the steps after t hold at reset
         pose = torch.cat([self.pose.detach(), log_after.to(self.history.pose.dtype)], dim=2)
@@ -197,48 +198,66 @@ def log_state(batch: ScenarioBatch, t: int | None = None) -> SimState:
 
 @dataclass(frozen=True)
 class CheckedActions:
-    """Actions that passed :func:`check_actions`: within bounds, the ignored agents' zeroed,
-    and which controlled agents' actions were clipped ``[B, N]``."""
+    """Actions that passed :func:`check_actions`: within bounds, the ignored agents' zeroed;
+    which controlled agents' actions were clipped ``[B, N]``, and which are invalid
+    (NaN/inf, or discrete values out of range: :func:`step` raises for them)."""
 
     actions: torch.Tensor
     clipped: torch.Tensor
+    invalid: torch.Tensor
 
 
-def check_actions(state: SimState, actions, dynamics: Dynamics) -> CheckedActions:
-    """Validate dtype and shape, bound the values (see the module docstring). NaN/inf and
-    out-of-range discrete values are found by :func:`step` after the dynamics ran, so a
-    step costs one device synchronisation."""
+def as_action_tensor(actions, dynamics: Dynamics, device: torch.device) -> torch.Tensor:
+    """``actions`` as a tensor on ``device``; :class:`SimulationError` for what cannot be one."""
     if not isinstance(actions, torch.Tensor):
         try:
             actions = torch.as_tensor(actions)
         except (TypeError, ValueError, RuntimeError) as err:
             raise SimulationError(f"{dynamics.name} actions must be a numeric array: {err}") from None
-    actions = actions.to(state.device)
-    dynamics.check_action(actions, tuple(state.controlled.shape))
+    return actions.to(device)
+
+
+def check_actions(state: SimState, actions, dynamics: Dynamics) -> CheckedActions:
+    """Validate dtype and shape, bound the values (see the module docstring). Invalid values
+    are only marked here: :func:`step` checks them together with the new states, so a step
+    costs one device synchronisation."""
+    actions = as_action_tensor(actions, dynamics, state.device)
+    ctrl = state.controlled
+    dynamics.check_action(actions, tuple(ctrl.shape))
+    if not dynamics.spec.discrete:
+        actions = actions.to(state.history.pose.dtype)
     bounded, outside = dynamics.bound(actions)
-    keep = state.controlled.view(*state.controlled.shape, *([1] * (bounded.dim() - 2)))
+    if dynamics.spec.discrete:
+        invalid, clipped = outside & ctrl, torch.zeros_like(ctrl)
+    else:
+        invalid, clipped = ~torch.isfinite(actions).flatten(2).all(-1) & ctrl, outside & ctrl
+    keep = ctrl.view(*ctrl.shape, *([1] * (bounded.dim() - 2)))
     bounded = torch.where(keep, bounded, torch.zeros((), dtype=bounded.dtype, device=bounded.device))
-    return CheckedActions(bounded, outside & state.controlled)
+    if not state.history.differentiable:
+        bounded = bounded.detach()  # the in-place fast path keeps no autograd graph
+    return CheckedActions(bounded, clipped, invalid)
 
 
-def step(state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dynamics) -> SimState:
+def step(
+    state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dynamics, hold: torch.Tensor | None = None
+) -> SimState:
     """Advance by ``dynamics.chunk`` steps. ``actions`` ``[B, N, *action_shape]`` (or the
-    result of :func:`check_actions`); only the controlled agents' actions are used."""
+    result of :func:`check_actions`); only the controlled agents' actions are used. Agents
+    in ``hold`` ``[B, N]`` stand still whatever their action (finished agents)."""
     k = dynamics.chunk
     if state.t + k > state.num_steps - 1:
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step {k} from step {state.t}")
     checked = actions if isinstance(actions, CheckedActions) else check_actions(state, actions, dynamics)
     nxt = dynamics.forward(state.current, checked.actions)  # [B, N, k, 5]
     ctrl = state.controlled
+    if hold is not None:  # these agents stand where they are, velocity zero
+        standing = torch.cat([state.current[..., :3], torch.zeros_like(state.current[..., 3:])], -1)
+        nxt = torch.where(hold[:, :, None, None], standing[:, :, None], nxt)
     # One synchronisation for every value check: bad actions (NaN/inf, or discrete ones
     # out of range) and next states that are not finite.
-    if dynamics.spec.discrete:
-        bad_action = checked.clipped
-    else:
-        bad_action = ~torch.isfinite(checked.actions).flatten(2).all(-1) & ctrl
     bad_state = ~torch.isfinite(nxt).flatten(2).all(-1) & ctrl
-    if bool((bad_action | bad_state).any()):
-        _raise_bad_values(state, dynamics, bad_action, bad_state)
+    if bool((checked.invalid | bad_state).any()):
+        _raise_bad_values(state, dynamics, checked.invalid, bad_state)
 
     t, window = state.t, slice(state.t + 1, state.t + 1 + k)
     history = state.history

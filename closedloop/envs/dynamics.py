@@ -105,34 +105,43 @@ class Dynamics(abc.ABC):
             raise SimulationError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
 
     def bound(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(action, outside)``: continuous actions clipped into ``spec`` (angles wrapped)
-        in the state dtype, discrete ones clamped into range, and whether each agent's
-        action was outside ``[*batch]`` (NaN counts as outside; NaN stays NaN)."""
+        """``(action, outside)``: continuous actions (floating point) clipped into ``spec``,
+        out-of-range headings wrapped instead, values within the bounds untouched; discrete
+        ones clamped into range; and whether each agent's action was outside the bounds
+        ``[*batch]``. NaN is neither outside nor changed: the simulator rejects it."""
         batch_dims = action.dim() - len(self.spec.shape)
         if self.spec.discrete:
             outside = (action < 0) | (action >= self.spec.levels)
             inside = action.clamp(0, self.spec.levels - 1)
         else:
-            action = action.float() if not action.dtype.is_floating_point else action
-            low, high, angular = self._limits(action)
+            low, high, angular = self.limits(action)
+            outside = (action < low) | (action > high)
             inside = torch.minimum(torch.maximum(action, low), high)
             if angular is not None:
-                inside = torch.where(angular, wrap_angle(action), inside)
-            outside = ~(inside == action)  # NaN compares unequal
+                inside = torch.where(angular & outside, wrap_angle(action), inside)
         if batch_dims < action.dim():
             outside = outside.flatten(batch_dims).any(-1)
         return inside, outside
 
-    def _limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``spec``'s bounds and angular flags as tensors, made once per device and dtype."""
-        cache = self.__dict__.setdefault("_limits_cache", {})
-        key = (like.device, like.dtype)
-        if key not in cache:
+    def limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``spec``'s bounds and angular flags as tensors on ``like``'s device and dtype."""
+        flags = self.spec.angular
+
+        def make():
             low = torch.tensor(self.spec.low, dtype=like.dtype, device=like.device)
             high = torch.tensor(self.spec.high, dtype=like.dtype, device=like.device)
-            flags = self.spec.angular
             angular = torch.tensor(flags, device=like.device) if flags is not None and any(flags) else None
-            cache[key] = (low, high, angular)
+            return low, high, angular
+
+        return self._cached("limits", like, make)
+
+    def _cached(self, name: str, like: torch.Tensor, make):
+        """``make()`` once per device and dtype of ``like``: constants moved to the device
+        every step would cost a host-to-device copy (a synchronisation on CUDA) per step."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (name, like.device, like.dtype)
+        if key not in cache:
+            cache[key] = make()
         return cache[key]
 
     @abc.abstractmethod
@@ -285,15 +294,18 @@ class Tokens(Dynamics):
         self.spec = ActionSpec((), n=vocabulary.shape[0])
         self._trajectory = Trajectory(self.chunk)
 
+    def _vocabulary(self, like: torch.Tensor) -> torch.Tensor:
+        return self._cached("vocabulary", like, lambda: self.vocabulary.to(like.device, like.dtype))
+
     def forward(self, state, action):
-        chunk = self.vocabulary.to(state.device, state.dtype)[action]
+        chunk = self._vocabulary(state)[action]
         return self._trajectory.forward(state, chunk)
 
     def inverse(self, state, target):
         """The token whose poses lie closest (mean position error plus heading error in
         metres at 1 m per radian) to the target chunk."""
         local = self._trajectory.inverse(state, target)  # [..., k, 3]
-        vocab = self.vocabulary.to(state.device, state.dtype)
+        vocab = self._vocabulary(state)
         diff = local[..., None, :, :] - vocab
         cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
         return cost.argmin(-1)
@@ -306,21 +318,16 @@ class Normalized(Dynamics):
         if inner.spec.low is None:
             raise ValueError(f"{inner.name} has no continuous bounds to normalise")
         self.inner, self.name, self.chunk = inner, f"{inner.name}[-1,1]", inner.chunk
-        self.low = torch.tensor(inner.spec.low)
-        self.high = torch.tensor(inner.spec.high)
         self.spec = ActionSpec(
             inner.spec.shape, tuple([-1.0] * len(inner.spec.low)), tuple([1.0] * len(inner.spec.low))
         )
 
-    def _bounds(self, like: torch.Tensor):
-        return self.low.to(like.device, like.dtype), self.high.to(like.device, like.dtype)
-
     def forward(self, state, action):
-        low, high = self._bounds(state)
+        low, high, _ = self.inner.limits(state)
         return self.inner.forward(state, low + (action.clamp(-1, 1) + 1) / 2 * (high - low))
 
     def inverse(self, state, target):
-        low, high = self._bounds(state)
+        low, high, _ = self.inner.limits(state)
         return ((self.inner.inverse(state, target) - low) / (high - low) * 2 - 1).clamp(-1, 1)
 
 
@@ -333,18 +340,17 @@ class Discretized(Dynamics):
         if bins < 2:
             raise ValueError("discretisation needs at least 2 bins")
         self.inner, self.name, self.chunk = inner, f"{inner.name}[{bins} bins]", inner.chunk
-        self.low, self.high = torch.tensor(inner.spec.low), torch.tensor(inner.spec.high)
         self.spec = ActionSpec(inner.spec.shape, bins=bins)
 
     def _values(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        low, high = self.low.to(like.device, like.dtype), self.high.to(like.device, like.dtype)
+        low, high, _ = self.inner.limits(like)
         return low + index.to(like.dtype) * (high - low) / (self.spec.bins - 1)
 
     def forward(self, state, action):
         return self.inner.forward(state, self._values(action, state))
 
     def inverse(self, state, target):
-        low, high = self.low.to(state.device, state.dtype), self.high.to(state.device, state.dtype)
+        low, high, _ = self.inner.limits(state)
         value = self.inner.inverse(state, target)
         return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
 

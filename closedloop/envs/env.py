@@ -23,7 +23,15 @@ import torch
 
 from closedloop.constants import DT
 from closedloop.data.batch import ScenarioBatch
-from closedloop.envs.core import Controlled, SimState, check_actions, controlled_mask, reset, step
+from closedloop.envs.core import (
+    Controlled,
+    SimState,
+    as_action_tensor,
+    check_actions,
+    controlled_mask,
+    reset,
+    step,
+)
 from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
 from closedloop.envs.events import EventTracker
@@ -76,27 +84,43 @@ class EnvCore:
         self,
         start: ScenarioBatch | SimState,
         config: EnvConfig,
-        controlled: Controlled = "wosac",
+        controlled: Controlled | None = None,
         exposed: Controlled | None = None,
         others=None,
         generator: torch.Generator | None = None,
-        differentiable: bool = False,
+        differentiable: bool | None = None,
         track_events: bool = True,
     ):
         self.config, self.dynamics = config, config.dynamics
         if isinstance(start, SimState):
+            if controlled is not None or differentiable is not None:
+                raise SimulationError(
+                    "starting from a SimState, the state decides which agents are controlled and "
+                    "whether steps are differentiable: pass neither"
+                )
             self.state = start
         else:
-            self.state = reset(start, "wosac" if others is not None else controlled, differentiable=differentiable)
-        batch = self.state.batch
-        self.exposed = self.state.controlled if exposed is None else controlled_mask(batch, exposed)
-        if bool((self.exposed & ~self.state.controlled).any()):
+            controlled = "wosac" if others is not None or controlled is None else controlled
+            self.state = reset(start, controlled, differentiable=bool(differentiable))
+        state = self.state
+        if (state.num_steps - 1 - state.t) % self.dynamics.chunk:
+            raise SimulationError(
+                f"{self.dynamics.name} moves {self.dynamics.chunk} steps at a time, which does not "
+                f"divide the {state.num_steps - 1 - state.t} steps left after step {state.t}"
+            )
+        self.exposed = state.controlled if exposed is None else controlled_mask(state.batch, exposed)
+        if others is None and not torch.equal(self.exposed, state.controlled):
+            raise SimulationError("without a sim-agent policy (others) every controlled agent must be exposed")
+        if bool((self.exposed & ~state.controlled).any()):
             raise SimulationError("exposed agents must be controlled")
         self.active = self.exposed.clone()
         self._finished_possible = False
-        self.others = others
+        self.others = None
         if others is not None:
-            others.reset(self.state, self.dynamics, generator)
+            from closedloop.agents.policy import as_policy
+
+            self.others = as_policy(others)
+            self.others.reset(state, self.dynamics, generator)
         self.tracker = EventTracker(self.state) if track_events else None
         self.observer = Observer(config.observation)
 
@@ -105,8 +129,11 @@ class EnvCore:
         return self.state.done
 
     def observe(self, agents: torch.Tensor | None = None) -> torch.Tensor:
-        """Observations ``[B, Q, D]`` of agent slots ``agents`` ``[B, Q]`` (default: every
-        slot, ``[B, N, D]``); see :mod:`closedloop.envs.observation`."""
+        """Observations ``[B, Q, D]`` of agent slots ``agents`` ``[B, Q]``, or by default
+        ``[B, N, D]`` for every slot with zeros outside the exposed agents (only those are
+        observed); see :mod:`closedloop.envs.observation`."""
+        if agents is None:
+            return self.observer(self.state, observed=self.exposed)
         return self.observer(self.state, agents)
 
     def hold(self) -> torch.Tensor:
@@ -145,10 +172,11 @@ class EnvCore:
         previous = self.state
         if previous.done:
             raise SimulationError(f"the episode ended at step {previous.t}: reset before stepping again")
-        if self.others is not None or self._finished_possible:
-            actions = self._compose(actions)
+        finished = self.exposed & ~self.active if self._finished_possible else None
+        if self.others is not None or finished is not None:
+            actions = self._compose(actions, finished)
         checked = check_actions(previous, actions, self.dynamics)
-        state = step(previous, checked, self.dynamics)
+        state = step(previous, checked, self.dynamics, hold=finished)
         self.state = state
         transition = Transition(previous, state, self.dynamics, checked.actions, checked.clipped)
         if self.tracker is None:
@@ -171,21 +199,21 @@ class EnvCore:
             previous, state, self.dynamics, checked.actions, checked.clipped, events, rewards, terminated, truncated
         )
 
-    def _compose(self, actions) -> torch.Tensor:
+    def _compose(self, actions, finished: torch.Tensor | None) -> torch.Tensor:
         """The caller's actions for the active exposed agents, the sim-agent policy's for
-        the other controlled agents, stand-still actions for finished agents."""
+        the other controlled agents, zeros for finished agents (the step holds them)."""
         state = self.state
-        actions = torch.as_tensor(actions, device=state.device)
+        actions = as_action_tensor(actions, self.dynamics, state.device)
         if self.others is not None:
-            theirs = torch.as_tensor(self.others.act(state), device=state.device)
+            theirs = as_action_tensor(self.others.act(state), self.dynamics, state.device)
             if theirs.shape != actions.shape:
                 raise SimulationError(
                     f"the sim-agent policy returned actions of shape {list(theirs.shape)}, "
                     f"the caller {list(actions.shape)}"
                 )
             actions = _where_agents(self.exposed, actions, theirs.to(actions.dtype))
-        if self._finished_possible:
-            actions = _where_agents(self.exposed & ~self.active, self.hold().to(actions.dtype), actions)
+        if finished is not None:
+            actions = _where_agents(finished, torch.zeros((), dtype=actions.dtype, device=actions.device), actions)
         return actions
 
 
@@ -212,4 +240,4 @@ def expert_targets(state: SimState, k: int) -> torch.Tensor:
 
 def _where_agents(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` for the agents of ``mask`` ``[B, N]``, ``b`` for the others."""
-    return torch.where(mask.view(*mask.shape, *([1] * (a.dim() - 2))), a, b)
+    return torch.where(mask.view(*mask.shape, *([1] * (max(a.dim(), b.dim()) - 2))), a, b)

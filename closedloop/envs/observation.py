@@ -85,17 +85,23 @@ class Observer:
         self._road_batch = None  # the batch _road indexes
         self._road_table: torch.Tensor | None = None
 
-    def __call__(self, state: SimState, agents: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, state: SimState, agents: torch.Tensor | None = None, observed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Observations ``[B, Q, size]`` of agents ``agents`` ``[B, Q]`` (slot indices; the
-        same number per scenario), or ``[B, N, size]`` of every slot by default. Only the
-        observed agents' roadgraph neighbourhoods are searched."""
+        same number per scenario), or ``[B, N, size]`` of every slot by default, where
+        ``observed`` ``[B, N]`` may limit the work to some slots (the others get zeros).
+        Only the observed agents' roadgraph neighbourhoods are searched."""
         cfg, b, t = self.config, state.batch, state.t
         pose = state.current
         valid = state.valid_now
         B, N = valid.shape
-        if agents is None:
+        blank_unobserved = agents is None and observed is not None
+        if agents is not None:
+            observed = torch.zeros_like(valid).scatter_(1, agents, True)
+        else:
             agents = torch.arange(N, device=pose.device).expand(B, N)
-        observed = torch.zeros_like(valid).scatter_(1, agents, True)
+            observed = torch.ones_like(valid) if observed is None else observed
         me = _take(pose, agents)  # [B, Q, 5]
         x, y, yaw, vx, vy = me.unbind(-1)
         dims = state.dims
@@ -196,8 +202,10 @@ class Observer:
                 )
                 * ok[..., None]
             )
-        obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1)
-        return obs.float().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1).float()
+        if blank_unobserved:
+            obs = obs * observed[..., None]
+        return obs.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _road_table(b) -> torch.Tensor:

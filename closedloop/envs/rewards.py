@@ -53,7 +53,6 @@ def _action_size(transition: Transition) -> torch.Tensor:
     if spec.discrete:
         raise ValueError(f"RewardConfig.action needs continuous actions; {transition.dynamics.name} is discrete")
     actions = transition.actions.float()
-    high = torch.tensor(spec.high, device=actions.device).abs()
-    low = torch.tensor(spec.low, device=actions.device).abs()
-    size = (actions / torch.maximum(high, low)).square()
+    low, high, _ = transition.dynamics.limits(actions)
+    size = (actions / torch.maximum(high.abs(), low.abs())).square()
     return size.flatten(2).sum(-1)

@@ -50,12 +50,19 @@ class ScenarioSource:
     """Draws scenarios epoch after epoch from a list, a Dataset or a re-iterable."""
 
     def __init__(self, scenarios, shuffle: bool = True):
+        from torch.utils.data import IterableDataset
+
         if isinstance(scenarios, Iterator):
             raise TypeError(
                 "the scenario source is a one-shot iterator (a generator?), which cannot start a "
                 "second epoch: pass a list, a Dataset or a re-iterable such as WomdIterableDataset"
             )
-        sized = hasattr(scenarios, "__len__") and hasattr(scenarios, "__getitem__")
+        # torch's Dataset base defines __getitem__, so an IterableDataset is told apart first.
+        sized = (
+            not isinstance(scenarios, IterableDataset)
+            and hasattr(scenarios, "__len__")
+            and hasattr(scenarios, "__getitem__")
+        )
         if not sized and not isinstance(scenarios, Iterable):
             raise TypeError(f"the scenario source must be a list, a Dataset or an iterable, not {type(scenarios)}")
         self.scenarios, self.sized, self.shuffle = scenarios, sized, shuffle
@@ -110,6 +117,7 @@ class BatchedEnv:
         others=None,
         guidance: bool = True,
         shuffle: bool = True,
+        differentiable: bool = False,
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
     ):
@@ -119,7 +127,9 @@ class BatchedEnv:
         self.config = EnvConfig(self.dynamics, observation, reward, terminate_on_collision, terminate_on_offroad)
         self.observation, self.reward = observation, reward
         self.controlled, self.others, self.with_guidance, self.device = controlled, others, guidance, device
-        self.generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        self.differentiable = differentiable
+        self.generator = torch.Generator()
+        self.generator.seed()  # a fresh, non-deterministic seed per env until reset(seed=...)
         self.core: EnvCore | None = None
 
     @property
@@ -153,8 +163,13 @@ class BatchedEnv:
             exposed=exposed,
             others=self.others,
             generator=policy_generator,
+            differentiable=self.differentiable,
         )
-        info = {"reset": True, "scenario_id": batch.scenario_id, "t": self.core.state.t}
+        # The same keys as every step's info: no events, nothing clipped, yet.
+        none = torch.zeros_like(self.core.exposed)
+        events = {key: none for key in ("collision", "offroad", "red_light", "clipped")}
+        events["distance_to_log"] = torch.full(none.shape, float("nan"), device=none.device)
+        info = {**events, "reset": True, "scenario_id": batch.scenario_id, "t": self.core.state.t}
         return self.core.observe(), self._info(info)
 
     def _info(self, info: dict) -> dict:

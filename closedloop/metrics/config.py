@@ -5,9 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FEATURES = (
-    "linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration",
-    "distance_to_nearest_object", "collision_indication", "time_to_collision",
-    "distance_to_road_edge", "offroad_indication", "traffic_light_violation",
+    "linear_speed",
+    "linear_acceleration",
+    "angular_speed",
+    "angular_acceleration",
+    "distance_to_nearest_object",
+    "collision_indication",
+    "time_to_collision",
+    "distance_to_road_edge",
+    "offroad_indication",
+    "traffic_light_violation",
 )
 BUCKETS = {
     "kinematic": FEATURES[0:4],
@@ -16,9 +23,12 @@ BUCKETS = {
 }
 # The per-scenario output fields, in the order they are printed.
 FIELDS = (
-    "metametric", "average_displacement_error", "min_average_displacement_error",
+    "metametric",
+    "average_displacement_error",
+    "min_average_displacement_error",
     *(f"{name}_likelihood" for name in FEATURES),
-    "simulated_collision_rate", "simulated_offroad_rate",
+    "simulated_collision_rate",
+    "simulated_offroad_rate",
     "simulated_traffic_light_violation_rate",
 )
 
@@ -65,15 +75,22 @@ _ESTIMATORS = {
     "traffic_light_violation": BERNOULLI,
 }
 _WEIGHTS_2025 = {
-    "linear_speed": 0.05, "linear_acceleration": 0.05, "angular_speed": 0.05,
-    "angular_acceleration": 0.05, "distance_to_nearest_object": 0.1,
-    "collision_indication": 0.25, "time_to_collision": 0.1, "distance_to_road_edge": 0.05,
-    "offroad_indication": 0.25, "traffic_light_violation": 0.05,
+    "linear_speed": 0.05,
+    "linear_acceleration": 0.05,
+    "angular_speed": 0.05,
+    "angular_acceleration": 0.05,
+    "distance_to_nearest_object": 0.1,
+    "collision_indication": 0.25,
+    "time_to_collision": 0.1,
+    "distance_to_road_edge": 0.05,
+    "offroad_indication": 0.25,
+    "traffic_light_violation": 0.05,
 }
 CONFIGS = {
     "2025": WosacConfig("2025", _ESTIMATORS, _WEIGHTS_2025),
-    "2024": WosacConfig("2024", _ESTIMATORS, {**_WEIGHTS_2025, "distance_to_road_edge": 0.1,
-                                              "traffic_light_violation": 0.0}),
+    "2024": WosacConfig(
+        "2024", _ESTIMATORS, {**_WEIGHTS_2025, "distance_to_road_edge": 0.1, "traffic_light_violation": 0.0}
+    ),
 }
 
 

@@ -32,8 +32,9 @@ def bin_index(values: torch.Tensor, config: Histogram) -> torch.Tensor:
     return torch.where(torch.isnan(values), config.num_bins - 1, index)
 
 
-def histogram_log_likelihood(log_values: torch.Tensor, sim_values: torch.Tensor,
-                             config: Histogram, sim_mask: torch.Tensor | None = None) -> torch.Tensor:
+def histogram_log_likelihood(
+    log_values: torch.Tensor, sim_values: torch.Tensor, config: Histogram, sim_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log-likelihood of each logged value under the histogram of the simulated ones.
 
     ``log_values``: ``[..., n]``; ``sim_values``: ``[..., m]`` (the same leading dims),
@@ -42,18 +43,19 @@ def histogram_log_likelihood(log_values: torch.Tensor, sim_values: torch.Tensor,
     """
     sim_bins = bin_index(sim_values, config)
     weight = torch.ones_like(sim_values) if sim_mask is None else sim_mask.to(sim_values.dtype)
-    counts = torch.zeros((*sim_values.shape[:-1], config.num_bins), dtype=sim_values.dtype,
-                         device=sim_values.device)
+    counts = torch.zeros((*sim_values.shape[:-1], config.num_bins), dtype=sim_values.dtype, device=sim_values.device)
     counts.scatter_add_(-1, sim_bins, weight)
     counts = counts + config.pseudocount
     log_probs = torch.log(counts) - torch.log(counts.sum(-1, keepdim=True))
     return torch.gather(log_probs, -1, bin_index(log_values, config))
 
 
-def bernoulli_log_likelihood(log_values: torch.Tensor, sim_values: torch.Tensor,
-                             pseudocount: float = 0.001) -> torch.Tensor:
+def bernoulli_log_likelihood(
+    log_values: torch.Tensor, sim_values: torch.Tensor, pseudocount: float = 0.001
+) -> torch.Tensor:
     """Log-likelihood of boolean ``log_values`` ``[...]`` under boolean ``sim_values``
     ``[..., m]`` (a two-bin histogram with an additive pseudocount)."""
     config = Histogram(-0.5, 1.5, 2, pseudocount)
-    return histogram_log_likelihood(log_values.to(torch.float32)[..., None],
-                                    sim_values.to(torch.float32), config)[..., 0]
+    return histogram_log_likelihood(log_values.to(torch.float32)[..., None], sim_values.to(torch.float32), config)[
+        ..., 0
+    ]

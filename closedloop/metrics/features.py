@@ -62,8 +62,9 @@ def kinematics(xyzh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return speed, accel, dh_step / DT, d2h_step / (DT * DT)
 
 
-def distance_to_nearest_object(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor,
-                               eval_index: torch.Tensor) -> torch.Tensor:
+def distance_to_nearest_object(
+    xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor
+) -> torch.Tensor:
     """Signed distance from each evaluated object to the nearest other valid object,
     between boxes with rounded corners (radius 0.35 x the smaller side).
 
@@ -87,8 +88,9 @@ def distance_to_nearest_object(xyzh: torch.Tensor, dims: torch.Tensor, valid: to
     return torch.cat(out)
 
 
-def time_to_collision(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor,
-                      eval_index: torch.Tensor) -> torch.Tensor:
+def time_to_collision(
+    xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor
+) -> torch.Tensor:
     """Seconds until each evaluated object reaches the object it follows at constant
     speeds, capped at 5 s. Shapes as in :func:`distance_to_nearest_object`."""
     out = []
@@ -108,8 +110,12 @@ def time_to_collision(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tenso
         cos_e, sin_e = torch.cos(-eyaw), torch.sin(-eyaw)
         long_distance = dx * cos_e - dy * sin_e - el / 2 - other_long
         lat_overlap = torch.abs(dx * sin_e + dy * cos_e) - ew / 2 - other_lat
-        following = (long_distance > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat_overlap < 0) & (
-            (lat_overlap < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP))
+        following = (
+            (long_distance > 0)
+            & (yaw_diff <= MAX_HEADING_DIFF)
+            & (lat_overlap < 0)
+            & ((lat_overlap < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP))
+        )
         masked = long_distance + (~(v[:, None] & following)).to(long_distance.dtype) * BIG
         ahead = masked.argmin(dim=2, keepdim=True)
         distance = masked.gather(2, ahead)[:, :, 0]
@@ -175,12 +181,10 @@ def _blocks(table: PolylineTable, per_scene: int, valid: torch.Tensor, start_bou
             x = torch.cat([x, torch.full((B, pad, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)], 1)
         return x.reshape(B, -1, BLOCK, *x.shape[2:])
 
-    return (blocked(lo, float("inf")).amin(2), blocked(hi, float("-inf")).amax(2),
-            blocked(valid, False).any(2))
+    return (blocked(lo, float("inf")).amin(2), blocked(hi, float("-inf")).amax(2), blocked(valid, False).any(2))
 
 
-def _candidates(points, mask, group_scene, table, per_scene, sq_distance, valid, blocks,
-                initial: int = 4):
+def _candidates(points, mask, group_scene, table, per_scene, sq_distance, valid, blocks, initial: int = 4):
     """Per group of points, the segments (global indices, ascending) that provably contain
     each point's nearest ``valid`` segment: the blocks of segments whose bounding box lies
     within the worst best-distance of a first guess (the ``initial`` nearest blocks).
@@ -226,9 +230,18 @@ def _candidates(points, mask, group_scene, table, per_scene, sq_distance, valid,
 SPLIT_EXTENT = 10.0  # metres: groups of points spread wider are searched per rollout
 
 
-def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, valid,
-                      start_bound: bool = False, per_rollout: int = 1,
-                      chunk: int = 128) -> torch.Tensor:
+def _nearest_segments(
+    points,
+    mask,
+    group_scene,
+    table,
+    per_scene,
+    sq_distance,
+    valid,
+    start_bound: bool = False,
+    per_rollout: int = 1,
+    chunk: int = 128,
+) -> torch.Tensor:
     """Global index of the nearest ``valid`` segment for every point ``[G, N]`` (ties go to
     the lowest index, as an argmin over the scenario's whole table would).
 
@@ -238,8 +251,7 @@ def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, 
     """
     xy = points[..., :2]
     inf = torch.full_like(xy, float("inf"))
-    extent = (torch.where(mask[..., None], xy, -inf).amax(1)
-              - torch.where(mask[..., None], xy, inf).amin(1)).amax(-1)
+    extent = (torch.where(mask[..., None], xy, -inf).amax(1) - torch.where(mask[..., None], xy, inf).amin(1)).amax(-1)
     spread = extent > SPLIT_EXTENT
     blocks = _blocks(table, per_scene, valid, start_bound)
     out = torch.zeros(points.shape[:2], dtype=torch.int64, device=points.device)
@@ -262,8 +274,9 @@ def _nearest_segments(points, mask, group_scene, table, per_scene, sq_distance, 
     return out
 
 
-def distance_to_road_edge(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor,
-                          eval_index: torch.Tensor, batch: WosacBatch) -> torch.Tensor:
+def distance_to_road_edge(
+    xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor, batch: WosacBatch
+) -> torch.Tensor:
     """Signed distance from each evaluated box to the road edge (positive = off the road),
     the largest over the bottom corners. ``xyzh`` ``[B, R, A, T, 4]``, ``dims``
     ``[B, A, T, 3]``, ``valid`` ``[B, R or 1, A, T]``, ``eval_index`` ``[B, E]``.
@@ -284,8 +297,9 @@ def distance_to_road_edge(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.T
     if not bool(edges.valid.reshape(B, -1).any(1).all()):
         missing = [batch.scenario_id[b] for b in range(B) if not bool(edges.valid.reshape(B, -1)[b].any())]
         raise ValueError(f"scenarios {missing} have no road edges: distance to road edge is undefined")
-    seg = _nearest_segments(points, mask, group_scene, edges, batch.edges_per_scene,
-                            _stretched_sq_distance, edges.valid, per_rollout=4)[..., None]
+    seg = _nearest_segments(
+        points, mask, group_scene, edges, batch.edges_per_scene, _stretched_sq_distance, edges.valid, per_rollout=4
+    )[..., None]
     start, end = edges.start[seg], edges.end[seg]
     to_point = points[..., None, :] - start
     direction = end - start
@@ -297,15 +311,15 @@ def distance_to_road_edge(xyzh: torch.Tensor, dims: torch.Tensor, valid: torch.T
     n_next = _winding_sign(points, edges, edges.next[seg])
     before = torch.where(edges.convex_before[seg], torch.maximum(n, n_prior), torch.minimum(n, n_prior))
     after = torch.where(edges.convex_after[seg], torch.maximum(n, n_next), torch.minimum(n, n_next))
-    sign = torch.where((t < 0) & edges.prior_valid[seg], before,
-                       torch.where((t > 1) & edges.next_valid[seg], after, n))
+    sign = torch.where((t < 0) & edges.prior_valid[seg], before, torch.where((t > 1) & edges.next_valid[seg], after, n))
     per_corner = (sign * d2)[..., 0].reshape(B, E, T, R, 4).permute(0, 3, 1, 2, 4)
     distance = per_corner.amax(-1)
     return torch.where(v, distance, torch.full_like(distance, -BIG))
 
 
-def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor,
-                        batch: WosacBatch) -> torch.Tensor:
+def red_light_violation(
+    xyzh: torch.Tensor, valid: torch.Tensor, eval_index: torch.Tensor, batch: WosacBatch
+) -> torch.Tensor:
     """Whether each evaluated object crosses a red light's stop point at each step.
     Shapes as in :func:`distance_to_road_edge`; returns ``[B, R, E, T]`` booleans over
     all T steps (the first step is never a crossing).
@@ -357,9 +371,16 @@ def red_light_violation(xyzh: torch.Tensor, valid: torch.Tensor, eval_index: tor
     # The reference keeps a lane segment when its start point is real, so each lane's last
     # point also starts a "segment" towards the zero padding; its distance is never below
     # the distance to the start point, which bounds the search.
-    nearest = _nearest_segments(xy[b, r, e, t][:, None], torch.ones_like(b, dtype=torch.bool)[:, None],
-                                b, lanes, batch.lanes_per_scene, _lane_match_sq_distance,
-                                lanes.start_valid, start_bound=True)[:, 0]
+    nearest = _nearest_segments(
+        xy[b, r, e, t][:, None],
+        torch.ones_like(b, dtype=torch.bool)[:, None],
+        b,
+        lanes,
+        batch.lanes_per_scene,
+        _lane_match_sq_distance,
+        lanes.start_valid,
+        start_bound=True,
+    )[:, 0]
     lane_id = batch.lane_id[lanes.owner[nearest]]  # [P]
     hit = (suspect[b, r, e, t] & (lane_id[:, None] == batch.signal_lane[b])).any(-1)
     none[b, r, e, t] = hit

@@ -19,7 +19,6 @@ import torch
 from closedloop.data.scenario import MAP_KIND_INDEX, Scenario
 
 LANE_SURFACE_STREET = 2
-SIM_STEPS = 80
 CYCLIC_TOLERANCE_M2 = 1.0
 
 
@@ -39,9 +38,8 @@ class PolylineTable:
     convex_before: torch.Tensor  # [S]
     convex_after: torch.Tensor  # [S]
 
-    def to(self, device) -> "PolylineTable":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
-                                            for f in dataclasses.fields(self)})
+    def to(self, device) -> PolylineTable:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
@@ -52,9 +50,19 @@ def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
     count = len(polylines)
     if count == 0:
         empty = torch.zeros(0)
-        return PolylineTable(torch.zeros(0, dims), torch.zeros(0, dims), empty.bool(), empty.bool(),
-                             empty.long(), empty.long(), empty.long(), empty.bool(),
-                             empty.bool(), empty.bool(), empty.bool())
+        return PolylineTable(
+            torch.zeros(0, dims),
+            torch.zeros(0, dims),
+            empty.bool(),
+            empty.bool(),
+            empty.long(),
+            empty.long(),
+            empty.long(),
+            empty.bool(),
+            empty.bool(),
+            empty.bool(),
+            empty.bool(),
+        )
     length = max(len(p) for p in polylines)
     points = np.zeros((count, length, dims), np.float32)
     point_valid = np.zeros((count, length), bool)
@@ -75,12 +83,17 @@ def polyline_table(polylines: list[np.ndarray], dims: int) -> PolylineTable:
     base = (np.arange(count) * segs)[:, None]
     t = torch.from_numpy
     return PolylineTable(
-        start=t(start.reshape(-1, dims)), end=t(end.reshape(-1, dims)),
-        valid=t(valid.reshape(-1)), start_valid=t(point_valid[:, :-1].reshape(-1)), owner=t(np.repeat(np.arange(count), segs)),
-        prior=t((base + prior).reshape(-1)), next=t((base + nxt).reshape(-1)),
+        start=t(start.reshape(-1, dims)),
+        end=t(end.reshape(-1, dims)),
+        valid=t(valid.reshape(-1)),
+        start_valid=t(point_valid[:, :-1].reshape(-1)),
+        owner=t(np.repeat(np.arange(count), segs)),
+        prior=t((base + prior).reshape(-1)),
+        next=t((base + nxt).reshape(-1)),
         prior_valid=t(np.take_along_axis(valid, prior, 1).reshape(-1)),
         next_valid=t(np.take_along_axis(valid, nxt, 1).reshape(-1)),
-        convex_before=t(convex[:, :-1].reshape(-1)), convex_after=t(convex[:, 1:].reshape(-1)),
+        convex_before=t(convex[:, :-1].reshape(-1)),
+        convex_after=t(convex[:, 1:].reshape(-1)),
     )
 
 
@@ -138,7 +151,7 @@ class WosacScene:
         return int(self.object_id.shape[0])
 
     @classmethod
-    def from_scenario(cls, scenario: Scenario) -> "WosacScene":
+    def from_scenario(cls, scenario: Scenario) -> WosacScene:
         cur = scenario.current_time_index
         sim = np.flatnonzero(scenario.track_valid[:, cur])
         if len(sim) == 0:
@@ -150,11 +163,12 @@ class WosacScene:
         eval_index = [position[i] for i in sorted(evaluated) if i in position]
         xyzh = np.concatenate([scenario.track_xyz[sim], scenario.track_heading[sim, :, None]], -1)
         dims = scenario.track_dims[sim].copy()
-        dims[:, cur + 1:] = dims[:, cur: cur + 1]
+        dims[:, cur + 1 :] = dims[:, cur : cur + 1]
 
         edges = [scenario.map_polyline(i) for i in np.flatnonzero(scenario.map_kind == MAP_KIND_INDEX["road_edge"])]
-        lane_rows = np.flatnonzero((scenario.map_kind == MAP_KIND_INDEX["lane"])
-                                   & (scenario.map_subtype == LANE_SURFACE_STREET))
+        lane_rows = np.flatnonzero(
+            (scenario.map_kind == MAP_KIND_INDEX["lane"]) & (scenario.map_subtype == LANE_SURFACE_STREET)
+        )
         lane_rows = [i for i in lane_rows if len(scenario.map_polyline(i)) >= 2]
         lanes = [scenario.map_polyline(i)[:, :2] for i in lane_rows]
         signal_lane = np.unique(scenario.light_lane)
@@ -213,7 +227,7 @@ class WosacBatch:
         return len(self.scenario_id)
 
     @classmethod
-    def from_scenes(cls, scenes: list[WosacScene]) -> "WosacBatch":
+    def from_scenes(cls, scenes: list[WosacScene]) -> WosacBatch:
         if not scenes:
             raise ValueError("no scenes to batch")
         B = len(scenes)
@@ -234,8 +248,9 @@ class WosacBatch:
         edges, edges_per_scene = stack_tables([s.road_edges for s in scenes])
         lanes, lanes_per_scene = stack_tables([s.lanes for s in scenes])
         polys = max(max(int(s.lane_id.numel()) for s in scenes), 1)
-        lane_id = torch.cat([torch.cat([s.lane_id, torch.full((polys - s.lane_id.numel(),), -1, dtype=torch.int64)])
-                             for s in scenes])
+        lane_id = torch.cat(
+            [torch.cat([s.lane_id, torch.full((polys - s.lane_id.numel(),), -1, dtype=torch.int64)]) for s in scenes]
+        )
         signal_state = torch.zeros((B, steps, S), dtype=torch.int64)
         signal_stop = torch.zeros((B, steps, S, 2), dtype=torch.float32)
         signal_lane = torch.full((B, S), -1, dtype=torch.int64)
@@ -253,15 +268,21 @@ class WosacBatch:
             log_xyzh=pad([s.log_xyzh for s in scenes], A),
             log_valid=pad([s.log_valid for s in scenes], A, False),
             dims=pad([s.dims for s in scenes], A, 1.0),
-            road_edges=edges, edges_per_scene=edges_per_scene,
-            lanes=lanes, lanes_per_scene=lanes_per_scene, lane_id=lane_id,
-            segments_per_lane=torch.tensor([s.lanes.start.shape[0] // max(s.lane_id.numel(), 1)
-                                            for s in scenes], dtype=torch.int64),
-            signal_lane=signal_lane, signal_state=signal_state, signal_stop=signal_stop,
+            road_edges=edges,
+            edges_per_scene=edges_per_scene,
+            lanes=lanes,
+            lanes_per_scene=lanes_per_scene,
+            lane_id=lane_id,
+            segments_per_lane=torch.tensor(
+                [s.lanes.start.shape[0] // max(s.lane_id.numel(), 1) for s in scenes], dtype=torch.int64
+            ),
+            signal_lane=signal_lane,
+            signal_state=signal_state,
+            signal_stop=signal_stop,
             current_time_index=scenes[0].current_time_index,
         )
 
-    def to(self, device) -> "WosacBatch":
+    def to(self, device) -> WosacBatch:
         changes = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

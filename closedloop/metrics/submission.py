@@ -18,11 +18,11 @@ import numpy as np
 from waymo_open_dataset.protos import sim_agents_submission_pb2 as pb
 
 from closedloop._atomic import atomic_write
+from closedloop.constants import SIM_STEPS
 from closedloop.data.scenario import Scenario
 from closedloop.metrics.rollouts import Rollouts
 
 NUM_ROLLOUTS = 32
-SIM_STEPS = 80
 
 
 class SubmissionError(ValueError):

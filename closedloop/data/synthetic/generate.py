@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from closedloop.data.scenario import (
-    CURRENT_INDEX,
-    MAP_KIND_INDEX,
-    NUM_STEPS,
-    TYPE_VEHICLE,
-    Scenario,
-)
+from closedloop.constants import CURRENT_INDEX, DT, NUM_STEPS, TYPE_VEHICLE
+from closedloop.data.scenario import MAP_KIND_INDEX, Scenario
 from closedloop.data.synthetic import signals
 from closedloop.data.synthetic.roads import LANE_SURFACE_STREET, Road, RoadNetwork
 from closedloop.data.synthetic.traffic import AgentLog, TrafficSimulation
@@ -46,9 +41,15 @@ def town_roads(town: str, rng: np.random.Generator) -> tuple[list[Road], float]:
         for axis in ("h", "v"):
             for sign in (-1, 1):
                 lanes = int(rng.integers(1, 3))
-                roads.append(Road(axis, sign * gap + rng.uniform(-5, 5), lanes,
-                                  float(rng.choice([25, 30, 35])),
-                                  parking=2.5 if rng.random() < 0.7 else 0.0))
+                roads.append(
+                    Road(
+                        axis,
+                        sign * gap + rng.uniform(-5, 5),
+                        lanes,
+                        float(rng.choice([25, 30, 35])),
+                        parking=2.5 if rng.random() < 0.7 else 0.0,
+                    )
+                )
         return roads, 170.0
     if town == "arterial":
         roads = [Road("h", 0.0, 3, float(rng.choice([35, 40, 45])), median=2.0)]
@@ -56,8 +57,10 @@ def town_roads(town: str, rng: np.random.Generator) -> tuple[list[Road], float]:
             roads.append(Road("v", x + rng.uniform(-10, 10), 1, 25.0, parking=2.5))
         return roads, 180.0
     if town == "cross":
-        return [Road("h", 0.0, int(rng.integers(1, 3)), 30.0, parking=2.5),
-                Road("v", 0.0, int(rng.integers(1, 3)), 30.0, parking=2.5)], 150.0
+        return [
+            Road("h", 0.0, int(rng.integers(1, 3)), 30.0, parking=2.5),
+            Road("v", 0.0, int(rng.integers(1, 3)), 30.0, parking=2.5),
+        ], 150.0
     raise ValueError(f"unknown town {town!r}; choose one of {', '.join(TOWNS)}")
 
 
@@ -65,8 +68,9 @@ def scenario_id(town: str, seed: int, index: int) -> str:
     return hashlib.sha1(f"closedloop-synthetic:{town}:{seed}:{index}".encode()).hexdigest()[:16]
 
 
-def generate_scenario(index: int, seed: int = 0, town: str = "grid",
-                      agents: tuple[int, int] = DEFAULT_AGENTS) -> Scenario:
+def generate_scenario(
+    index: int, seed: int = 0, town: str = "grid", agents: tuple[int, int] = DEFAULT_AGENTS
+) -> Scenario:
     """One synthetic scenario; the same arguments always give the same scenario."""
     if town not in TOWNS:
         raise ValueError(f"unknown town {town!r}; choose one of {', '.join(TOWNS)}")
@@ -81,9 +85,15 @@ def generate_scenario(index: int, seed: int = 0, town: str = "grid",
     pedestrians = int(round(target * 0.15))
     cyclists = max(1, int(round(target * 0.05)))
     vehicles = max(target - parked - pedestrians - cyclists, 2)
-    sim = TrafficSimulation(net, rng, num_vehicles=vehicles, num_parked=parked,
-                            num_pedestrians=pedestrians, num_cyclists=cyclists,
-                            spawn_rate=0.03)
+    sim = TrafficSimulation(
+        net,
+        rng,
+        num_vehicles=vehicles,
+        num_parked=parked,
+        num_pedestrians=pedestrians,
+        num_cyclists=cyclists,
+        spawn_rate=0.03,
+    )
     log = sim.run(WARMUP_STEPS, NUM_STEPS)
     return _assemble(scenario_id(town, seed, index), net, log, rng)
 
@@ -131,7 +141,7 @@ def _assemble(sid: str, net: RoadNetwork, log: AgentLog, rng: np.random.Generato
 
     return Scenario(
         scenario_id=sid,
-        timestamps_seconds=np.round(np.arange(NUM_STEPS) * 0.1, 6),
+        timestamps_seconds=np.round(np.arange(NUM_STEPS) * DT, 6),
         current_time_index=CURRENT_INDEX,
         sdc_track_index=sdc,
         track_id=track_ids,
@@ -173,10 +183,12 @@ def _map_fields(net: RoadNetwork) -> dict:
         stop_lanes.append([])
         left_b.append([(0, n - 1, *lane.left_boundary)] if lane.left_boundary else [])
         right_b.append([(0, n - 1, *lane.right_boundary)] if lane.right_boundary else [])
-        left_n.append([(lane.left_neighbor, 0, n - 1, 0, lane_len[lane.left_neighbor] - 1)]
-                      if lane.left_neighbor >= 0 else [])
-        right_n.append([(lane.right_neighbor, 0, n - 1, 0, lane_len[lane.right_neighbor] - 1)]
-                       if lane.right_neighbor >= 0 else [])
+        left_n.append(
+            [(lane.left_neighbor, 0, n - 1, 0, lane_len[lane.left_neighbor] - 1)] if lane.left_neighbor >= 0 else []
+        )
+        right_n.append(
+            [(lane.right_neighbor, 0, n - 1, 0, lane_len[lane.right_neighbor] - 1)] if lane.right_neighbor >= 0 else []
+        )
     for feature in net.features:
         ids.append(feature.id)
         kinds.append(MAP_KIND_INDEX[feature.kind])
@@ -201,8 +213,7 @@ def _map_fields(net: RoadNetwork) -> dict:
         "lane_speed_limit_mph": np.array(speed, np.float64),
         "lane_interpolating": np.zeros(len(ids), bool),
     }
-    for name, groups in (("lane_entry_lanes", entry), ("lane_exit_lanes", exits),
-                         ("stop_sign_lanes", stop_lanes)):
+    for name, groups in (("lane_entry_lanes", entry), ("lane_exit_lanes", exits), ("stop_sign_lanes", stop_lanes)):
         flat, splits = _splits(groups)
         fields[name] = flat
         fields[name.replace("_lanes", "_splits") if name != "stop_sign_lanes" else "stop_sign_lane_splits"] = splits
@@ -225,7 +236,7 @@ def _map_fields(net: RoadNetwork) -> dict:
 
 def _light_fields(net: RoadNetwork) -> dict:
     steps, lanes, states, stops = [], [], [], []
-    times = (WARMUP_STEPS + np.arange(NUM_STEPS)) * 0.1
+    times = (WARMUP_STEPS + np.arange(NUM_STEPS)) * DT
     for inter in net.intersections:
         if inter.control != "signal":
             continue
@@ -249,8 +260,9 @@ def _light_fields(net: RoadNetwork) -> dict:
     }
 
 
-def generate_scenarios(num_scenarios: int, seed: int = 0, town: str = "grid",
-                       agents: tuple[int, int] = DEFAULT_AGENTS, start: int = 0) -> Iterator[Scenario]:
+def generate_scenarios(
+    num_scenarios: int, seed: int = 0, town: str = "grid", agents: tuple[int, int] = DEFAULT_AGENTS, start: int = 0
+) -> Iterator[Scenario]:
     """Scenarios ``start .. start + num_scenarios - 1`` of the stream for ``(town, seed)``."""
     for index in range(start, start + num_scenarios):
         yield generate_scenario(index, seed, town, agents)
@@ -262,9 +274,16 @@ def _serialized(args: tuple[int, int, str, tuple[int, int]]) -> bytes:
     return scenario_to_proto(generate_scenario(*args)).SerializeToString()
 
 
-def generate_dataset(out: str | os.PathLike, num_scenarios: int, seed: int = 0, shards: int = 1,
-                     town: str = "grid", agents: tuple[int, int] = DEFAULT_AGENTS,
-                     workers: int = 1, progress: bool = True) -> list[Path]:
+def generate_dataset(
+    out: str | os.PathLike,
+    num_scenarios: int,
+    seed: int = 0,
+    shards: int = 1,
+    town: str = "grid",
+    agents: tuple[int, int] = DEFAULT_AGENTS,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[Path]:
     """Write ``num_scenarios`` synthetic scenarios as ``shards`` TFRecord files in ``out``.
 
     The files are byte-identical for the same arguments, whatever ``workers`` is. Each file

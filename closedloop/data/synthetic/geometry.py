@@ -39,8 +39,7 @@ def _turn_unit(angle: float, ramp: float, samples: int = 400) -> np.ndarray:
     return xy
 
 
-def smooth_turn(start, start_heading: float, end, end_heading: float, spacing: float,
-                ramp: float = 0.3) -> np.ndarray:
+def smooth_turn(start, start_heading: float, end, end_heading: float, spacing: float, ramp: float = 0.3) -> np.ndarray:
     """A G2-continuous path from ``start`` to ``end`` with the given headings.
 
     The two tangent rays must meet at a point ``T`` ahead of ``start`` and behind ``end``.
@@ -58,12 +57,9 @@ def smooth_turn(start, start_heading: float, end, end_heading: float, spacing: f
     angle = float(np.arctan2(d0[0] * d1[1] - d0[1] * d1[0], np.dot(d0, d1)))
     unit = _turn_unit(angle, ramp)
     # Distance from the unit curve's start to its own tangent intersection.
-    unit_a = np.linalg.solve(
-        np.stack([[1.0, 0.0], [np.cos(angle), np.sin(angle)]], axis=1), unit[-1]
-    )[0]
+    unit_a = np.linalg.solve(np.stack([[1.0, 0.0], [np.cos(angle), np.sin(angle)]], axis=1), unit[-1])[0]
     d = min(a, b)
-    rot = np.array([[np.cos(start_heading), -np.sin(start_heading)],
-                    [np.sin(start_heading), np.cos(start_heading)]])
+    rot = np.array([[np.cos(start_heading), -np.sin(start_heading)], [np.sin(start_heading), np.cos(start_heading)]])
     turn_start = start + (a - d) * d0
     curve = turn_start + (unit * (d / unit_a)) @ rot.T
     pieces = [curve]

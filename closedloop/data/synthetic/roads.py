@@ -92,16 +92,14 @@ class MapFeature:
 
 # Signal plan: (phase name, green seconds); each vehicle phase is followed by yellow and
 # all-red; the last phase is an all-way pedestrian walk phase (no vehicle has green).
-SIGNAL_PHASES = (("ew_left", 5.0), ("ew_through", 20.0), ("ns_left", 5.0), ("ns_through", 20.0),
-                 ("walk", 10.0))
+SIGNAL_PHASES = (("ew_left", 5.0), ("ew_through", 20.0), ("ns_left", 5.0), ("ns_through", 20.0), ("walk", 10.0))
 YELLOW, ALL_RED = 3.0, 1.5
 
 
 class RoadNetwork:
     """Lanes, connectors, map features and intersection controls of one town."""
 
-    def __init__(self, roads: list[Road], extent: float, rng: np.random.Generator,
-                 stop_probability: float = 0.4):
+    def __init__(self, roads: list[Road], extent: float, rng: np.random.Generator, stop_probability: float = 0.4):
         self.roads = roads
         self.extent = extent
         self.lanes: list[Lane] = []
@@ -130,11 +128,14 @@ class RoadNetwork:
             for v, road_v in enumerate(self.roads):
                 if road_h.axis == "h" and road_v.axis == "v":
                     control = "stop" if rng.random() < stop_probability else "signal"
-                    self.intersections.append(Intersection(
-                        center=np.array([road_v.offset, road_h.offset]), roads=(h, v),
-                        control=control,
-                        phase_offset=float(rng.uniform(0, signal_cycle())),
-                    ))
+                    self.intersections.append(
+                        Intersection(
+                            center=np.array([road_v.offset, road_h.offset]),
+                            roads=(h, v),
+                            control=control,
+                            phase_offset=float(rng.uniform(0, signal_cycle())),
+                        )
+                    )
 
     def _crossings(self, r: int) -> list[tuple[float, int, float]]:
         """(position along road r, intersection index, half width of the crossing road)."""
@@ -171,11 +172,14 @@ class RoadNetwork:
                         # Travelling in +axis the lanes lie to the right: -y (h) or +x (v).
                         lateral = -sign * road.lane_offset(k)
                         start, end = (a, b) if sign == 1 else (b, a)
-                        pts = line(self._point(road, start, lateral), self._point(road, end, lateral),
-                                   LANE_SPACING)
+                        pts = line(self._point(road, start, lateral), self._point(road, end, lateral), LANE_SPACING)
                         lane = Lane(
-                            id=self._new_id(), points=pts, speed_limit=road.speed_mph * MPH,
-                            road=r, direction=direction, index_in_road=k,
+                            id=self._new_id(),
+                            points=pts,
+                            speed_limit=road.speed_mph * MPH,
+                            road=r,
+                            direction=direction,
+                            index_in_road=k,
                             ends_at=ib if sign == 1 else ia,
                             starts_at_boundary=(ia if sign == 1 else ib) == -1,
                         )
@@ -228,9 +232,13 @@ class RoadNetwork:
                     else:
                         pts = smooth_turn(src.points[-1], h0, dst.points[0], h1, LANE_SPACING)
                     conn = Lane(
-                        id=self._new_id(), points=pts,
-                        speed_limit=min(src.speed_limit, dst.speed_limit), road=-1,
-                        direction=direction, intersection=n, maneuver=maneuver,
+                        id=self._new_id(),
+                        points=pts,
+                        speed_limit=min(src.speed_limit, dst.speed_limit),
+                        road=-1,
+                        direction=direction,
+                        intersection=n,
+                        maneuver=maneuver,
                     )
                     conn.entry, conn.exit = [src.id], [dst.id]
                     src.exit.append(conn.id)
@@ -243,14 +251,21 @@ class RoadNetwork:
         for r, road in enumerate(self.roads):
             intervals = list(self._intervals(r))
             for interval, (a, b, ia, ib) in enumerate(intervals):
-                def along(lateral, spacing=LINE_SPACING, start=a, end=b):
+
+                def along(lateral, spacing=LINE_SPACING, start=a, end=b, road=road):
                     return line(self._point(road, start, lateral), self._point(road, end, lateral), spacing)
 
                 if road.median > 0:
                     m = road.median / 2
-                    ring = np.array([self._point(road, a, -m), self._point(road, a, m),
-                                     self._point(road, b, m), self._point(road, b, -m),
-                                     self._point(road, a, -m)])
+                    ring = np.array(
+                        [
+                            self._point(road, a, -m),
+                            self._point(road, a, m),
+                            self._point(road, b, m),
+                            self._point(road, b, -m),
+                            self._point(road, a, -m),
+                        ]
+                    )
                     self._add_feature("road_edge", EDGE_MEDIAN, _clockwise(ring))
                     center_left = center_right = None
                     for side in (1, -1):  # solid yellow at the median's lane side
@@ -260,15 +275,15 @@ class RoadNetwork:
                         else:
                             center_right = fid
                 else:
-                    center_left = center_right = self._add_feature(
-                        "road_line", SOLID_DOUBLE_YELLOW, along(0.0))
+                    center_left = center_right = self._add_feature("road_line", SOLID_DOUBLE_YELLOW, along(0.0))
                 for sign in (1, -1):
                     center = center_right if sign == 1 else center_left
                     lane_ids = [self.lanes[self.segment_at[(r, interval, sign, k)]] for k in range(road.lanes)]
                     boundaries = [(center, SOLID_DOUBLE_YELLOW if road.median == 0 else 6)]
                     for k in range(1, road.lanes):
-                        fid = self._add_feature("road_line", BROKEN_SINGLE_WHITE,
-                                                along(-sign * (road.median / 2 + k * LANE_WIDTH)))
+                        fid = self._add_feature(
+                            "road_line", BROKEN_SINGLE_WHITE, along(-sign * (road.median / 2 + k * LANE_WIDTH))
+                        )
                         boundaries.append((fid, BROKEN_SINGLE_WHITE))
                     outer = -sign * (road.median / 2 + road.lanes * LANE_WIDTH)
                     if road.parking > 0:
@@ -300,16 +315,27 @@ class RoadNetwork:
                 length = b - a
                 if length > 60 and rng.random() < 0.35:
                     at = rng.uniform(a + 20, b - 20)
-                    bump = np.array([self._point(road, at - 0.5, -hw), self._point(road, at + 0.5, -hw),
-                                     self._point(road, at + 0.5, hw), self._point(road, at - 0.5, hw)])
+                    bump = np.array(
+                        [
+                            self._point(road, at - 0.5, -hw),
+                            self._point(road, at + 0.5, -hw),
+                            self._point(road, at + 0.5, hw),
+                            self._point(road, at - 0.5, hw),
+                        ]
+                    )
                     self._add_feature("speed_bump", 0, bump)
                 if length > 40:
                     for _ in range(int(rng.integers(0, 3))):
                         at = rng.uniform(a + 10, b - 10)
                         side = rng.choice([-1.0, 1.0])
-                        drive = np.array([self._point(road, at - 2, side * hw), self._point(road, at + 2, side * hw),
-                                          self._point(road, at + 2, side * (hw + 6)),
-                                          self._point(road, at - 2, side * (hw + 6))])
+                        drive = np.array(
+                            [
+                                self._point(road, at - 2, side * hw),
+                                self._point(road, at + 2, side * hw),
+                                self._point(road, at + 2, side * (hw + 6)),
+                                self._point(road, at - 2, side * (hw + 6)),
+                            ]
+                        )
                         self._add_feature("driveway", 0, drive)
         for n, inter in enumerate(self.intersections):
             self._build_intersection_markings(n, inter)
@@ -332,11 +358,19 @@ class RoadNetwork:
             for s in (1, -1):
                 d0, d1 = half_cross + CROSSWALK_START, half_cross + CROSSWALK_START + CROSSWALK_WIDTH
                 if axis_x:
-                    poly = [(cx + s * d0, cy - half_road), (cx + s * d1, cy - half_road),
-                            (cx + s * d1, cy + half_road), (cx + s * d0, cy + half_road)]
+                    poly = [
+                        (cx + s * d0, cy - half_road),
+                        (cx + s * d1, cy - half_road),
+                        (cx + s * d1, cy + half_road),
+                        (cx + s * d0, cy + half_road),
+                    ]
                 else:
-                    poly = [(cx - half_road, cy + s * d0), (cx - half_road, cy + s * d1),
-                            (cx + half_road, cy + s * d1), (cx + half_road, cy + s * d0)]
+                    poly = [
+                        (cx - half_road, cy + s * d0),
+                        (cx - half_road, cy + s * d1),
+                        (cx + half_road, cy + s * d1),
+                        (cx + half_road, cy + s * d0),
+                    ]
                 self._add_feature("crosswalk", 0, np.array(poly))
         if inter.control == "stop":
             for direction, incoming in self._approach_lanes(n).items():
@@ -365,8 +399,7 @@ class RoadNetwork:
 
 
 def signal_cycle() -> float:
-    return sum(green + (YELLOW + ALL_RED if name != "walk" else ALL_RED)
-               for name, green in SIGNAL_PHASES)
+    return sum(green + (YELLOW + ALL_RED if name != "walk" else ALL_RED) for name, green in SIGNAL_PHASES)
 
 
 def _clockwise(ring: np.ndarray) -> np.ndarray:

@@ -55,8 +55,11 @@ def aspect(phase: str, t: np.ndarray | float) -> np.ndarray:
 
 def light_state(phase: str, arrow: bool, t: np.ndarray | float) -> np.ndarray:
     """WOMD lane states (TrafficSignalLaneState.State) of a connector at times ``t``."""
-    table = (np.array([LIGHT_ARROW_GO, LIGHT_ARROW_CAUTION, LIGHT_ARROW_STOP]) if arrow
-             else np.array([LIGHT_GO, LIGHT_CAUTION, LIGHT_STOP]))
+    table = (
+        np.array([LIGHT_ARROW_GO, LIGHT_ARROW_CAUTION, LIGHT_ARROW_STOP])
+        if arrow
+        else np.array([LIGHT_GO, LIGHT_CAUTION, LIGHT_STOP])
+    )
     return table[aspect(phase, t)]
 
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from closedloop.data.scenario import TYPE_CYCLIST, TYPE_PEDESTRIAN, TYPE_VEHICLE
+from closedloop.constants import DT, TYPE_CYCLIST, TYPE_PEDESTRIAN, TYPE_VEHICLE
 from closedloop.data.synthetic import signals
 from closedloop.data.synthetic.roads import RoadNetwork
 
-DT = 0.1
 CAP_SPACING = 0.5
 LATERAL_ACCEL = 2.5
 CAP_DECEL = 1.5
@@ -80,7 +79,7 @@ def _conflicts(net: RoadNetwork) -> np.ndarray:
     for inter in net.intersections:
         conns = inter.connectors
         for a_pos, a in enumerate(conns):
-            for b in conns[a_pos + 1:]:
+            for b in conns[a_pos + 1 :]:
                 la, lb = net.lanes[a], net.lanes[b]
                 if la.entry == lb.entry:
                     hit = True
@@ -94,9 +93,17 @@ def _conflicts(net: RoadNetwork) -> np.ndarray:
 class TrafficSimulation:
     """Runs the town's traffic for ``warmup + steps`` steps and records the last ``steps``."""
 
-    def __init__(self, net: RoadNetwork, rng: np.random.Generator, *, num_vehicles: int,
-                 num_parked: int, num_pedestrians: int, num_cyclists: int,
-                 spawn_rate: float = 0.04):
+    def __init__(
+        self,
+        net: RoadNetwork,
+        rng: np.random.Generator,
+        *,
+        num_vehicles: int,
+        num_parked: int,
+        num_pedestrians: int,
+        num_cyclists: int,
+        spawn_rate: float = 0.04,
+    ):
         self.net, self.rng = net, rng
         self.lanes = _Lanes(net)
         self.conflict = _conflicts(net)
@@ -114,12 +121,14 @@ class TrafficSimulation:
     def _route(self, start: int, cyclist: bool) -> list[int]:
         net, route = self.net, [start]
         while net.lanes[route[-1]].ends_at >= 0 and len(route) < 15:
-            options = [net.index(c) for c in net.lanes[route[-1]].exit
-                       if net.index(net.lanes[net.index(c)].exit[0]) not in route]
+            options = [
+                net.index(c)
+                for c in net.lanes[route[-1]].exit
+                if net.index(net.lanes[net.index(c)].exit[0]) not in route
+            ]
             if not options:
                 break
-            weights = np.array([{"left": 0.25, "straight": 0.5, "right": 0.25}[net.lanes[c].maneuver]
-                                for c in options])
+            weights = np.array([{"left": 0.25, "straight": 0.5, "right": 0.25}[net.lanes[c].maneuver] for c in options])
             if cyclist:
                 weights *= np.array([net.lanes[c].maneuver != "left" for c in options])
             if len(route) > 8:  # head out of the map
@@ -131,8 +140,7 @@ class TrafficSimulation:
     def _caps(self, route: list[int], factor: float, vmax: float) -> np.ndarray:
         """Speed cap along the route every CAP_SPACING metres."""
         pts = np.concatenate([self.net.lanes[i].points for i in route])
-        limit = np.concatenate([np.full(len(self.net.lanes[i].points), self.lanes.speed_limit[i])
-                                for i in route])
+        limit = np.concatenate([np.full(len(self.net.lanes[i].points), self.lanes.speed_limit[i]) for i in route])
         seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
         keep = np.concatenate([[True], seg > 1e-6])
         pts, limit = pts[keep], limit[keep]
@@ -147,7 +155,7 @@ class TrafficSimulation:
         cap = np.interp(grid, arc, cap)
         # Braking-feasible: cap[i]^2 <= cap[k]^2 + 2 b (k - i) ds for every k >= i.
         ramp = 2 * CAP_DECEL * CAP_SPACING * np.arange(len(cap))
-        reach = np.minimum.accumulate((cap ** 2 + ramp)[::-1])[::-1] - ramp
+        reach = np.minimum.accumulate((cap**2 + ramp)[::-1])[::-1] - ramp
         return np.sqrt(np.maximum(reach, 0.0))
 
     # -- vehicles -----------------------------------------------------------------------
@@ -277,8 +285,7 @@ class TrafficSimulation:
         # Release reservations once the rear has left the connector (or the vehicle left).
         n_all = self.n_vehicles
         rear_all = self.v_s[:n_all] - self.v_dims[:n_all, 0] / 2
-        done = (self.v_reserved[:n_all] >= 0) & (
-            (rear_all > self.v_reserved_end[:n_all]) | ~self.v_active[:n_all])
+        done = (self.v_reserved[:n_all] >= 0) & ((rear_all > self.v_reserved_end[:n_all]) | ~self.v_active[:n_all])
         self.v_reserved[:n_all][done] = -1
         ids = np.flatnonzero(self.v_active[:n_all])
         n = len(ids)
@@ -304,13 +311,15 @@ class TrafficSimulation:
 
         # Yellow: a vehicle that can still stop comfortably gives its reservation back.
         for r in np.flatnonzero(holds):
-            if self._aspects[nxt[r]] not in (signals.GREEN, NO_SIGNAL) and \
-                    dist_line[r] - STOP_GAP > v[r] ** 2 / (2 * 3.0) + 1.0:
+            if (
+                self._aspects[nxt[r]] not in (signals.GREEN, NO_SIGNAL)
+                and dist_line[r] - STOP_GAP > v[r] ** 2 / (2 * 3.0) + 1.0
+            ):
                 reserved[r] = -1
                 holds[r] = False
 
         # Try to reserve, nearest to its line first.
-        want = nxt_conn & ~holds & (reserved < 0) & (dist_line < v ** 2 / (2 * 2.0) + 10.0)
+        want = nxt_conn & ~holds & (reserved < 0) & (dist_line < v**2 / (2 * 2.0) + 10.0)
         for r in sorted(np.flatnonzero(want), key=lambda r: dist_line[r]):
             conn = int(nxt[r])
             if not self._may_enter(ids[r], conn, dist_line[r], v[r]):
@@ -351,14 +360,16 @@ class TrafficSimulation:
         stop_gap = np.where(must_stop, dist_line - STOP_GAP + 2.0, np.inf)
         acc = np.clip(np.minimum(acc, free + interaction(stop_gap, v)), -6.0, amax)
         prev = self.v_a[ids]
-        acc = np.where(acc < -3.5, np.maximum(acc, prev - 2.0 * JERK * DT),
-                       np.clip(acc, prev - JERK * DT, prev + JERK * DT))
+        acc = np.where(
+            acc < -3.5, np.maximum(acc, prev - 2.0 * JERK * DT), np.clip(acc, prev - JERK * DT, prev + JERK * DT)
+        )
         v_new = np.maximum(v + acc * DT, 0.0)
         s_new = s + (v + v_new) / 2 * DT
         # Hard limits: never closer than 0.5 m to the leader, never past a line it must stop at.
         lead_s_new = np.where(np.isfinite(lead_gap), pos[rows, leader] + (s_new[leader] - s[leader]), np.inf)
-        bound = np.minimum(lead_s_new - (length + length[leader]) / 2 - 0.5,
-                           np.where(must_stop, line_pos - length / 2, np.inf))
+        bound = np.minimum(
+            lead_s_new - (length + length[leader]) / 2 - 0.5, np.where(must_stop, line_pos - length / 2, np.inf)
+        )
         bound = np.maximum(bound, s)  # never backwards
         over = s_new > bound
         s_new = np.where(over, bound, s_new)
@@ -379,7 +390,7 @@ class TrafficSimulation:
         if aspect == signals.GREEN:
             return True
         if aspect == signals.AMBER:
-            return dist_line - STOP_GAP < v ** 2 / (2 * 3.0)
+            return dist_line - STOP_GAP < v**2 / (2 * 3.0)
         return False
 
     # -- parked vehicles ----------------------------------------------------------------
@@ -475,8 +486,13 @@ class TrafficSimulation:
                         control = self.net.intersections[inter].control
                         elapsed = signals.walk_elapsed(t + self.net.intersections[inter].phase_offset)
                         remaining = signals.walk_remaining(t + self.net.intersections[inter].phase_offset)
-                        if control == "signal" and elapsed is not None and 1.0 <= elapsed <= 4.0 \
-                                and remaining > (b - a) / max(want, 1.0) + 1.0 and want > 0:
+                        if (
+                            control == "signal"
+                            and elapsed is not None
+                            and 1.0 <= elapsed <= 4.0
+                            and remaining > (b - a) / max(want, 1.0) + 1.0
+                            and want > 0
+                        ):
                             self.p_crossing[k] = inter
                         elif control == "stop" or (self.rng.random() < 0.01 and elapsed is None):
                             self.p_dir[k] = -d  # turn back
@@ -533,10 +549,10 @@ class TrafficSimulation:
         park_xy = np.array([p[0] for p in parked]).reshape(-1, 1, 2).repeat(steps, 1)
         park_h = np.array([p[1] for p in parked]).reshape(-1, 1).repeat(steps, 1)
         return AgentLog(
-            agent_type=np.concatenate([self.v_type[:n], np.full(len(parked), TYPE_VEHICLE, np.int8),
-                                       np.full(n_ped, TYPE_PEDESTRIAN, np.int8)]),
-            dims=np.concatenate([self.v_dims[:n], np.array([p[2] for p in parked]).reshape(-1, 3),
-                                 self.p_dims]),
+            agent_type=np.concatenate(
+                [self.v_type[:n], np.full(len(parked), TYPE_VEHICLE, np.int8), np.full(n_ped, TYPE_PEDESTRIAN, np.int8)]
+            ),
+            dims=np.concatenate([self.v_dims[:n], np.array([p[2] for p in parked]).reshape(-1, 3), self.p_dims]),
             xy=np.concatenate([xy[:n], park_xy, p_xy]),
             heading=np.concatenate([heading[:n], park_h, p_heading]),
             speed=np.concatenate([speed[:n], np.zeros((len(parked), steps)), p_speed]),
