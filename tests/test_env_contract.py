@@ -325,7 +325,7 @@ def test_actions_within_bounds_are_untouched_and_inf_is_refused(town):
         core = EnvCore(batch, EnvConfig(dynamics))
         ctrl = core.state.controlled
         g = torch.Generator().manual_seed(0)
-        low, high, _ = dynamics.limits(torch.zeros(()))
+        low, high = dynamics.limits(torch.zeros(()))
         actions = (
             low + (high - low) * torch.rand(*ctrl.shape, *dynamics.spec.shape, generator=g) * 0.98 + 0.01 * (high - low)
         )

@@ -25,13 +25,14 @@ NaN/inf, out-of-range discrete actions, wrong dtypes and shapes raise
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from closedloop.data.batch import ScenarioBatch
-from closedloop.envs.dynamics import Dynamics, wrap_angle
+from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
 from closedloop.geometry import rectangles_overlap
 
@@ -198,13 +199,14 @@ def log_state(batch: ScenarioBatch, t: int | None = None) -> SimState:
 
 @dataclass(frozen=True)
 class CheckedActions:
-    """Actions that passed :func:`check_actions`: within bounds, the ignored agents' zeroed;
-    which controlled agents' actions were clipped ``[B, N]``, and which are invalid
-    (NaN/inf, or discrete values out of range: :func:`step` raises for them)."""
+    """Actions that passed :func:`check_actions`: within bounds (NaN where an action is
+    NaN/inf, so that it shows in the next state); which controlled agents' actions were
+    clipped ``[B, N]``; and, for discrete dynamics, which were out of range ``[B, N]``.
+    :func:`step` checks both in one device synchronisation."""
 
     actions: torch.Tensor
     clipped: torch.Tensor
-    invalid: torch.Tensor
+    out_of_range: torch.Tensor | None = None
 
 
 def as_action_tensor(actions, dynamics: Dynamics, device: torch.device) -> torch.Tensor:
@@ -218,24 +220,24 @@ def as_action_tensor(actions, dynamics: Dynamics, device: torch.device) -> torch
 
 
 def check_actions(state: SimState, actions, dynamics: Dynamics) -> CheckedActions:
-    """Validate dtype and shape, bound the values (see the module docstring). Invalid values
-    are only marked here: :func:`step` checks them together with the new states, so a step
-    costs one device synchronisation."""
+    """Validate dtype and shape and bound the values (see the module docstring)."""
     actions = as_action_tensor(actions, dynamics, state.device)
     ctrl = state.controlled
     dynamics.check_action(actions, tuple(ctrl.shape))
-    if not dynamics.spec.discrete:
-        actions = actions.to(state.history.pose.dtype)
-    bounded, outside = dynamics.bound(actions)
+    out_of_range = None
     if dynamics.spec.discrete:
-        invalid, clipped = outside & ctrl, torch.zeros_like(ctrl)
+        bounded, outside = dynamics.bound(actions)
+        out_of_range, clipped = outside & ctrl, torch.zeros_like(ctrl)
     else:
-        invalid, clipped = ~torch.isfinite(actions).flatten(2).all(-1) & ctrl, outside & ctrl
-    keep = ctrl.view(*ctrl.shape, *([1] * (bounded.dim() - 2)))
-    bounded = torch.where(keep, bounded, torch.zeros((), dtype=bounded.dtype, device=bounded.device))
-    if not state.history.differentiable:
+        bounded, outside = dynamics.bound(actions.to(state.history.pose.dtype))
+        clipped = outside & ctrl
+    if state.history.differentiable:
+        # Ignored entries may hold NaN: keep them out of the graph (0 * NaN gradients).
+        keep = ctrl.view(*ctrl.shape, *([1] * (bounded.dim() - 2)))
+        bounded = torch.where(keep, bounded, torch.zeros((), dtype=bounded.dtype, device=bounded.device))
+    else:
         bounded = bounded.detach()  # the in-place fast path keeps no autograd graph
-    return CheckedActions(bounded, clipped, invalid)
+    return CheckedActions(bounded, clipped, out_of_range)
 
 
 def step(
@@ -253,40 +255,48 @@ def step(
     if hold is not None:  # these agents stand where they are, velocity zero
         standing = torch.cat([state.current[..., :3], torch.zeros_like(state.current[..., 3:])], -1)
         nxt = torch.where(hold[:, :, None, None], standing[:, :, None], nxt)
-    # One synchronisation for every value check: bad actions (NaN/inf, or discrete ones
-    # out of range) and next states that are not finite.
-    bad_state = ~torch.isfinite(nxt).flatten(2).all(-1) & ctrl
-    if bool((checked.invalid | bad_state).any()):
-        _raise_bad_values(state, dynamics, checked.invalid, bad_state)
-
     t, window = state.t, slice(state.t + 1, state.t + 1 + k)
     history = state.history
-    log_pose = history.pose[:, :, window]
-    moved = torch.where(ctrl[:, :, None, None], nxt, log_pose)  # the others keep the log
-    moved = torch.cat([moved[..., :2], wrap_angle(moved[..., 2:3]), moved[..., 3:]], dim=-1)
+    if not history.differentiable and history.head != t:  # an older state stepped again: branch on a copy
+        history = History(history.pose.clone(), history.z.clone(), history.valid, t)
     # Controlled agents keep the logged ground height where the log has one, else hold.
     log_z = state.batch.agent_xyz[:, :, window, 2]
     held = torch.where(state.batch.agent_valid[:, :, window], log_z, history.z[:, :, t : t + 1].expand(-1, -1, k))
-    new_z = torch.where(ctrl[..., None], held, log_z)
+    ctrl4 = ctrl[:, :, None, None]
     if history.differentiable:
+        moved = torch.where(ctrl4, nxt, history.pose[:, :, window])  # the others keep the log
         pose = torch.cat([history.pose[:, :, : t + 1], moved, history.pose[:, :, t + 1 + k :]], dim=2)
+        new_z = torch.where(ctrl[..., None], held, log_z)
         z = torch.cat([history.z[:, :, : t + 1], new_z, history.z[:, :, t + 1 + k :]], dim=2)
         history = History(pose, z, history.valid, t + k, differentiable=True)
-    else:
-        if history.head != t:  # an older state stepped again: branch on a copy
-            history = History(history.pose.clone(), history.z.clone(), history.valid, t)
-        history.pose[:, :, window] = moved
-        history.z[:, :, window] = new_z
+    else:  # written in place; the others keep the log that is there
+        moved = history.pose[:, :, window]
+        torch.where(ctrl4, nxt, moved, out=moved)
+        torch.where(ctrl[..., None], held, log_z, out=history.z[:, :, window])
+    # One synchronisation for every value check: the sum of the new states is non-finite
+    # when one of them is, which NaN/inf actions make sure of (see Dynamics.bound).
+    probe = moved.detach().sum()
+    if checked.out_of_range is not None:
+        probe = probe + torch.where(checked.out_of_range, math.nan, 0.0).sum()
+    if not bool(torch.isfinite(probe)):
+        _raise_bad_values(state, dynamics, checked, nxt)  # before the head moves: the state stays steppable
+    if not history.differentiable:
         history.head = t + k
     return dataclasses.replace(state, t=t + k, history=history)
 
 
-def _raise_bad_values(state: SimState, dynamics: Dynamics, bad_action: torch.Tensor, bad_state: torch.Tensor) -> None:
+def _raise_bad_values(state: SimState, dynamics: Dynamics, checked: CheckedActions, nxt: torch.Tensor) -> None:
+    ctrl = state.controlled
+    if checked.out_of_range is not None:
+        bad_action = checked.out_of_range
+    else:
+        bad_action = ~torch.isfinite(checked.actions).flatten(2).all(-1) & ctrl
     if bool(bad_action.any()):
         what = f"out of [0, {dynamics.spec.levels})" if dynamics.spec.discrete else "NaN/inf"
         raise SimulationError(
             f"{dynamics.name} actions {what} at step {state.t} for {describe_agents(state.batch, bad_action)}"
         )
+    bad_state = ~torch.isfinite(nxt).flatten(2).all(-1) & ctrl
     raise SimulationError(
         f"{dynamics.name} made non-finite states at step {state.t} for "
         f"{describe_agents(state.batch, bad_state)} (their current states: "

@@ -105,35 +105,43 @@ class Dynamics(abc.ABC):
             raise SimulationError(f"{self.name} actions must have shape {list(expected)}, got {list(action.shape)}")
 
     def bound(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(action, outside)``: continuous actions (floating point) clipped into ``spec``,
-        out-of-range headings wrapped instead, values within the bounds untouched; discrete
-        ones clamped into range; and whether each agent's action was outside the bounds
-        ``[*batch]``. NaN is neither outside nor changed: the simulator rejects it."""
+        """``(action, outside)``: continuous actions (floating point) clipped into ``spec``'s
+        bounds, except headings, which every model wraps anyway (any finite heading is
+        harmless, so none is clipped), and NaN/inf turned into NaN (so that they show in
+        the next state, where the simulator looks for them); discrete ones clamped into
+        range; and whether each agent's action was outside the bounds ``[*batch]``."""
         batch_dims = action.dim() - len(self.spec.shape)
         if self.spec.discrete:
             outside = (action < 0) | (action >= self.spec.levels)
             inside = action.clamp(0, self.spec.levels - 1)
         else:
-            low, high, angular = self.limits(action)
-            outside = (action < low) | (action > high)
-            inside = torch.minimum(torch.maximum(action, low), high)
-            if angular is not None:
-                inside = torch.where(angular & outside, wrap_angle(action), inside)
+            low, high = self._clip_limits(action)
+            inside = torch.clamp(action, low, high) + action * 0  # x * 0 is NaN for NaN/inf, else 0
+            outside = inside != action
         if batch_dims < action.dim():
             outside = outside.flatten(batch_dims).any(-1)
         return inside, outside
 
-    def limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``spec``'s bounds and angular flags as tensors on ``like``'s device and dtype."""
-        flags = self.spec.angular
+    def limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``spec``'s bounds ``(low, high)`` as tensors on ``like``'s device and dtype."""
 
         def make():
             low = torch.tensor(self.spec.low, dtype=like.dtype, device=like.device)
-            high = torch.tensor(self.spec.high, dtype=like.dtype, device=like.device)
-            angular = torch.tensor(flags, device=like.device) if flags is not None and any(flags) else None
-            return low, high, angular
+            return low, torch.tensor(self.spec.high, dtype=like.dtype, device=like.device)
 
         return self._cached("limits", like, make)
+
+    def _clip_limits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds actions are clipped to: ``spec``'s, unbounded for headings."""
+
+        def make():
+            low, high = self.limits(like)
+            if self.spec.angular is None:
+                return low, high
+            angular = torch.tensor(self.spec.angular, device=like.device)
+            return low.masked_fill(angular, -math.inf), high.masked_fill(angular, math.inf)
+
+        return self._cached("clip_limits", like, make)
 
     def _cached(self, name: str, like: torch.Tensor, make):
         """``make()`` once per device and dtype of ``like``: constants moved to the device
@@ -323,11 +331,11 @@ class Normalized(Dynamics):
         )
 
     def forward(self, state, action):
-        low, high, _ = self.inner.limits(state)
+        low, high = self.inner.limits(state)
         return self.inner.forward(state, low + (action.clamp(-1, 1) + 1) / 2 * (high - low))
 
     def inverse(self, state, target):
-        low, high, _ = self.inner.limits(state)
+        low, high = self.inner.limits(state)
         return ((self.inner.inverse(state, target) - low) / (high - low) * 2 - 1).clamp(-1, 1)
 
 
@@ -343,14 +351,14 @@ class Discretized(Dynamics):
         self.spec = ActionSpec(inner.spec.shape, bins=bins)
 
     def _values(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        low, high, _ = self.inner.limits(like)
+        low, high = self.inner.limits(like)
         return low + index.to(like.dtype) * (high - low) / (self.spec.bins - 1)
 
     def forward(self, state, action):
         return self.inner.forward(state, self._values(action, state))
 
     def inverse(self, state, target):
-        low, high, _ = self.inner.limits(state)
+        low, high = self.inner.limits(state)
         value = self.inner.inverse(state, target)
         return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
 

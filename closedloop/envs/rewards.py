@@ -53,6 +53,6 @@ def _action_size(transition: Transition) -> torch.Tensor:
     if spec.discrete:
         raise ValueError(f"RewardConfig.action needs continuous actions; {transition.dynamics.name} is discrete")
     actions = transition.actions.float()
-    low, high, _ = transition.dynamics.limits(actions)
+    low, high = transition.dynamics.limits(actions)
     size = (actions / torch.maximum(high.abs(), low.abs())).square()
     return size.flatten(2).sum(-1)
