@@ -76,6 +76,16 @@ def is_crossing_or_stop(code: T) -> T:
     return code >= STOP_SIGN_CODE
 
 
+# Token vocabularies are per agent kind; unset and other objects move like vehicles.
+TOKEN_KINDS = ("vehicle", "pedestrian", "cyclist")
+
+
+def token_kind(agent_type):
+    """Token vocabulary index (0 vehicle, 1 pedestrian, 2 cyclist) of WOMD type codes
+    (a torch tensor)."""
+    return (agent_type == TYPE_PEDESTRIAN).long() + 2 * (agent_type == TYPE_CYCLIST).long()
+
+
 def _any_of(state: T, states: tuple[int, ...]) -> T:
     result = state == states[0]
     for other in states[1:]:

@@ -482,8 +482,26 @@ def test_the_face_refuses_what_the_core_refuses(town):
 def test_token_vocabularies_must_be_finite():
     vocabulary = torch.zeros(4, 5, 3)
     vocabulary[2, 3, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"tokens \[2\] are NaN/inf"):
+    with pytest.raises(ValueError, match=r"\(kind, token\) \[\[0, 2\]\] are NaN/inf"):
         make_dynamics("tokens", vocabulary=vocabulary)
+
+
+def test_per_kind_token_vocabularies_follow_the_agent_type():
+    from closedloop.constants import TYPE_CYCLIST, TYPE_PEDESTRIAN, TYPE_VEHICLE
+
+    steps = torch.arange(1, 6, dtype=torch.float32)[:, None]
+    forward = torch.cat([steps * torch.tensor([1.0, 0.0]), torch.zeros(5, 1)], -1)  # 1 m per step ahead
+    left = torch.cat([steps * torch.tensor([0.0, 0.3]), torch.zeros(5, 1)], -1)  # 0.3 m per step sideways
+    table = torch.stack([torch.stack([forward, left]), torch.stack([left, forward]), torch.stack([forward, forward])])
+    dynamics = make_dynamics("tokens", vocabulary=table)  # [3 kinds, 2 tokens, 5, 3]
+    state = torch.zeros(3, 5)
+    types = torch.tensor([TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST])
+    moved = dynamics.forward(state, torch.zeros(3, dtype=torch.long), types)[:, -1, :2]
+    assert torch.allclose(moved, torch.tensor([[5.0, 0.0], [0.0, 1.5], [5.0, 0.0]]))
+    target = dynamics.forward(state, torch.ones(3, dtype=torch.long), types)
+    assert dynamics.inverse(state, target, types).tolist() == [1, 1, 0]  # the cyclist's two tokens tie: first
+    with pytest.raises(ValueError, match="needs the agents' types"):
+        dynamics.forward(state, torch.zeros(3, dtype=torch.long))
 
 
 # -- observation and reward values -----------------------------------------------------

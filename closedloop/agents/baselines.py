@@ -25,7 +25,7 @@ class LogReplay(BasePolicy):
     def act(self, state: SimState) -> torch.Tensor:
         log_now = state.log_states(state.t, state.t + 1)[:, :, 0]
         now = torch.where(state.batch.agent_valid[:, :, state.t, None], log_now, state.current)
-        return self.dynamics.inverse(now, expert_targets(state, self.dynamics.chunk))
+        return self.dynamics.inverse(now, expert_targets(state, self.dynamics.chunk), state.batch.agent_type)
 
 
 class Expert(BasePolicy):
@@ -33,14 +33,15 @@ class Expert(BasePolicy):
     so it corrects its own drift."""
 
     def act(self, state: SimState) -> torch.Tensor:
-        return self.dynamics.inverse(state.current, expert_targets(state, self.dynamics.chunk))
+        return self.dynamics.inverse(state.current, expert_targets(state, self.dynamics.chunk), state.batch.agent_type)
 
 
 class ConstantVelocity(BasePolicy):
     """Keep the current velocity and heading."""
 
     def act(self, state: SimState) -> torch.Tensor:
-        return self.dynamics.inverse(state.current, constant_velocity_targets(state.current, self.dynamics.chunk))
+        targets = constant_velocity_targets(state.current, self.dynamics.chunk)
+        return self.dynamics.inverse(state.current, targets, state.batch.agent_type)
 
 
 POLICIES = {"log": LogReplay, "expert": Expert, "constant_velocity": ConstantVelocity}
@@ -154,7 +155,7 @@ class IDM(BasePolicy):
             py = py + v_new * torch.sin(pyaw) * DT
             v = v_new
             states.append(torch.stack([px, py, pyaw, v * torch.cos(pyaw), v * torch.sin(pyaw)], -1))
-        return self.dynamics.inverse(cur, torch.stack(states, dim=-2))
+        return self.dynamics.inverse(cur, torch.stack(states, dim=-2), b.agent_type)
 
 
 POLICIES["idm"] = IDM

@@ -250,7 +250,7 @@ def step(
     if state.t + k > state.num_steps - 1:
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step {k} from step {state.t}")
     checked = actions if isinstance(actions, CheckedActions) else check_actions(state, actions, dynamics)
-    nxt = dynamics.forward(state.current, checked.actions)  # [B, N, k, 5]
+    nxt = dynamics.forward(state.current, checked.actions, state.batch.agent_type)  # [B, N, k, 5]
     ctrl = state.controlled
     if hold is not None:  # these agents stand where they are, velocity zero
         standing = torch.cat([state.current[..., :3], torch.zeros_like(state.current[..., 3:])], -1)

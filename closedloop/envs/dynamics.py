@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from closedloop.constants import DT
+from closedloop.constants import DT, token_kind
 from closedloop.envs.errors import SimulationError
 
 X, Y, YAW, VX, VY = range(5)
@@ -153,11 +153,17 @@ class Dynamics(abc.ABC):
         return cache[key]
 
     @abc.abstractmethod
-    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """The next ``chunk`` states ``[..., chunk, 5]`` after ``action`` from ``state``."""
+    def forward(
+        self, state: torch.Tensor, action: torch.Tensor, agent_type: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The next ``chunk`` states ``[..., chunk, 5]`` after ``action`` from ``state``.
+        ``agent_type`` (WOMD type codes, the batch shape) matters to models whose actions
+        depend on it (per-kind token vocabularies); the others ignore it."""
 
     @abc.abstractmethod
-    def inverse(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def inverse(
+        self, state: torch.Tensor, target: torch.Tensor, agent_type: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The action that best reaches ``target`` ``[..., chunk, 5]`` from ``state``."""
 
 
@@ -165,13 +171,13 @@ class DeltaGlobal(Dynamics):
     name, chunk = "delta_global", 1
     spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi), angular=(False, False, True))
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         pose = torch.stack(
             [state[..., X] + action[..., 0], state[..., Y] + action[..., 1], state[..., YAW] + action[..., 2]], dim=-1
         )
         return _chain_velocities(state, pose[..., None, :])
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         t = target[..., 0, :]
         return torch.stack(
             [t[..., X] - state[..., X], t[..., Y] - state[..., Y], wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1
@@ -182,12 +188,12 @@ class DeltaLocal(Dynamics):
     name, chunk = "delta_local", 1
     spec = ActionSpec((3,), (-6.0, -6.0, -math.pi), (6.0, 6.0, math.pi), angular=(False, False, True))
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         dx, dy = _rotate(action[..., 0], action[..., 1], state[..., YAW])
         pose = torch.stack([state[..., X] + dx, state[..., Y] + dy, state[..., YAW] + action[..., 2]], dim=-1)
         return _chain_velocities(state, pose[..., None, :])
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         t = target[..., 0, :]
         dx, dy = _rotate(t[..., X] - state[..., X], t[..., Y] - state[..., Y], -state[..., YAW])
         return torch.stack([dx, dy, wrap_angle(t[..., YAW] - state[..., YAW])], dim=-1)
@@ -200,7 +206,7 @@ class Bicycle(Dynamics):
     max_accel, max_curvature, min_speed_for_yaw = 6.0, 0.3, 0.6
     spec = ActionSpec((2,), (-6.0, -0.3), (6.0, 0.3))
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         accel = action[..., 0].clamp(-self.max_accel, self.max_accel)
         kappa = action[..., 1].clamp(-self.max_curvature, self.max_curvature)
         yaw = state[..., YAW]
@@ -213,7 +219,7 @@ class Bicycle(Dynamics):
         out = torch.stack([x, y, new_yaw, new_speed * torch.cos(new_yaw), new_speed * torch.sin(new_yaw)], -1)
         return out[..., None, :]
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         t = target[..., 0, :]
         speed = torch.hypot(state[..., VX], state[..., VY])
         new_speed = torch.hypot(t[..., VX], t[..., VY])
@@ -245,10 +251,10 @@ class StateDynamics(Dynamics):
     name, chunk = "state", 1
     spec = ActionSpec((3,), (-1e6, -1e6, -math.pi), (1e6, 1e6, math.pi), angular=(False, False, True))
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         return _chain_velocities(state, action[..., None, :])
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         return target[..., 0, :3].clone()
 
 
@@ -263,14 +269,14 @@ class Trajectory(Dynamics):
             (chunk, 3), (-50.0, -50.0, -math.pi), (50.0, 50.0, math.pi), angular=(False, False, True)
         )
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         dx, dy = _rotate(action[..., 0], action[..., 1], state[..., None, YAW])
         poses = torch.stack(
             [state[..., None, X] + dx, state[..., None, Y] + dy, state[..., None, YAW] + action[..., 2]], dim=-1
         )
         return _chain_velocities(state, poses)
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         dx, dy = _rotate(
             target[..., X] - state[..., None, X], target[..., Y] - state[..., None, Y], -state[..., None, YAW]
         )
@@ -278,17 +284,24 @@ class Trajectory(Dynamics):
 
 
 class Tokens(Dynamics):
-    """A discrete vocabulary ``[V, k, 3]`` of k-step local pose chunks (x, y, yaw)."""
+    """Discrete motion tokens: a vocabulary of k-step local pose chunks (x, y, yaw in the
+    frame of the chunk's start pose), either one ``[V, k, 3]`` for every agent or one per
+    agent kind ``[K, V, k, 3]`` (vehicle, pedestrian, cyclist: see
+    :func:`closedloop.constants.token_kind`), where an agent's type picks its vocabulary.
+    Kinds with fewer than V tokens repeat their token 0 up to V (harmless motions that
+    :meth:`inverse` never prefers: ties go to the lowest index)."""
 
     name = "tokens"
 
     def __init__(self, vocabulary: torch.Tensor):
-        if vocabulary.dim() != 3 or vocabulary.shape[-1] != 3 or vocabulary.shape[0] == 0:
-            raise ValueError(f"a token vocabulary is [V, k, 3] with V >= 1, got {list(vocabulary.shape)}")
+        if vocabulary.dim() == 3:
+            vocabulary = vocabulary[None]
+        if vocabulary.dim() != 4 or vocabulary.shape[-1] != 3 or vocabulary.shape[1] == 0:
+            raise ValueError(f"a token vocabulary is [V, k, 3] or [kinds, V, k, 3], got {list(vocabulary.shape)}")
         if not vocabulary.dtype.is_floating_point or not bool(torch.isfinite(vocabulary).all()):
-            bad = torch.nonzero(~torch.isfinite(vocabulary).flatten(1).all(-1)).flatten()[:5].tolist()
+            bad = torch.nonzero(~torch.isfinite(vocabulary).flatten(2).all(-1))[:5].tolist()
             raise ValueError(
-                f"a token vocabulary holds finite floats; tokens {bad} are NaN/inf"
+                f"a token vocabulary holds finite floats; (kind, token) {bad} are NaN/inf"
                 if bad
                 else f"a token vocabulary holds floats, not {vocabulary.dtype}"
             )
@@ -297,23 +310,35 @@ class Tokens(Dynamics):
                 "a token vocabulary's chunks move at most 50 m (the trajectory bounds); "
                 f"this one reaches {float(vocabulary[..., :2].abs().max()):.1f} m"
             )
-        self.vocabulary = vocabulary
-        self.chunk = vocabulary.shape[1]
-        self.spec = ActionSpec((), n=vocabulary.shape[0])
+        self.vocabulary = vocabulary  # [K, V, k, 3]
+        self.chunk = vocabulary.shape[2]
+        self.spec = ActionSpec((), n=vocabulary.shape[1])
         self._trajectory = Trajectory(self.chunk)
 
-    def _vocabulary(self, like: torch.Tensor) -> torch.Tensor:
+    @property
+    def kinds(self) -> int:
+        return self.vocabulary.shape[0]
+
+    def _table(self, like: torch.Tensor) -> torch.Tensor:
         return self._cached("vocabulary", like, lambda: self.vocabulary.to(like.device, like.dtype))
 
-    def forward(self, state, action):
-        chunk = self._vocabulary(state)[action]
-        return self._trajectory.forward(state, chunk)
+    def _kind(self, agent_type: torch.Tensor | None, shape: torch.Size, device) -> torch.Tensor:
+        if self.kinds == 1:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+        if agent_type is None:
+            raise ValueError("a per-kind token vocabulary needs the agents' types (agent_type)")
+        return token_kind(agent_type.to(device)).expand(shape)
 
-    def inverse(self, state, target):
-        """The token whose poses lie closest (mean position error plus heading error in
-        metres at 1 m per radian) to the target chunk."""
+    def forward(self, state, action, agent_type=None):
+        kind = self._kind(agent_type, action.shape, state.device)
+        return self._trajectory.forward(state, self._table(state)[kind, action])
+
+    def inverse(self, state, target, agent_type=None):
+        """The token of each agent's vocabulary whose poses lie closest (mean position
+        error plus heading error in metres at 1 m per radian) to the target chunk."""
         local = self._trajectory.inverse(state, target)  # [..., k, 3]
-        vocab = self._vocabulary(state)
+        kind = self._kind(agent_type, local.shape[:-2], state.device)
+        vocab = self._table(state)[kind]  # [..., V, k, 3]
         diff = local[..., None, :, :] - vocab
         cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
         return cost.argmin(-1)
@@ -330,13 +355,13 @@ class Normalized(Dynamics):
             inner.spec.shape, tuple([-1.0] * len(inner.spec.low)), tuple([1.0] * len(inner.spec.low))
         )
 
-    def forward(self, state, action):
+    def forward(self, state, action, agent_type=None):
         low, high = self.inner.limits(state)
-        return self.inner.forward(state, low + (action.clamp(-1, 1) + 1) / 2 * (high - low))
+        return self.inner.forward(state, low + (action.clamp(-1, 1) + 1) / 2 * (high - low), agent_type)
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         low, high = self.inner.limits(state)
-        return ((self.inner.inverse(state, target) - low) / (high - low) * 2 - 1).clamp(-1, 1)
+        return ((self.inner.inverse(state, target, agent_type) - low) / (high - low) * 2 - 1).clamp(-1, 1)
 
 
 class Discretized(Dynamics):
@@ -354,12 +379,12 @@ class Discretized(Dynamics):
         low, high = self.inner.limits(like)
         return low + index.to(like.dtype) * (high - low) / (self.spec.bins - 1)
 
-    def forward(self, state, action):
-        return self.inner.forward(state, self._values(action, state))
+    def forward(self, state, action, agent_type=None):
+        return self.inner.forward(state, self._values(action, state), agent_type)
 
-    def inverse(self, state, target):
+    def inverse(self, state, target, agent_type=None):
         low, high = self.inner.limits(state)
-        value = self.inner.inverse(state, target)
+        value = self.inner.inverse(state, target, agent_type)
         return torch.round((value - low) / (high - low) * (self.spec.bins - 1)).clamp(0, self.spec.bins - 1).long()
 
 

@@ -141,7 +141,8 @@ class EnvCore:
         cur = self.state.current
         target = cur.clone()
         target[..., 3:] = 0
-        return self.dynamics.inverse(cur, target[..., None, :].expand(*cur.shape[:-1], self.dynamics.chunk, 5))
+        targets = target[..., None, :].expand(*cur.shape[:-1], self.dynamics.chunk, 5)
+        return self.dynamics.inverse(cur, targets, self.state.batch.agent_type)
 
     def guidance(self, expert: bool = True) -> Guidance:
         """The logged next ``chunk`` states and, with ``expert``, the action that follows
@@ -163,7 +164,7 @@ class EnvCore:
         elif state.done:
             action = self.hold()
         else:
-            action = self.dynamics.inverse(state.current, expert_targets(state, k))
+            action = self.dynamics.inverse(state.current, expert_targets(state, k), state.batch.agent_type)
         return Guidance(log_next, valid, action)
 
     def step(self, actions) -> Transition:
