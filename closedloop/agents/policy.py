@@ -74,6 +74,36 @@ class FunctionPolicy(BasePolicy):
         return self.fn(state, self.dynamics)
 
 
+class LearnedPolicy(BasePolicy):
+    """A policy with an action distribution (see :mod:`closedloop.agents.distributions`).
+
+    ``distribution(state)`` gives the distribution of the next action of the agents the
+    policy drives; ``act`` samples it at ``temperature`` among the ``top_k`` most likely
+    (``None``: all) with the episode's generator. Trainers call ``distribution`` with
+    gradients on; ``act`` runs without them.
+
+    A learned policy may keep a cache that follows one rollout (a transformer's keys and
+    values, say). It is valid for the state it was last advanced to: acting on any other
+    state (an older one, a branch) raises, and ``reset(state, ...)`` starts again from
+    there; nothing goes silently stale."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    @abc.abstractmethod
+    def distribution(self, state: SimState):
+        """The distribution of the next action of the agents this policy drives."""
+
+    def act(self, state: SimState) -> torch.Tensor:
+        with torch.no_grad():
+            return self.to_actions(state, self.distribution(state).sample(self.temperature, self.generator, self.top_k))
+
+    def to_actions(self, state: SimState, sample: torch.Tensor) -> torch.Tensor:
+        """Actions ``[B, N, ...]`` for the simulator from a sample of the distribution (the
+        identity when the distribution covers every agent slot)."""
+        return sample
+
+
 def as_policy(obj: Any) -> Policy:
     """A :class:`Policy` from a policy object, a policy class (built with no arguments) or
     a function ``fn(state, dynamics) -> actions``."""
