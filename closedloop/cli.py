@@ -215,6 +215,55 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vocab_build(args: argparse.Namespace) -> int:
+    from closedloop.agents.tokens import build_vocabulary
+    from closedloop.data.womd import expand_paths, read_scenarios
+
+    if not expand_paths(args.data):
+        raise FileNotFoundError(f"no TFRecord files in {' '.join(args.data)}")
+    start = time.perf_counter()
+    vocab = build_vocabulary(
+        read_scenarios(args.data),
+        size=args.size,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        progress=not args.quiet,
+        max_chunks=args.max_chunks,
+        data=" ".join(args.data),
+    )
+    vocab.save(args.out)
+    s = vocab.settings
+    kinds = ", ".join(
+        f"{kind} {s['tokens'][kind]} tokens from {s['chunks_used'][kind]} chunks"
+        + (f" (of {s['chunks_collected'][kind]})" if s["subsampled"][kind] else "")
+        for kind in s["tokens"]
+    )
+    print(
+        f"wrote {args.out}: {kinds}; {s['scenarios']} scenarios, tolerance {args.tolerance} m, "
+        f"seed {args.seed}, in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def _cmd_vocab_eval(args: argparse.Namespace) -> int:
+    from closedloop.agents.tokens import MotionVocabulary, default_vocabulary, evaluate_vocabulary
+    from closedloop.data.womd import expand_paths, read_scenarios
+
+    vocab = MotionVocabulary.load(args.vocab) if args.vocab else default_vocabulary()
+    if not expand_paths(args.data):
+        raise FileNotFoundError(f"no TFRecord files in {' '.join(args.data)}")
+    result = evaluate_vocabulary(vocab, read_scenarios(args.data))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'kind':<12}{'tokens':>8}{'agents':>8}{'steps':>9}{'mean m':>10}{'p95 m':>10}")
+    for (kind, row), size in zip(result.items(), vocab.sizes().tolist()):
+        mean, p95 = row["mean_corner_error_m"], row["p95_corner_error_m"]
+        cells = f"{mean:>10.4f}{p95:>10.4f}" if mean is not None else f"{'-':>10}{'-':>10}"
+        print(f"{kind:<12}{size:>8}{row['agents']:>8}{row['steps']:>9}{cells}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo
 
@@ -330,6 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-scenarios", type=int, default=8, help="synthetic scenarios to generate when --data is not given"
     )
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("vocab", help="motion token vocabularies: build (k-disk) and evaluate")
+    vsub = p.add_subparsers(dest="vocab_command", required=True)
+    p = vsub.add_parser("build", help="k-disk motion vocabularies (one per agent kind) from logged scenarios")
+    p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
+    p.add_argument("--size", type=int, default=2048, help="tokens per kind at most (default 2048)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="k-disk radius in metres (mean corner distance)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "--max-chunks",
+        type=int,
+        default=1_000_000,
+        help="a uniform random sample of at most this many chunks per kind is clustered (default 1000000)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_vocab_build)
+    p = vsub.add_parser("eval", help="corner error of the sequential tokenization of logged trajectories")
+    p.add_argument("--vocab", help="a vocabulary .safetensors file (default: the shipped one)")
+    p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
+    p.add_argument("--json", action="store_true", help="one JSON object: per kind agents, mean and p95 (m)")
+    p.set_defaults(func=_cmd_vocab_eval)
     return parser
 
 
