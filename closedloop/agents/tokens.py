@@ -441,15 +441,18 @@ def _best_tokens(
 ) -> torch.Tensor:
     """The token ``[n]`` whose corners lie closest (mean over the masked steps and the 4
     corners) to the logged local poses ``local`` ``[n, 5, 3]``."""
-    logged = corners(local, box)  # [n, 5, 4, 2]
+    logged = corners(local, box).flatten(1, 2)  # [n, 20, 2]: 5 steps x 4 corners
+    vocab_points = vocab_corners.flatten(1, 2)  # [V, 20, 2]
+    lx, ly, vx, vy = logged[..., 0], logged[..., 1], vocab_points[..., 0], vocab_points[..., 1]
     weight = mask.to(local.dtype)
-    weight = weight / weight.sum(-1, keepdim=True).clamp_min(1)
-    v = vocab_corners.shape[0]
-    rows = max(1, (1 << 22) // (v * 40))
+    weight = weight / (4 * weight.sum(-1, keepdim=True).clamp_min(1))
+    weight = weight.repeat_interleave(4, dim=-1)  # [n, 20]: mean over the valid steps and the corners
+    rows = max(1, (1 << 22) // (vocab_points.shape[0] * 20))
     best = []
     for lo in range(0, local.shape[0], rows):
-        dist = torch.linalg.vector_norm(logged[lo : lo + rows, None] - vocab_corners[None], dim=-1).mean(-1)
-        best.append((dist * weight[lo : lo + rows, None]).sum(-1).argmin(-1))  # [r, V, 5] -> [r]
+        sl = slice(lo, lo + rows)
+        dist = torch.hypot(lx[sl, None] - vx[None], ly[sl, None] - vy[None])  # [r, V, 20]
+        best.append(torch.einsum("rvk,rk->rv", dist, weight[sl]).argmin(-1))
     return torch.cat(best) if best else torch.zeros(0, dtype=torch.long, device=local.device)
 
 
