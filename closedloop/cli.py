@@ -153,6 +153,24 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from closedloop.agents.smart import MODEL_SIZES, SmartModel, count_parameters
+
+    if args.model not in MODEL_SIZES:
+        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_SIZES)}")
+    config = MODEL_SIZES[args.model]
+    info = {"model": args.model, "parameters": count_parameters(SmartModel(config)), **dataclasses.asdict(config)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{args.model}: {info['parameters']:,} parameters")
+        for key, value in dataclasses.asdict(config).items():
+            print(f"  {key:<22}{value}")
+    return 0
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -163,14 +181,33 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     from closedloop.envs.dynamics import make_dynamics
     from closedloop.envs.rollout import rollout_scenarios, write_rollouts
 
-    vocabulary = None
-    if args.vocabulary:
+    vocabulary, motion_vocabulary = None, None
+    if args.vocabulary and args.vocabulary.endswith(".safetensors"):
+        from closedloop.agents.tokens import MotionVocabulary
+
+        motion_vocabulary = MotionVocabulary.load(args.vocabulary)
+        vocabulary = motion_vocabulary.table()
+    elif args.vocabulary:
         vocabulary = torch.from_numpy(np.load(args.vocabulary, allow_pickle=False)).float()
-    dynamics = make_dynamics(args.dynamics, vocabulary=vocabulary, chunk=args.chunk)
     scenarios = list(read_scenarios(args.data))
-    policy = load_policy(args.policy)
+    policy = load_policy(args.policy, seed=args.seed, vocabulary=motion_vocabulary)
+    if hasattr(policy, "make_dynamics"):  # a learned policy brings the dynamics its actions are for
+        if args.dynamics is not None:
+            raise ValueError(f"--policy {args.policy} drives its own dynamics: leave out --dynamics")
+        dynamics = policy.make_dynamics()
+        together = args.rollouts_together or args.num_rollouts
+    else:
+        dynamics = make_dynamics(args.dynamics or "delta_global", vocabulary=vocabulary, chunk=args.chunk)
+        together = args.rollouts_together or 1
     results = rollout_scenarios(
-        scenarios, policy, dynamics, args.num_rollouts, batch_size=args.batch_size, device=args.device, seed=args.seed
+        scenarios,
+        policy,
+        dynamics,
+        args.num_rollouts,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        rollouts_together=together,
     )
     start = time.perf_counter()
     paths = write_rollouts(
@@ -179,7 +216,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
-        f"dynamics {args.dynamics}) to {args.out} in {time.perf_counter() - start:.1f} s"
+        f"dynamics {dynamics.name}) to {args.out} in {time.perf_counter() - start:.1f} s"
     )
     return 0
 
@@ -323,20 +360,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         default="expert",
-        metavar="NAME|module:attr|file.py:attr",
-        help="log, expert, constant_velocity, idm, or your policy: module:attr, "
-        "path/to/file.py:attr or an entry point of closedloop.policies (default expert)",
+        metavar="NAME|model:SIZE|module:attr|file.py:attr",
+        help="log, expert, constant_velocity, idm; model:tiny|mini|nano|micro (an untrained tokenized model, "
+        "weights from --seed); or your policy: module:attr, path/to/file.py:attr or an entry point of "
+        "closedloop.policies (default expert)",
     )
-    p.add_argument("--dynamics", choices=DYNAMICS, default="delta_global")
+    p.add_argument(
+        "--dynamics", choices=DYNAMICS, default=None, help="default delta_global; model: policies bring their own"
+    )
     p.add_argument("--num-rollouts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for <scenario_id>.npz files")
     p.add_argument("--batch-size", type=int, default=8, help="scenarios simulated together")
     p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
-    p.add_argument("--vocabulary", help="a .npy token vocabulary [V, k, 3] for --dynamics tokens")
+    p.add_argument(
+        "--vocabulary",
+        help="a motion vocabulary (.safetensors, from closedloop vocab build) for --dynamics tokens or model: "
+        "policies, or a .npy array [V, k, 3]",
+    )
+    p.add_argument(
+        "--rollouts-together",
+        type=int,
+        default=None,
+        help="rollouts of a scenario simulated in one batch (default: 1, all of them for model: policies)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("model-info", help="the size of a tokenized traffic model")
+    p.add_argument("--model", required=True, help="tiny, mini, nano or micro")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_model_info)
 
     p = sub.add_parser("render", help="animate a rollout (GIF, or MP4 with imageio-ffmpeg)")
     p.add_argument("--data", required=True, nargs="+")

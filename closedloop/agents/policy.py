@@ -119,15 +119,22 @@ def as_policy(obj: Any) -> Policy:
     )
 
 
-def load_policy(spec: str) -> Policy:
-    """A baseline by name (``log``, ``expert``, ``constant_velocity``, ``idm``), or user code:
-    ``module:attr``, ``path/to/file.py:attr`` or an entry point of ``closedloop.policies``
-    (see :func:`closedloop.plugins.load_object`), made a policy by :func:`as_policy`."""
+def load_policy(spec: str, seed: int = 0, vocabulary=None) -> Policy:
+    """A baseline by name (``log``, ``expert``, ``constant_velocity``, ``idm``); an untrained
+    tokenized traffic model ``model:SIZE`` (``tiny``, ``mini``, ``nano``, ``micro``: random
+    weights from ``seed``, the default vocabulary unless ``vocabulary`` is given); or user
+    code: ``module:attr``, ``path/to/file.py:attr`` or an entry point of
+    ``closedloop.policies`` (see :func:`closedloop.plugins.load_object`), made a policy by
+    :func:`as_policy`."""
     from closedloop.agents.baselines import POLICIES
     from closedloop.plugins import PluginError, load_object
 
     if spec in POLICIES:
         return POLICIES[spec]()
+    if spec.startswith("model:"):
+        from closedloop.agents.token_policy import TokenPolicy
+
+        return TokenPolicy.untrained(spec.split(":", 1)[1], vocabulary=vocabulary, seed=seed)
     try:
         return as_policy(load_object(spec, group="closedloop.policies"))
     except PluginError as err:
