@@ -183,3 +183,30 @@ def test_logit_mask():
     mask = logit_mask([5, 3, 4], agent_type, vocab_size=6)
     assert mask.sum(-1).tolist() == [[5, 3, 4, 5]]
     assert mask[0, 1].tolist() == [True, True, True, False, False, False]
+
+
+def test_real_scenario_tokens_and_invariance(scenario_file):
+    """On real WOMD (no grid ties) the default top-K neighbourhoods are invariant too."""
+    from closedloop.data import read_scenarios
+
+    batch = collate_scenarios(list(read_scenarios(scenario_file)))
+    tokens_map = map_tokens(batch)
+    assert tokens_map.mask.all() and (tokens_map.length <= 5.0 + 1e-4).all()
+    assert set(tokens_map.kind.unique().tolist()) == {0, 1, 2, 3}
+    lit = (tokens_map.light != 0).any(-1)
+    assert lit.any() and (tokens_map.kind[lit] == MAP_LANE).all()
+    poses = torch.cat([batch.agent_xyz[:, :, ::5, :2], batch.agent_heading[:, :, ::5, None]], -1)
+    valid = batch.agent_valid[:, :, ::5][:, :, :18]
+    tokens = torch.randint(0, 2048, valid.shape, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = SmartModel("micro").eval()
+    with torch.no_grad():
+        base = model(tokens, poses, valid, batch.agent_type, tokens_map)
+        moved = model(
+            tokens,
+            _transform_poses(poses, -0.7, (500.0, 20.0)),
+            valid,
+            batch.agent_type,
+            tokens_map.transformed(-0.7, (500.0, 20.0)),
+        )
+    torch.testing.assert_close(moved[valid], base[valid], atol=1e-4, rtol=0)

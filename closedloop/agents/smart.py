@@ -210,8 +210,16 @@ class AttentionBlock(nn.Module):
         h = self.heads
         xn = self.norm_query(x)
         q = self.query(xn).reshape(Q, h, 1, d // h)
-        kv = (kv.unflatten(-1, (2, d)) + rel.unsqueeze(-2)).expand(*lead, K, 2, d).reshape(Q, K, 2, h, d // h)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        # keys + r and values + r written straight into the [2, Q, heads, K, d / heads] layout
+        # scaled_dot_product_attention reads (one pass, no transposed copies).
+        kv_t = kv.unflatten(-1, (2, h, d // h)).movedim(-3, 0).transpose(-3, -2)
+        rel_t = rel.unflatten(-1, (1, h, d // h)).movedim(-3, 0).transpose(-3, -2)
+        if torch.is_grad_enabled() and (kv.requires_grad or rel.requires_grad):  # out= has no autograd
+            both = (kv_t + rel_t).expand(2, *lead, h, K, d // h).contiguous()
+        else:
+            both = torch.empty(2, *lead, h, K, d // h, dtype=x.dtype, device=x.device)
+            torch.add(kv_t, rel_t, out=both)
+        k, v = both[0].reshape(Q, h, K, d // h), both[1].reshape(Q, h, K, d // h)
         mask = mask.expand(*lead, K).reshape(Q, K)
         empty = ~mask.any(-1)
         mask = mask.clone()
@@ -226,14 +234,22 @@ class AttentionBlock(nn.Module):
 
 @dataclass
 class MapEncoding:
-    """The encoded map: ``features [B, M, d]`` and the ``tokens`` they come from."""
+    """The encoded map of a batch of B scenarios: the ``tokens`` (``MapTokens`` with B
+    rows), ``features [B', M, d]`` and ``rows [B]``: scenario ``b`` has the features
+    ``features[rows[b]]``. ``repeat_interleave`` repeats rows, not features, so a map
+    encoded once serves many rollouts and the decoder projects each distinct map once.
+    """
 
     features: Tensor
     tokens: MapTokens
+    rows: Tensor
 
     def repeat_interleave(self, repeats: int) -> MapEncoding:
         """Each scenario ``repeats`` times in a row (encode a map once for many rollouts)."""
-        return MapEncoding(self.features.repeat_interleave(repeats, 0), self.tokens.repeat_interleave(repeats))
+        return MapEncoding(self.features, self.tokens.repeat_interleave(repeats), self.rows.repeat_interleave(repeats))
+
+    def to(self, device: torch.device | str) -> MapEncoding:
+        return MapEncoding(self.features.to(device), self.tokens.to(device), self.rows.to(device))
 
 
 class MapEncoder(nn.Module):
@@ -265,7 +281,7 @@ class MapEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, gather_rows(layer.keys(x), index), rel, mask)
         x = self.norm(x) * tokens.mask.unsqueeze(-1)
-        return MapEncoding(x, tokens)
+        return MapEncoding(x, tokens, torch.arange(x.shape[0], device=x.device))
 
 
 class AgentDecoderLayer(nn.Module):
@@ -278,18 +294,22 @@ class AgentDecoderLayer(nn.Module):
         self.map = AttentionBlock(*args, norm_source=False)  # the map encoding is normalised already
         self.agents = AttentionBlock(*args)
 
-    def forward(self, x: Tensor, ctx: _Context, past: Tensor | None, map_kv: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, ctx: _Context, past: Tensor | None, map_kv: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """``x [B, N, Sq, d]``: the new elements; ``past``: the temporal keys and values of
-        the earlier elements ``[B, N, Sp, 2d]``; ``map_kv [B, M, 2d]`` (this layer's
-        ``map.keys`` of the map encoding). Returns the updated ``x`` and the temporal keys and
-        values of all elements (past and new)."""
+        the earlier elements ``[B, N, Sp, 2d]``; ``map_kv``: this layer's ``map.keys``
+        of the map features ``[B', M, 2d]`` and the row of each scenario ``[B]``. Returns the
+        updated ``x`` and the temporal keys and values of all elements (past and new)."""
         kv = self.temporal.keys(x)
         if past is not None:
             kv = torch.cat([past, kv], dim=2)
         x = self.temporal(x, kv.unsqueeze(2), ctx.time_rel, ctx.time_mask)
         B, N, Sq, _ = x.shape
         idx = ctx.map_index.reshape(B, N * Sq, -1)
-        x = self.map(x, gather_rows(map_kv, idx).reshape(B, N, Sq, *idx.shape[-1:], -1), ctx.map_rel, ctx.map_mask)
+        mkv, rows = map_kv
+        mkv = mkv[rows.view(B, 1, 1), idx].reshape(B, N, Sq, idx.shape[-1], -1)
+        x = self.map(x, mkv, ctx.map_rel, ctx.map_mask)
         akv = self.agents.keys(x)[ctx.agent_b, ctx.agent_index, ctx.agent_s]
         x = self.agents(x, akv, ctx.agent_rel, ctx.agent_mask)
         return x, kv
@@ -333,7 +353,7 @@ class DecoderCache:
     agent_type: Tensor  # [B, N]
     table: Tensor  # [kinds * V, d] token embeddings
     map: MapEncoding
-    map_kv: list[Tensor]
+    map_kv: list[tuple[Tensor, Tensor]]
     token_steps: int
 
     @property
@@ -486,8 +506,10 @@ class SmartModel(nn.Module):
         agent_rel = self.agent_rel(pose_q.unsqueeze(3), pose_q[b, a_index, s])
         return _Context(time_rel, time_mask, map_index, map_rel, map_mask, b, a_index, s, agent_rel, a_mask)
 
-    def _map_kv(self, encoding: MapEncoding) -> list[Tensor]:
-        return [layer.map.keys(encoding.features) for layer in self.layers]
+    def _map_kv(self, encoding: MapEncoding) -> list[tuple[Tensor, Tensor]]:
+        if encoding.rows.shape[0] != encoding.tokens.mask.shape[0]:
+            raise ValueError("the map encoding's rows and tokens disagree on the batch size")
+        return [(layer.map.keys(encoding.features), encoding.rows) for layer in self.layers]
 
     def _head(self, x: Tensor, kind: Tensor) -> Tensor:
         """Logits ``[B, N, S, V]`` of each element under its kind's head."""
