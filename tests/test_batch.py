@@ -61,3 +61,13 @@ def test_batch_to_device_and_errors(real_scenarios):
     assert moved.agent_xyz.device.type == "cpu" and moved.scenario_id == batch.scenario_id
     with pytest.raises(ValueError, match="empty"):
         collate_scenarios([])
+
+
+def test_select_scenarios_picks_rows_with_repeats(real_scenarios):
+    from closedloop.data.batch import select_scenarios
+
+    batch = collate_scenarios(list(real_scenarios.values()))
+    picked = select_scenarios(batch, [1, 1, 0])
+    assert picked.scenario_id == [batch.scenario_id[1], batch.scenario_id[1], batch.scenario_id[0]]
+    assert torch.equal(picked.agent_xyz[2], batch.agent_xyz[0]) and torch.equal(picked.road_xyz[0], batch.road_xyz[1])
+    assert torch.equal(picked.origin[1], batch.origin[1]) and picked.current_time_index == batch.current_time_index

@@ -72,6 +72,10 @@ class MapTokens:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MapTokens:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def select(self, rows: torch.Tensor) -> MapTokens:
+        """The tokens of scenarios ``rows`` (indices into this batch, repeats allowed)."""
+        return self._map(lambda t: t[rows])
+
     def repeat_interleave(self, repeats: int) -> MapTokens:
         """Each scenario ``repeats`` times in a row (e.g. one map for 32 rollouts)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -25,8 +25,9 @@ import torch
 from closedloop.agents.distributions import TokenDistribution
 from closedloop.agents.map_tokens import map_tokens
 from closedloop.agents.policy import LearnedPolicy
-from closedloop.agents.smart import MODEL_SIZES, SmartModel
+from closedloop.agents.smart import MODEL_SIZES, MapEncoding, SmartModel
 from closedloop.agents.tokens import TOKEN_STEPS, MotionVocabulary, default_vocabulary, tokenize
+from closedloop.data.batch import ScenarioBatch, select_scenarios
 from closedloop.envs.core import SimState
 from closedloop.envs.dynamics import Dynamics, Tokens
 from closedloop.envs.errors import SimulationError
@@ -100,16 +101,29 @@ class TokenPolicy(LearnedPolicy):
         steps = torch.arange(t0, state.t + 1, TOKEN_STEPS, device=device)
         self.mask = model.logit_mask(self.sizes, batch.agent_type)
         with torch.no_grad():
+            roads = self._encode_map(batch)
             self.cache = model.start(
                 history.tokens,
                 poses,
                 valid,
                 batch.agent_type,
-                map_tokens(batch, max_tokens=self.max_map_tokens),
+                roads.tokens,
+                map_encoding=roads,
                 steps=steps,
                 vocabulary=self.table,
             )
         self._t, self._pose = state.t, now.clone()
+
+    def _encode_map(self, batch: ScenarioBatch) -> MapEncoding:
+        """The map encoding of ``batch``, each distinct scenario encoded once (rollouts of
+        one scenario batched together share it)."""
+        first: dict[str, int] = {}
+        row_of = [first.setdefault(sid, len(first)) for sid in batch.scenario_id]
+        unique = [batch.scenario_id.index(sid) for sid in first]
+        distinct = select_scenarios(batch, unique)
+        encoding = self.model.encode_map(map_tokens(distinct, max_tokens=self.max_map_tokens))
+        rows = torch.tensor(row_of, device=encoding.features.device)
+        return MapEncoding(encoding.features, encoding.tokens.select(rows), encoding.rows[rows])
 
     def distribution(self, state: SimState) -> TokenDistribution:
         if not hasattr(self, "cache"):

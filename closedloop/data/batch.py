@@ -84,6 +84,17 @@ class ScenarioBatch:
         return dataclasses.replace(self, **changes)
 
 
+def select_scenarios(batch: ScenarioBatch, rows: Sequence[int]) -> ScenarioBatch:
+    """The scenarios ``rows`` of ``batch`` (indices, repeats allowed), as a batch."""
+    index = torch.as_tensor(list(rows), dtype=torch.long, device=batch.agent_xyz.device)
+    changes = {
+        f.name: getattr(batch, f.name)[index]
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, scenario_id=[batch.scenario_id[i] for i in rows], **changes)
+
+
 def select_agents(
     scenario: Scenario, max_agents: int | None, allow_drop_scored: bool = False
 ) -> tuple[np.ndarray, int]:
