@@ -32,7 +32,14 @@ class TokenDistribution:
         if mask is not None:
             logits = logits.masked_fill(~mask, -math.inf)
         self.logits = logits
-        self.log_probs = torch.log_softmax(logits.float(), dim=-1)
+        self._log_probs: torch.Tensor | None = None
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """``[B, N, V]`` (computed on first use: sampling the top-k does not need it)."""
+        if self._log_probs is None:
+            self._log_probs = torch.log_softmax(self.logits.float(), dim=-1)
+        return self._log_probs
 
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``[B, N]`` of ``tokens`` ``[B, N]``."""
@@ -57,13 +64,16 @@ class TokenDistribution:
         ``top_k`` most likely only."""
         if temperature <= 0:
             return self.mode()
-        logits = self.log_probs / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = torch.softmax(logits, dim=-1).flatten(0, -2)
-        drawn = torch.multinomial(probs, 1, generator=generator)
-        return drawn.view(self.log_probs.shape[:-1])
+        logits = self.logits.float()
+        candidates = None
+        if top_k is not None and top_k < logits.shape[-1]:  # draw among the k most likely only
+            top = logits.topk(top_k, dim=-1)
+            logits, candidates = top.values, top.indices
+        probs = torch.softmax(logits / temperature, dim=-1).flatten(0, -2)
+        drawn = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
+        if candidates is not None:
+            drawn = candidates.gather(-1, drawn)
+        return drawn.squeeze(-1)
 
 
 class GaussianMixture:
