@@ -134,7 +134,15 @@ def load_policy(spec: str, seed: int = 0, vocabulary=None) -> Policy:
     if spec.startswith("model:"):
         from closedloop.agents.token_policy import TokenPolicy
 
-        return TokenPolicy.untrained(spec.split(":", 1)[1], vocabulary=vocabulary, seed=seed)
+        name = spec.split(":", 1)[1]
+        if name.endswith(".safetensors"):  # trained weights (closedloop.agents.weights)
+            from closedloop.agents.weights import load_model
+
+            model, saved = load_model(name)
+            if vocabulary is not None:
+                raise ValueError(f"{name} brings its own vocabulary: leave out --vocabulary")
+            return TokenPolicy(model, saved)
+        return TokenPolicy.untrained(name, vocabulary=vocabulary, seed=seed)
     try:
         return as_policy(load_object(spec, group="closedloop.policies"))
     except PluginError as err:

@@ -1,0 +1,101 @@
+"""Model weights files: safetensors with the model's config (and the vocabulary it was
+trained with) in the metadata, so a file alone rebuilds the policy.
+
+``save_model(model, vocabulary, path)`` writes atomically; ``load_model(path)`` returns the
+model and its :class:`MotionVocabulary`. Nothing is unpickled; a missing, foreign,
+truncated or damaged file, unknown or missing tensors, wrong shapes and NaN/inf weights
+raise :class:`WeightsError` naming the file. The trainers' checkpoints (weights, optimizer
+and RNG state) build on this format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from closedloop.agents.smart import SmartConfig, SmartModel
+from closedloop.agents.tokens import MotionVocabulary
+
+FORMAT, FORMAT_VERSION, METADATA_KEY = "closedloop-smart-weights", 1, "closedloop"
+VOCABULARY_PREFIX = "vocabulary."
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded; the message names it and says why."""
+
+
+def save_model(model: SmartModel, vocabulary: MotionVocabulary, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights, config and ``vocabulary`` to ``path`` (safetensors)."""
+    from safetensors.torch import save
+
+    from closedloop._atomic import atomic_write
+
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    tensors.pop("vocabulary", None)  # stored once, as the vocabulary below
+    for kind, chunks in vocabulary.chunks.items():
+        tensors[VOCABULARY_PREFIX + kind] = chunks.to(torch.float32).contiguous()
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": dataclasses.asdict(model.config),
+        "vocabulary_settings": vocabulary.settings,
+    }
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+    with atomic_write(path) as handle:
+        handle.write(data)
+
+
+def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
+    """The model (in eval mode) and vocabulary saved in ``path``; see the module docstring."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise WeightsError(f"{where}: cannot read the weights file ({err.strerror or err})") from None
+    try:
+        tensors = load(data)
+        length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + length].decode("utf-8")).get("__metadata__") or {}
+        header = json.loads(metadata[METADATA_KEY])
+    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{where}: not a closedloop weights file (safetensors from save_model): {err}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise WeightsError(f"{where}: a safetensors file, but not closedloop model weights")
+    if header.get("version") != FORMAT_VERSION:
+        raise WeightsError(
+            f"{where}: weights format version {header.get('version')!r}, this closedloop reads {FORMAT_VERSION}"
+        )
+    try:
+        config = SmartConfig(**header["config"])
+    except (TypeError, KeyError) as err:
+        raise WeightsError(f"{where}: the model config does not fit this closedloop: {err}") from None
+    chunks = {k[len(VOCABULARY_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(VOCABULARY_PREFIX)}
+    try:
+        vocabulary = MotionVocabulary(chunks, header.get("vocabulary_settings") or {})
+    except (ValueError, KeyError) as err:
+        raise WeightsError(f"{where}: its vocabulary is not valid: {err}") from None
+    bad = [
+        name for name, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise WeightsError(f"{where}: NaN/inf in the weights {bad[:5]}")
+    model = SmartModel(config, vocabulary=vocabulary.table())
+    expected = {name: value.shape for name, value in model.state_dict().items() if name != "vocabulary"}
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise WeightsError(
+            f"{where}: weights do not match the {config.hidden}-wide model: missing {missing[:5]}, "
+            f"unknown {unknown[:5]}"
+        )
+    wrong = [f"{n} {list(tensors[n].shape)} (expected {list(s)})" for n, s in expected.items() if tensors[n].shape != s]
+    if wrong:
+        raise WeightsError(f"{where}: wrong shapes: {', '.join(wrong[:3])}")
+    model.load_state_dict({**tensors, "vocabulary": model.vocabulary}, strict=True)
+    return model.eval(), vocabulary

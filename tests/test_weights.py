@@ -1,0 +1,146 @@
+"""Model weights files: round trip, the CLI, and bad files that must never be unpickled."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from closedloop.agents.smart import SmartModel
+from closedloop.agents.tokens import default_vocabulary
+from closedloop.agents.weights import WeightsError, load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    vocabulary = default_vocabulary()
+    model = SmartModel("micro", vocabulary=vocabulary.table())
+    path = tmp_path_factory.mktemp("weights") / "micro.safetensors"
+    save_model(model, vocabulary, path)
+    return model, vocabulary, path
+
+
+def test_round_trip(saved):
+    model, vocabulary, path = saved
+    loaded, loaded_vocabulary = load_model(path)
+    assert loaded.config == model.config and not loaded.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert torch.equal(loaded_vocabulary.table(), vocabulary.table())
+
+
+def _rewrite(path, out, change):
+    from safetensors.torch import load, save
+
+    data = path.read_bytes()
+    tensors = load(data)
+    length = int.from_bytes(data[:8], "little")
+    import json
+
+    metadata = json.loads(data[8 : 8 + length])["__metadata__"]
+    tensors, metadata = change(tensors, metadata)
+    out.write_bytes(save(tensors, metadata=metadata))
+    return out
+
+
+def _nan(tensors, metadata):
+    tensors["norm.weight"] = torch.full_like(tensors["norm.weight"], float("nan"))
+    return tensors, metadata
+
+
+def _drop(tensors, metadata):
+    tensors.pop("norm.weight")
+    return tensors, metadata
+
+
+def _shape(tensors, metadata):
+    tensors["norm.weight"] = torch.zeros(7)
+    return tensors, metadata
+
+
+def _foreign(tensors, metadata):
+    return tensors, {"closedloop": '{"format": "something-else"}'}
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("garbage", "not a closedloop weights file"),
+        ("pickle", "not a closedloop weights file"),
+        ("missing", "cannot read the weights file"),
+        ("nan", r"NaN/inf in the weights \['norm.weight'\]"),
+        ("drop", r"missing \['norm.weight'\]"),
+        ("shape", "wrong shapes: norm.weight \\[7\\]"),
+        ("foreign", "not closedloop model weights"),
+    ],
+)
+def test_bad_files_name_the_file(saved, tmp_path, kind, match):
+    _, _, path = saved
+    bad = tmp_path / f"{kind}.safetensors"
+    if kind == "garbage":
+        bad.write_bytes(b"\x00garbage" * 100)
+    elif kind == "pickle":  # unpickling this would create the marker file
+        bad.write_bytes(pickle.dumps(_Trap(tmp_path / "unpickled")))
+    elif kind != "missing":
+        _rewrite(path, bad, {"nan": _nan, "drop": _drop, "shape": _shape, "foreign": _foreign}[kind])
+    with pytest.raises(WeightsError, match=f"{bad.name}: .*{match}"):
+        load_model(bad)
+    assert not (tmp_path / "unpickled").exists()
+
+
+class _Trap:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
+    _, _, path = saved
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "closedloop.cli",
+            "rollout",
+            "--data",
+            str(scenario_file),
+            "--policy",
+            f"model:{path}",
+            "--num-rollouts",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rollouts" in proc.stdout and (out / "637f20cafde22ff8.npz").exists()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "closedloop.cli",
+            "rollout",
+            "--data",
+            str(scenario_file),
+            "--policy",
+            f"model:{bad}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "bad.safetensors: not a closedloop weights file" in proc.stderr
