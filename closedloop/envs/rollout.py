@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from closedloop.data.batch import collate_scenarios
+from closedloop.data.batch import collate_scenarios, select_scenarios
 from closedloop.data.scenario import Scenario
 from closedloop.envs.core import SimState, global_trajectories, reset
 from closedloop.envs.dynamics import Dynamics
@@ -90,9 +90,10 @@ def rollout_scenarios(
 
     def flush():
         runs = []
+        scenes = collate_scenarios(pending).to(device)
         for first in range(0, num_rollouts, rollouts_together):
             copies = min(rollouts_together, num_rollouts - first)
-            batch = collate_scenarios(pending * copies).to(device)
+            batch = select_scenarios(scenes, list(range(len(pending))) * copies) if copies > 1 else scenes
             rollout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeds))
             torch.manual_seed(rollout_seed)
             generator = torch.Generator(device=device).manual_seed(rollout_seed)
@@ -101,7 +102,7 @@ def rollout_scenarios(
             traj = global_trajectories(final, cur + 1, final.num_steps).cpu()  # [copies * B, N, 80, 4]
             runs.extend(traj.view(copies, len(pending), *traj.shape[1:]).unbind(0))
         traj = torch.stack(runs, dim=1)  # [B, R, N, 80, 4]
-        batch = collate_scenarios(pending)
+        batch = scenes
         controlled = final.controlled.cpu()
         for b, scenario in enumerate(pending):
             agents = torch.nonzero(controlled[b]).squeeze(-1)
