@@ -100,47 +100,19 @@ class _Trap:
         return (open, (self.marker, "w"))
 
 
+def _rollout(scenario_file, weights, out, *extra):
+    command = [sys.executable, "-m", "closedloop.cli", "rollout", "--data", str(scenario_file)]
+    command += ["--policy", f"model:{weights}", "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
     _, _, path = saved
     out = tmp_path / "runs"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "closedloop.cli",
-            "rollout",
-            "--data",
-            str(scenario_file),
-            "--policy",
-            f"model:{path}",
-            "--num-rollouts",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _rollout(scenario_file, path, out, "--num-rollouts", "2")
     assert proc.returncode == 0, proc.stderr
     assert "2 rollouts" in proc.stdout and (out / "637f20cafde22ff8.npz").exists()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "closedloop.cli",
-            "rollout",
-            "--data",
-            str(scenario_file),
-            "--policy",
-            f"model:{bad}",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _rollout(scenario_file, bad, out)
     assert proc.returncode == 2 and "bad.safetensors: not a closedloop weights file" in proc.stderr
