@@ -210,3 +210,16 @@ def test_real_scenario_tokens_and_invariance(scenario_file):
             tokens_map.transformed(-0.7, (500.0, 20.0)),
         )
     torch.testing.assert_close(moved[valid], base[valid], atol=1e-4, rtol=0)
+
+
+def test_map_tokens_do_not_depend_on_the_other_scenarios_of_the_batch(real_scenarios):
+    from closedloop.data import collate_scenarios
+
+    first, second = real_scenarios["637f20cafde22ff8"], real_scenarios["ee519cf571686d19"]
+    alone = map_tokens(collate_scenarios([second]))
+    batched = map_tokens(collate_scenarios([first, second]))
+    M = int(alone.mask[0].sum())
+    assert int(batched.mask[1].sum()) == M
+    assert torch.allclose(batched.position[1, :M], alone.position[0, :M], atol=1e-3)
+    assert torch.allclose(torch.cos(batched.heading[1, :M] - alone.heading[0, :M]), torch.ones(M), atol=1e-5)
+    assert (batched.length[1, :M] <= 5.0 + 1e-4).all()

@@ -148,8 +148,13 @@ def map_tokens(batch: ScenarioBatch, segment_length: float = 5.0, max_tokens: in
     b = a + piece
     # Start points: the last point whose segment starts at or before a (it has positive length
     # and contains a); end points: the first point whose segment ends at or after b.
-    i_a = torch.searchsorted(cum_start, a, right=True) - 1
-    i_b = torch.searchsorted(cum_end, b, right=False).clamp_max(B * P - 1)
+    # Both stay on the token's own polyline: rounding in the running sums must never hand a
+    # piece's end to the next polyline (or make tokens depend on the scenarios batched before).
+    last = torch.zeros(num_poly, dtype=torch.long, device=device)
+    last.scatter_reduce_(0, poly_of_point[keep], idx[keep], reduce="amax", include_self=False)
+    low, high = first[poly], last[poly]
+    i_a = torch.minimum(torch.maximum(torch.searchsorted(cum_start, a, right=True) - 1, low), high)
+    i_b = torch.minimum(torch.maximum(torch.searchsorted(cum_end, b, right=False), low), high)
 
     def point_at(i: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         t = ((s - cum_start[i]) / seg_len[i].clamp_min(1e-12)).clamp(0.0, 1.0)
