@@ -153,6 +153,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
+    return value
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -189,6 +199,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         vocabulary = motion_vocabulary.table()
     elif args.vocabulary:
         vocabulary = torch.from_numpy(np.load(args.vocabulary, allow_pickle=False)).float()
+    if args.policy.startswith("model:") and vocabulary is not None and motion_vocabulary is None:
+        raise ValueError(f"--policy {args.policy} takes a .safetensors motion vocabulary, not {args.vocabulary}")
     scenarios = list(read_scenarios(args.data))
     policy = load_policy(args.policy, seed=args.seed, vocabulary=motion_vocabulary)
     if hasattr(policy, "make_dynamics"):  # a learned policy brings the dynamics its actions are for
@@ -368,10 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dynamics", choices=DYNAMICS, default=None, help="default delta_global; model: policies bring their own"
     )
-    p.add_argument("--num-rollouts", type=int, default=32)
+    p.add_argument("--num-rollouts", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for <scenario_id>.npz files")
-    p.add_argument("--batch-size", type=int, default=8, help="scenarios simulated together")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="scenarios simulated together")
     p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
     p.add_argument(
         "--vocabulary",
@@ -380,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rollouts-together",
-        type=int,
+        type=_positive_int,
         default=None,
         help="rollouts of a scenario simulated in one batch (default: 1, all of them for model: policies)",
     )

@@ -40,8 +40,21 @@ def test_token_sampling_frequencies_and_reproducibility():
     assert not freq[1, :, 4:].any()  # masked tokens are never drawn
     again = big.sample(generator=torch.Generator().manual_seed(5)).view(4000, 2, 3)
     assert torch.equal(draws, again)
-    cold = big.sample(temperature=1e-5, top_k=32, generator=torch.Generator().manual_seed(6)).view(4000, 2, 3)
+    cold = big.sample(temperature=1e-5, top_k=3, generator=torch.Generator().manual_seed(6)).view(4000, 2, 3)
     assert torch.equal(cold, dist.mode().expand(4000, 2, 3))  # CAT-K's near-greedy rollouts
+    # Top-2 sampling at temperature 1: the two most likely tokens, renormalised.
+    top2 = big.sample(top_k=2, generator=torch.Generator().manual_seed(7)).view(4000, 2, 3)
+    freq2 = torch.nn.functional.one_hot(top2, 6).float().mean(0)
+    best, best_lp = dist.top_k(2)
+    expected = torch.zeros(2, 3, 6).scatter(-1, best, torch.softmax(best_lp, -1))
+    assert torch.allclose(freq2, expected, atol=0.03)
+
+
+def test_a_row_without_any_token_is_refused():
+    mask = torch.ones(2, 3, 6, dtype=torch.bool)
+    mask[1, 2] = False
+    with pytest.raises(ValueError, match=r"no token at all for rows \[\[1, 2\]\]"):
+        TokenDistribution(torch.zeros(2, 3, 6), mask)
 
 
 def _mixture(seed=0):
@@ -64,6 +77,18 @@ def test_mixture_log_prob_matches_torch_distributions():
     )
     top, top_lp = dist.top_k(2)
     assert top.shape == (2, 3, 2, 5, 3) and torch.allclose(top_lp[:, :, 0], dist.log_prob(dist.mode()))
+
+
+def test_mixture_with_other_batch_shapes():
+    g = torch.Generator().manual_seed(2)
+    for batch in ((4,), (5, 2, 1)):
+        logits = torch.randn(*batch, 3, generator=g)
+        mean = torch.randn(*batch, 3, 5, 3, generator=g)
+        mix = GaussianMixture(logits, mean, torch.zeros(*batch, 3, 5, 3) - 1)
+        assert mix.mode().shape == (*batch, 5, 3) and mix.sample(generator=g).shape == (*batch, 5, 3)
+        top, lp = mix.top_k(2)
+        assert top.shape == (*batch, 2, 5, 3) and lp.shape == (*batch, 2)
+        assert torch.allclose(lp[..., 0], mix.log_prob(mix.mode()))
 
 
 def test_mixture_sampling_moments():

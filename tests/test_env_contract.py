@@ -486,6 +486,21 @@ def test_token_vocabularies_must_be_finite():
         make_dynamics("tokens", vocabulary=vocabulary)
 
 
+def test_token_matching_in_blocks_gives_the_same_tokens(monkeypatch):
+    import closedloop.envs.dynamics as dynamics_module
+
+    g = torch.Generator().manual_seed(4)
+    table = torch.cumsum(torch.rand(3, 40, 5, 3, generator=g) * torch.tensor([1.5, 0.2, 0.03]), dim=2)
+    dynamics = make_dynamics("tokens", vocabulary=table)
+    state = torch.randn(6, 7, 5, generator=g)
+    types = torch.randint(1, 4, (6, 7), generator=g)
+    tokens = torch.randint(0, 40, (6, 7), generator=g)
+    target = dynamics.forward(state, tokens, types)
+    whole = dynamics.inverse(state, target, types)
+    monkeypatch.setattr(dynamics_module, "INVERSE_BLOCK", 40 * 5 * 3 * 4)  # 4 agents per block
+    assert torch.equal(dynamics.inverse(state, target, types), whole) and torch.equal(whole, tokens)
+
+
 def test_per_kind_token_vocabularies_follow_the_agent_type():
     from closedloop.constants import TYPE_CYCLIST, TYPE_PEDESTRIAN, TYPE_VEHICLE
 

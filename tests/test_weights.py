@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,35 @@ def _foreign(tensors, metadata):
     return tensors, {"closedloop": '{"format": "something-else"}'}
 
 
+def _header(change):
+    def rewrite(tensors, metadata):
+        import json
+
+        header = json.loads(metadata["closedloop"])
+        change(header)
+        return tensors, {"closedloop": json.dumps(header)}
+
+    return rewrite
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda h: h["config"].update(hidden=-4), "hidden=-4 is not an integer"),
+        (lambda h: h["config"].update(dropout="x"), "dropout='x' is not a number"),
+        (lambda h: h["config"].update(heads=5), "not a multiple of heads=5"),
+        (lambda h: h["config"].update(hidden=10**6), "hidden=1000000 is not an integer in"),
+        (lambda h: h["config"].update(surprise=1), "unknown config fields"),
+        (lambda h: h.update(vocabulary_settings={"reference_boxes": "x"}), "reference_boxes must map"),
+    ],
+)
+def test_bad_headers_are_weights_errors(saved, tmp_path, change, match):
+    _, _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.safetensors", _header(change))
+    with pytest.raises(WeightsError, match=f"bad.safetensors: .*{match}"):
+        load_model(bad)
+
+
 @pytest.mark.parametrize(
     "kind, match",
     [
@@ -116,3 +146,28 @@ def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
     bad.write_bytes(b"nope")
     proc = _rollout(scenario_file, bad, out)
     assert proc.returncode == 2 and "bad.safetensors: not a closedloop weights file" in proc.stderr
+    for extra in (("--num-rollouts", "-1"), ("--rollouts-together", "0")):
+        proc = _rollout(scenario_file, path, out, *extra)
+        assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
+    npy = tmp_path / "v.npy"
+    np.save(npy, np.zeros((4, 5, 3), np.float32))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "closedloop.cli",
+            "rollout",
+            "--data",
+            str(scenario_file),
+            "--policy",
+            "model:micro",
+            "--vocabulary",
+            str(npy),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "takes a .safetensors motion vocabulary" in proc.stderr

@@ -30,6 +30,9 @@ class TokenDistribution:
 
     def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None):
         if mask is not None:
+            empty = ~mask.any(-1)
+            if bool(empty.any()):
+                raise ValueError(f"token mask leaves no token at all for rows {torch.nonzero(empty)[:5].tolist()}")
             logits = logits.masked_fill(~mask, -math.inf)
         self.logits = logits
         self._log_probs: torch.Tensor | None = None
@@ -79,7 +82,8 @@ class TokenDistribution:
 class GaussianMixture:
     """A mixture of C diagonal Gaussians per agent over an action of shape ``event``.
 
-    ``logits`` ``[B, N, C]`` (mixture weights), ``mean`` and ``log_std`` ``[B, N, C, *event]``."""
+    ``logits`` ``[..., C]`` (mixture weights; any batch dimensions, ``[B, N]`` for a policy),
+    ``mean`` and ``log_std`` ``[..., C, *event]``."""
 
     def __init__(self, logits: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor):
         self.weights = torch.log_softmax(logits.float(), dim=-1)
@@ -99,14 +103,15 @@ class GaussianMixture:
 
     def mode(self) -> torch.Tensor:
         """The mean of the most likely component ``[B, N, *event]``."""
-        return self._means(self.weights.argmax(-1, keepdim=True)).squeeze(2)
+        return self._means(self.weights.argmax(-1, keepdim=True)).squeeze(self.weights.dim() - 1)
 
     def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The means of the ``k`` heaviest components ``[B, N, k, *event]`` and their
         log-densities under the mixture ``[B, N, k]``."""
         index = self.weights.topk(min(k, self.weights.shape[-1]), dim=-1).indices
         means = self._means(index)
-        log_probs = torch.stack([self.log_prob(means[:, :, j]) for j in range(means.shape[2])], dim=-1)
+        dim = self.weights.dim() - 1
+        log_probs = torch.stack([self.log_prob(m) for m in means.unbind(dim)], dim=-1)
         return means, log_probs
 
     def sample(
@@ -123,16 +128,18 @@ class GaussianMixture:
             logits = logits.masked_fill(logits < kth, -math.inf)
         probs = torch.softmax(logits, dim=-1).flatten(0, -2)
         component = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
-        mean = self._means(component).squeeze(2)
-        std = self._pick(self.log_std, component).squeeze(2).exp()
+        dim = self.weights.dim() - 1
+        mean = self._means(component).squeeze(dim)
+        std = self._pick(self.log_std, component).squeeze(dim).exp()
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + temperature * std * noise
 
     def _pick(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``values [B, N, C, *event]`` at component indices ``index [B, N, k]``."""
-        shape = (*index.shape, *values.shape[3:])
+        """``values [..., C, *event]`` at component indices ``index [..., k]``."""
+        dim = self.weights.dim() - 1
+        shape = (*index.shape, *values.shape[dim + 1 :])
         expanded = index.view(*index.shape, *([1] * self.event_dims)).expand(shape)
-        return values.gather(2, expanded)
+        return values.gather(dim, expanded)
 
     def _means(self, index: torch.Tensor) -> torch.Tensor:
         return self._pick(self.mean, index)

@@ -79,8 +79,9 @@ class LearnedPolicy(BasePolicy):
 
     ``distribution(state)`` gives the distribution of the next action of the agents the
     policy drives; ``act`` samples it at ``temperature`` among the ``top_k`` most likely
-    (``None``: all) with the episode's generator. Trainers call ``distribution`` with
-    gradients on; ``act`` runs without them.
+    (``None``: all) with the episode's generator, without gradients. Whether
+    ``distribution`` carries gradients is the policy's to say (the GMM ego policy's does;
+    the token policy's incremental decoding is inference-only).
 
     A learned policy may keep a cache that follows one rollout (a transformer's keys and
     values, say). It is valid for the state it was last advanced to: acting on any other

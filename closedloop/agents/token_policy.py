@@ -13,6 +13,10 @@ dynamics of its vocabulary (``token_dynamics(vocabulary)``), one token per 0.5 s
 - ``act(state)`` samples it (CAT-K's evaluation setting by default: the 48 most likely
   tokens at temperature 1.0) with the episode's generator.
 
+Rollouts run the model in eval mode and without gradients (the incremental cache is
+inference-only): ``distribution`` here is for acting and scoring; trainers get gradients
+from the model's teacher-forced ``forward`` over the rollout's tokens.
+
 The decoder cache follows one rollout. Acting on a state that is not the cached one or its
 successor (an older state, another branch) raises :class:`SimulationError`; reset from
 that state instead.
@@ -84,7 +88,7 @@ class TokenPolicy(LearnedPolicy):
             )
         super().reset(state, dynamics, generator)
         model, batch, device = self.model, state.batch, state.device
-        model.to(device)
+        model.to(device).eval()  # no dropout in rollouts (and the cache equals the teacher-forced pass)
         self.table, self.sizes = self.table.to(device), self.sizes.to(device)
         t0 = state.t - 2 * TOKEN_STEPS
         window = slice(t0, state.t + 1)

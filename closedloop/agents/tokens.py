@@ -130,6 +130,16 @@ class MotionVocabulary:
         if missing or set(self.chunks) != set(TOKEN_KINDS):
             raise ValueError(f"a motion vocabulary has exactly the kinds {TOKEN_KINDS}, got {sorted(self.chunks)}")
         self.chunks = {k: _check_chunks(k, torch.as_tensor(self.chunks[k])) for k in TOKEN_KINDS}
+        if not isinstance(self.settings, dict):
+            raise ValueError("a motion vocabulary's settings are a JSON object")
+        boxes = self.settings.get("reference_boxes", REFERENCE_BOXES)
+        if not isinstance(boxes, dict) or not all(
+            isinstance(boxes.get(k, REFERENCE_BOXES[k]), (list, tuple))
+            and len(boxes.get(k, REFERENCE_BOXES[k])) == 2
+            and all(isinstance(v, (int, float)) and 0 < v < 100 for v in boxes.get(k, REFERENCE_BOXES[k]))
+            for k in TOKEN_KINDS
+        ):
+            raise ValueError(f"reference_boxes must map each kind to (length, width) in metres, not {boxes!r}")
 
     def sizes(self) -> torch.Tensor:
         """Tokens per kind ``[3]`` (long), in :data:`TOKEN_KINDS` order."""

@@ -21,6 +21,49 @@ from closedloop.agents.tokens import MotionVocabulary
 
 FORMAT, FORMAT_VERSION, METADATA_KEY = "closedloop-smart-weights", 1, "closedloop"
 VOCABULARY_PREFIX = "vocabulary."
+MAX_FILE_BYTES = 2 << 30
+# Config fields and their ranges: a file must not make us build a model of any size it likes.
+INT_RANGES = {
+    "hidden": (8, 4096),
+    "heads": (1, 64),
+    "map_layers": (0, 64),
+    "agent_layers": (1, 64),
+    "ffn_multiplier": (1, 16),
+    "vocab_size": (1, 65536),
+    "kinds": (3, 3),
+    "rel_hidden": (1, 4096),
+    "map_neighbours": (1, 1024),
+    "agent_map_neighbours": (1, 1024),
+    "agent_neighbours": (1, 1024),
+    "token_steps": (1, 50),
+}
+
+
+def _config(values) -> SmartConfig:
+    """A :class:`SmartConfig` from a file's JSON, every field's type and range checked."""
+    if not isinstance(values, dict):
+        raise ValueError("the config is not a JSON object")
+    known = {f.name for f in dataclasses.fields(SmartConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    for name, (low, high) in INT_RANGES.items():
+        value = values.get(name, getattr(SmartConfig, name))
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"config {name}={value!r} is not an integer in [{low}, {high}]")
+    for name in ("map_radius", "agent_map_radius", "agent_radius", "dropout"):
+        value = values.get(name, getattr(SmartConfig, name))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e6:
+            raise ValueError(f"config {name}={value!r} is not a number in [0, 1e6)")
+    span = values.get("time_span")
+    if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 1):
+        raise ValueError(f"config time_span={span!r} is not a positive integer or null")
+    if not isinstance(values.get("motion_embedding", True), bool):
+        raise ValueError("config motion_embedding is not a boolean")
+    config = SmartConfig(**values)
+    if config.hidden % config.heads:
+        raise ValueError(f"config hidden={config.hidden} is not a multiple of heads={config.heads}")
+    return config
 
 
 class WeightsError(ValueError):
@@ -55,6 +98,9 @@ def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
 
     where = str(path)
     try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise WeightsError(f"{where}: {size} bytes, larger than any closedloop model file")
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as err:
@@ -73,8 +119,8 @@ def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
             f"{where}: weights format version {header.get('version')!r}, this closedloop reads {FORMAT_VERSION}"
         )
     try:
-        config = SmartConfig(**header["config"])
-    except (TypeError, KeyError) as err:
+        config = _config(header.get("config"))
+    except (TypeError, ValueError) as err:
         raise WeightsError(f"{where}: the model config does not fit this closedloop: {err}") from None
     chunks = {k[len(VOCABULARY_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(VOCABULARY_PREFIX)}
     try:
@@ -86,7 +132,10 @@ def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
     ]
     if bad:
         raise WeightsError(f"{where}: NaN/inf in the weights {bad[:5]}")
-    model = SmartModel(config, vocabulary=vocabulary.table())
+    try:
+        model = SmartModel(config, vocabulary=vocabulary.table())
+    except (ValueError, RuntimeError) as err:
+        raise WeightsError(f"{where}: cannot build the model it describes: {err}") from None
     expected = {name: value.shape for name, value in model.state_dict().items() if name != "vocabulary"}
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
@@ -97,5 +146,8 @@ def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
     wrong = [f"{n} {list(tensors[n].shape)} (expected {list(s)})" for n, s in expected.items() if tensors[n].shape != s]
     if wrong:
         raise WeightsError(f"{where}: wrong shapes: {', '.join(wrong[:3])}")
-    model.load_state_dict({**tensors, "vocabulary": model.vocabulary}, strict=True)
+    try:
+        model.load_state_dict({**tensors, "vocabulary": model.vocabulary}, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{where}: {err}") from None
     return model.eval(), vocabulary

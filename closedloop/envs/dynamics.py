@@ -31,6 +31,7 @@ from closedloop.constants import DT, token_kind
 from closedloop.envs.errors import SimulationError
 
 X, Y, YAW, VX, VY = range(5)
+INVERSE_BLOCK = 1 << 23  # elements of the token-matching difference computed at once
 
 
 def wrap_angle(angle: torch.Tensor) -> torch.Tensor:
@@ -337,11 +338,18 @@ class Tokens(Dynamics):
         """The token of each agent's vocabulary whose poses lie closest (mean position
         error plus heading error in metres at 1 m per radian) to the target chunk."""
         local = self._trajectory.inverse(state, target)  # [..., k, 3]
-        kind = self._kind(agent_type, local.shape[:-2], state.device)
-        vocab = self._table(state)[kind]  # [..., V, k, 3]
-        diff = local[..., None, :, :] - vocab
-        cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
-        return cost.argmin(-1)
+        batch_shape = local.shape[:-2]
+        kind = self._kind(agent_type, batch_shape, state.device).reshape(-1)
+        local = local.reshape(-1, *local.shape[-2:])
+        table = self._table(state)
+        # In blocks of agents: a [agents, V, k, 3] difference at once would take gigabytes.
+        rows = max(1, INVERSE_BLOCK // (table.shape[1] * table.shape[2] * 3))
+        best = []
+        for start in range(0, local.shape[0], rows):
+            diff = local[start : start + rows, None] - table[kind[start : start + rows]]
+            cost = torch.linalg.norm(diff[..., :2], dim=-1).mean(-1) + wrap_angle(diff[..., 2]).abs().mean(-1)
+            best.append(cost.argmin(-1))
+        return torch.cat(best).view(batch_shape) if best else kind.new_zeros(batch_shape)
 
 
 class Normalized(Dynamics):

@@ -84,6 +84,11 @@ def rollout_scenarios(
     one batch (learned policies run much faster on one batch of 32 copies than on 32
     batches). Each episode hands the policy a ``torch.Generator`` seeded from ``seed``; the
     global torch RNG is seeded the same way for policies that ignore it."""
+    if num_rollouts < 1 or rollouts_together < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_rollouts ({num_rollouts}), rollouts_together ({rollouts_together}) and batch_size ({batch_size}) "
+            "must be positive"
+        )
     policy = _policy(policy)
     seeds = torch.Generator().manual_seed(seed)
     pending: list[Scenario] = []
