@@ -668,12 +668,38 @@ class SmartModel(nn.Module):
             keep = self.config.time_span + 1
             cache.layers = [kv[:, :, -keep + 1 :] for kv in cache.layers]
             poses, steps, valids = poses[:, :, -keep:], steps[-keep:], valids[:, :, -keep:]
-        ctx = self._context(pose.unsqueeze(2), steps_q, valid.unsqueeze(2), poses, steps, valids, cache.map.tokens)
+        # Only agent slots present now in some scenario are decoded: an absent agent is no
+        # key for anyone (masked as invalid) and its logits are not used, so skipping it
+        # changes nothing but the work (absent slots get zero keys and logits).
+        cols = torch.nonzero(valid.any(0)).squeeze(-1)
+        if cols.numel() == N:
+            cols = None
+
+        def present(t: Tensor) -> Tensor:
+            return t if cols is None else t[:, cols]
+
+        ctx = self._context(
+            present(pose).unsqueeze(2),
+            steps_q,
+            present(valid).unsqueeze(2),
+            present(poses),
+            steps,
+            present(valids),
+            cache.map.tokens,
+        )
+        x = present(x)
         layers = []
         for layer, past, kv in zip(self.layers, cache.layers, cache.map_kv):
-            x, past = layer(x, ctx, past, kv)
-            layers.append(past)
+            x, new = layer(x, ctx, present(past), kv)
+            if cols is not None:
+                full = torch.cat([past, past.new_zeros(B, N, 1, past.shape[-1])], dim=2)
+                full[:, cols, -1] = new[:, :, -1]
+                new = full
+            layers.append(new)
+        logits = self._head(x, present(cache.kind))[:, :, 0]
+        if cols is not None:
+            logits = logits.new_zeros(B, N, logits.shape[-1]).index_copy_(1, cols, logits)
         cache.layers, cache.poses, cache.steps, cache.valid = layers, poses, steps, valids
         cache.last_token = token
-        cache.logits = self._head(x, cache.kind)[:, :, 0]
+        cache.logits = logits
         return cache.logits
