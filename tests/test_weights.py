@@ -99,9 +99,9 @@ def test_bad_headers_are_weights_errors(saved, tmp_path, change, match):
 @pytest.mark.parametrize(
     "kind, match",
     [
-        ("garbage", "not a closedloop weights file"),
-        ("pickle", "not a closedloop weights file"),
-        ("missing", "cannot read the weights file"),
+        ("garbage", "not closedloop model weights"),
+        ("pickle", "not closedloop model weights"),
+        ("missing", "cannot read closedloop model weights"),
         ("nan", r"NaN/inf in the weights \['norm.weight'\]"),
         ("drop", r"missing \['norm.weight'\]"),
         ("shape", "wrong shapes: norm.weight \\[7\\]"),
@@ -145,7 +145,7 @@ def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
     proc = _rollout(scenario_file, bad, out)
-    assert proc.returncode == 2 and "bad.safetensors: not a closedloop weights file" in proc.stderr
+    assert proc.returncode == 2 and "bad.safetensors: not closedloop model weights" in proc.stderr
     for extra in (("--num-rollouts", "-1"), ("--rollouts-together", "0")):
         proc = _rollout(scenario_file, path, out, *extra)
         assert proc.returncode == 2 and "expected a positive integer" in proc.stderr

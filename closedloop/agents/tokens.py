@@ -20,7 +20,6 @@ settings that made it as JSON metadata); nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from closedloop.constants import TOKEN_KINDS, TYPE_CYCLIST, TYPE_PEDESTRIAN, TYPE_VEHICLE, token_kind
+from closedloop.safetensors_io import read_safetensors, write_safetensors
 
 TOKEN_STEPS = 5
 # Reference boxes (length, width in metres) for the corner distance, one per kind: a
@@ -164,41 +164,18 @@ class MotionVocabulary:
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically: the chunks as float32 and the settings as
         JSON metadata (byte-identical for identical vocabularies)."""
-        from safetensors.torch import save
-
-        from closedloop._atomic import atomic_write
-
         tensors = {k: self.chunks[k].to(torch.float32).contiguous() for k in TOKEN_KINDS}
         header = {"format": FORMAT, "version": FORMAT_VERSION, "settings": self.settings}
-        data = save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
-        with atomic_write(path) as handle:
-            handle.write(data)
+        write_safetensors(path, tensors, header, METADATA_KEY)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MotionVocabulary:
         """Read a vocabulary saved by :meth:`save`; anything wrong raises
         :class:`VocabularyError` naming the file (never unpickles)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
         where = str(path)
-        try:
-            size = os.path.getsize(path)
-            if size > MAX_FILE_BYTES:
-                raise VocabularyError(f"{where}: {size} bytes, too large for a motion vocabulary")
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as err:
-            raise VocabularyError(f"{where}: cannot read the motion vocabulary ({err.strerror or err})") from None
-        try:
-            tensors = load(data)
-            header = _read_header(data)
-        except (SafetensorError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VocabularyError(
-                f"{where}: not a motion vocabulary (a safetensors file written by `closedloop vocab build`): {err}"
-            ) from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise VocabularyError(f"{where}: a safetensors file, but not a closedloop motion vocabulary")
+        tensors, header = read_safetensors(
+            path, "a motion vocabulary", VocabularyError, MAX_FILE_BYTES, FORMAT, METADATA_KEY
+        )
         if header.get("version") != FORMAT_VERSION:
             raise VocabularyError(
                 f"{where}: motion vocabulary format version {header.get('version')!r}; "
@@ -213,19 +190,6 @@ class MotionVocabulary:
             return cls({k: tensors[k] for k in TOKEN_KINDS}, settings)
         except ValueError as err:
             raise VocabularyError(f"{where}: {err}") from None
-
-
-def _read_header(data: bytes) -> dict:
-    """The JSON metadata of a safetensors byte string (its header is 8 bytes of length, then
-    JSON)."""
-    if len(data) < 8:
-        raise ValueError("file too short")
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    metadata = header.get("__metadata__") or {}
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"no {METADATA_KEY!r} metadata")
-    return json.loads(metadata[METADATA_KEY])
 
 
 def _check_chunks(kind: str, chunks: torch.Tensor) -> torch.Tensor:

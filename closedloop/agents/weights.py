@@ -11,15 +11,15 @@ and RNG state) build on this format.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import torch
 
 from closedloop.agents.smart import SmartConfig, SmartModel
 from closedloop.agents.tokens import MotionVocabulary
+from closedloop.safetensors_io import read_safetensors, write_safetensors
 
-FORMAT, FORMAT_VERSION, METADATA_KEY = "closedloop-smart-weights", 1, "closedloop"
+FORMAT, FORMAT_VERSION = "closedloop-smart-weights", 1
 VOCABULARY_PREFIX = "vocabulary."
 MAX_FILE_BYTES = 2 << 30
 # Config fields and their ranges: a file must not make us build a model of any size it likes.
@@ -72,10 +72,6 @@ class WeightsError(ValueError):
 
 def save_model(model: SmartModel, vocabulary: MotionVocabulary, path: str | os.PathLike) -> None:
     """Write ``model``'s weights, config and ``vocabulary`` to ``path`` (safetensors)."""
-    from safetensors.torch import save
-
-    from closedloop._atomic import atomic_write
-
     tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
     tensors.pop("vocabulary", None)  # stored once, as the vocabulary below
     for kind, chunks in vocabulary.chunks.items():
@@ -86,34 +82,13 @@ def save_model(model: SmartModel, vocabulary: MotionVocabulary, path: str | os.P
         "config": dataclasses.asdict(model.config),
         "vocabulary_settings": vocabulary.settings,
     }
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
-    with atomic_write(path) as handle:
-        handle.write(data)
+    write_safetensors(path, tensors, header)
 
 
 def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
     """The model (in eval mode) and vocabulary saved in ``path``; see the module docstring."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     where = str(path)
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_FILE_BYTES:
-            raise WeightsError(f"{where}: {size} bytes, larger than any closedloop model file")
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        raise WeightsError(f"{where}: cannot read the weights file ({err.strerror or err})") from None
-    try:
-        tensors = load(data)
-        length = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + length].decode("utf-8")).get("__metadata__") or {}
-        header = json.loads(metadata[METADATA_KEY])
-    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{where}: not a closedloop weights file (safetensors from save_model): {err}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise WeightsError(f"{where}: a safetensors file, but not closedloop model weights")
+    tensors, header = read_safetensors(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES, FORMAT)
     if header.get("version") != FORMAT_VERSION:
         raise WeightsError(
             f"{where}: weights format version {header.get('version')!r}, this closedloop reads {FORMAT_VERSION}"
