@@ -1,22 +1,12 @@
 """The command line, run the way a user runs it: as a subprocess."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli import run
 
 from closedloop.data.tfrecord import encode_record, iter_records
-
-
-def run(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "closedloop.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_inspect_json_on_all_real_files(scenario_file):

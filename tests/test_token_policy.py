@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli import run
 
 from closedloop.agents.token_policy import TokenPolicy
 from closedloop.constants import TYPE_PEDESTRIAN
@@ -107,15 +106,6 @@ def test_cached_distribution_equals_a_full_forward_pass(scenes, policy):
     full = logits[:, :, 5].masked_fill(~policy.mask, -float("inf"))
     ctrl = state.controlled
     assert torch.allclose(full[ctrl], cached[ctrl], atol=1e-4)
-
-
-def run(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "closedloop.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_cli_rolls_out_an_untrained_model_and_scores_it(tmp_path, scenario_file):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli import run
 
 from closedloop.agents.smart import SmartModel
 from closedloop.agents.tokens import default_vocabulary
@@ -131,9 +130,7 @@ class _Trap:
 
 
 def _rollout(scenario_file, weights, out, *extra):
-    command = [sys.executable, "-m", "closedloop.cli", "rollout", "--data", str(scenario_file)]
-    command += ["--policy", f"model:{weights}", "--out", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run("rollout", "--data", scenario_file, "--policy", f"model:{weights}", "--out", out, *extra, check=False)
 
 
 def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
@@ -151,23 +148,7 @@ def test_cli_rolls_out_saved_weights(saved, tmp_path, scenario_file):
         assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
     npy = tmp_path / "v.npy"
     np.save(npy, np.zeros((4, 5, 3), np.float32))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "closedloop.cli",
-            "rollout",
-            "--data",
-            str(scenario_file),
-            "--policy",
-            "model:micro",
-            "--vocabulary",
-            str(npy),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run(
+        "rollout", "--data", scenario_file, "--policy", "model:micro", "--vocabulary", npy, "--out", out, check=False
     )
     assert proc.returncode == 2 and "takes a .safetensors motion vocabulary" in proc.stderr
