@@ -25,6 +25,27 @@ def write_safetensors(
         handle.write(data)
 
 
+def read_format(
+    path: str | os.PathLike, what: str, error: type[Exception], max_bytes: int, metadata_key: str = METADATA_KEY
+) -> str | None:
+    """The ``format`` a file's header declares (None if it has none), reading only the
+    header; a file that is not safetensors raises ``error`` naming it."""
+    where = str(path)
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= min(max_bytes, 100 << 20):
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length).decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+        declared = json.loads(metadata[metadata_key]) if metadata_key in metadata else {}
+    except OSError as err:
+        raise error(f"{where}: cannot read {what} ({err.strerror or err})") from None
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError) as err:
+        raise error(f"{where}: not {what} (a closedloop safetensors file): {err}") from None
+    return declared.get("format") if isinstance(declared, dict) else None
+
+
 def read_safetensors(
     path: str | os.PathLike,
     what: str,

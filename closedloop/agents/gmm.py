@@ -37,6 +37,7 @@ class GMMEgoModel(nn.Module):
     ):
         super().__init__()
         self.observation, self.components, self.chunk = observation, components, chunk
+        self.hidden, self.layers = hidden, layers
         blocks: list[nn.Module] = []
         width = observation.size
         for _ in range(layers):
@@ -55,13 +56,21 @@ class GMMEgoModel(nn.Module):
 
 
 class GMMEgoPolicy(LearnedPolicy):
-    """Drives the SDC with a :class:`GMMEgoModel` through the ``trajectory`` dynamics (the
-    other agents' actions are zeros: let the env's log or sim-agent policy move them).
-    ``distribution(state)`` is over the SDC of each scenario: ``[B, 1]``."""
+    """Drives the SDC with a :class:`GMMEgoModel` through the ``trajectory`` dynamics; the
+    other controlled agents follow the log (expert actions), so as a sim agent in
+    ``closedloop rollout`` / ``evaluate`` it is an ego planner among logged traffic (in an
+    env with ``others=policy`` the env drives them instead). ``distribution(state)`` is over
+    the SDC of each scenario: ``[B, 1]``."""
 
     def __init__(self, model: GMMEgoModel, temperature: float = 1.0, top_k: int | None = None):
         self.model, self.temperature, self.top_k = model, temperature, top_k
         self.observer = Observer(model.observation)
+
+    def make_dynamics(self) -> Dynamics:
+        """The dynamics this policy's actions are for."""
+        from closedloop.envs.dynamics import make_dynamics
+
+        return make_dynamics("trajectory", chunk=self.model.chunk)
 
     def reset(self, state: SimState, dynamics: Dynamics, generator: torch.Generator | None = None) -> None:
         if dynamics.name != "trajectory" or dynamics.chunk != self.model.chunk:
@@ -80,8 +89,10 @@ class GMMEgoPolicy(LearnedPolicy):
         return self.model(self.observer(state, self.sdc))
 
     def to_actions(self, state: SimState, sample: torch.Tensor) -> torch.Tensor:
-        B, N = state.controlled.shape
-        actions = torch.zeros(B, N, *sample.shape[2:], device=sample.device, dtype=sample.dtype)
+        from closedloop.envs.env import expert_targets
+
+        actions = self.dynamics.inverse(state.current, expert_targets(state, self.model.chunk), state.batch.agent_type)
+        actions = actions.to(sample.dtype)
         return actions.scatter(1, self.sdc.view(B, 1, 1, 1).expand(-1, -1, *sample.shape[2:]), sample)
 
     def target(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,30 +120,38 @@ def as_policy(obj: Any) -> Policy:
     )
 
 
-def load_policy(spec: str, seed: int = 0, vocabulary=None) -> Policy:
+def load_policy(
+    spec: str, seed: int = 0, vocabulary=None, top_k: int | None = 48, temperature: float = 1.0
+) -> Policy:
     """A baseline by name (``log``, ``expert``, ``constant_velocity``, ``idm``); an untrained
     tokenized traffic model ``model:SIZE`` (``tiny``, ``mini``, ``nano``, ``micro``: random
-    weights from ``seed``, the default vocabulary unless ``vocabulary`` is given); or user
+    weights from ``seed``, the default vocabulary unless ``vocabulary`` is given); a weights
+    file ``model:FILE.safetensors``; a training run's checkpoint ``ckpt:RUN_DIR`` (its
+    latest) or ``ckpt:RUN_DIR/FILE`` (see :mod:`closedloop.trainers.checkpoint`); or user
     code: ``module:attr``, ``path/to/file.py:attr`` or an entry point of
     ``closedloop.policies`` (see :func:`closedloop.plugins.load_object`), made a policy by
-    :func:`as_policy`."""
+    :func:`as_policy`. Learned policies sample the ``top_k`` most likely actions at
+    ``temperature`` (CAT-K's evaluation setting by default)."""
     from closedloop.agents.baselines import POLICIES
     from closedloop.plugins import PluginError, load_object
 
     if spec in POLICIES:
         return POLICIES[spec]()
-    if spec.startswith("model:"):
+    sampling = {"top_k": top_k, "temperature": temperature}
+    if spec.startswith(("model:", "ckpt:")):
         from closedloop.agents.token_policy import TokenPolicy
+        from closedloop.agents.weights import policy_from_weights
 
-        name = spec.split(":", 1)[1]
-        if name.endswith(".safetensors"):  # trained weights (closedloop.agents.weights)
-            from closedloop.agents.weights import load_model
-
-            model, saved = load_model(name)
+        kind, name = spec.split(":", 1)
+        if kind == "ckpt" or name.endswith(".safetensors"):  # trained weights (closedloop.agents.weights)
             if vocabulary is not None:
-                raise ValueError(f"{name} brings its own vocabulary: leave out --vocabulary")
-            return TokenPolicy(model, saved)
-        return TokenPolicy.untrained(name, vocabulary=vocabulary, seed=seed)
+                raise ValueError(f"{spec} brings its own vocabulary: leave out --vocabulary")
+            if kind == "ckpt":
+                from closedloop.trainers.checkpoint import resolve_weights
+
+                name = resolve_weights(name)
+            return policy_from_weights(name, **sampling)
+        return TokenPolicy.untrained(name, vocabulary=vocabulary, seed=seed, **sampling)
     try:
         return as_policy(load_object(spec, group="closedloop.policies"))
     except PluginError as err:

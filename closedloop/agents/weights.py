@@ -2,7 +2,8 @@
 trained with) in the metadata, so a file alone rebuilds the policy.
 
 ``save_model(model, vocabulary, path)`` writes atomically; ``load_model(path)`` returns the
-model and its :class:`MotionVocabulary`. Nothing is unpickled; a missing, foreign,
+model and its :class:`MotionVocabulary`. ``save_gmm`` / ``load_gmm`` do the same for the
+GMM ego model, and ``policy_from_weights(path)`` builds the policy either file describes. Nothing is unpickled; a missing, foreign,
 truncated or damaged file, unknown or missing tensors, wrong shapes and NaN/inf weights
 raise :class:`WeightsError` naming the file. The trainers' checkpoints (weights, optimizer
 and RNG state) build on this format.
@@ -15,11 +16,14 @@ import os
 
 import torch
 
+from closedloop.agents.gmm import GMMEgoModel
 from closedloop.agents.smart import SmartConfig, SmartModel
 from closedloop.agents.tokens import MotionVocabulary
-from closedloop.safetensors_io import read_safetensors, write_safetensors
+from closedloop.envs.observation import ObservationConfig
+from closedloop.safetensors_io import read_format, read_safetensors, write_safetensors
 
 FORMAT, FORMAT_VERSION = "closedloop-smart-weights", 1
+GMM_FORMAT = "closedloop-gmm-weights"
 VOCABULARY_PREFIX = "vocabulary."
 MAX_FILE_BYTES = 2 << 30
 # Config fields and their ranges: a file must not make us build a model of any size it likes.
@@ -126,3 +130,84 @@ def load_model(path: str | os.PathLike) -> tuple[SmartModel, MotionVocabulary]:
     except RuntimeError as err:
         raise WeightsError(f"{where}: {err}") from None
     return model.eval(), vocabulary
+
+
+# Sizes a GMM file may ask for: (low, high) of each integer.
+GMM_RANGES = {"components": (1, 256), "chunk": (1, 50), "hidden": (1, 8192), "layers": (1, 64)}
+OBSERVATION_RANGES = {"num_agents": (0, 256), "num_road_points": (0, 4096), "num_lights": (0, 256)}
+
+
+def gmm_config(model: GMMEgoModel) -> dict:
+    """The constructor arguments of ``model`` as JSON."""
+    return {
+        "observation": dataclasses.asdict(model.observation),
+        "components": model.components,
+        "chunk": model.chunk,
+        "hidden": model.hidden,
+        "layers": model.layers,
+    }
+
+
+def build_gmm(config: dict) -> GMMEgoModel:
+    """A :class:`GMMEgoModel` from :func:`gmm_config`'s JSON, every size checked."""
+    if not isinstance(config, dict) or not isinstance(config.get("observation"), dict):
+        raise ValueError("the config is not a JSON object with an observation")
+    observation = dict(config["observation"])
+    for values, ranges in ((config, GMM_RANGES), (observation, OBSERVATION_RANGES)):
+        for name, (low, high) in ranges.items():
+            value = values.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"config {name}={value!r} is not an integer in [{low}, {high}]")
+    known = {f.name for f in dataclasses.fields(ObservationConfig)}
+    if set(observation) - known:
+        raise ValueError(f"unknown observation fields {sorted(set(observation) - known)}")
+    args = {name: config[name] for name in GMM_RANGES}
+    return GMMEgoModel(ObservationConfig(**observation), **args)
+
+
+def save_gmm(model: GMMEgoModel, path: str | os.PathLike) -> None:
+    """Write a GMM ego model's weights and config to ``path`` (safetensors)."""
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    write_safetensors(path, tensors, {"format": GMM_FORMAT, "version": FORMAT_VERSION, "config": gmm_config(model)})
+
+
+def load_gmm(path: str | os.PathLike) -> GMMEgoModel:
+    """The GMM ego model (eval mode) saved in ``path``; bad files raise :class:`WeightsError`."""
+    where = str(path)
+    tensors, header = read_safetensors(path, "closedloop GMM weights", WeightsError, MAX_FILE_BYTES, GMM_FORMAT)
+    if header.get("version") != FORMAT_VERSION:
+        raise WeightsError(f"{where}: GMM weights version {header.get('version')!r}, this closedloop reads 1")
+    try:
+        model = build_gmm(header.get("config"))
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{where}: the GMM config does not fit this closedloop: {err}") from None
+    _load_state(model, tensors, where)
+    return model.eval()
+
+
+def _load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise WeightsError(f"{where}: weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    wrong = [f"{n} {list(tensors[n].shape)} (expected {list(v.shape)})" for n, v in expected.items()]
+    wrong = [w for n, w in zip(expected, wrong) if tensors[n].shape != expected[n].shape]
+    if wrong:
+        raise WeightsError(f"{where}: wrong shapes: {', '.join(wrong[:3])}")
+    bad = [n for n, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"{where}: NaN/inf in the weights {bad[:5]}")
+    model.load_state_dict(tensors, strict=True)
+
+
+def policy_from_weights(path: str | os.PathLike, top_k: int | None = 48, temperature: float = 1.0):
+    """The sim-agent policy a weights file describes: a :class:`TokenPolicy` for tokenized
+    model weights, a :class:`GMMEgoPolicy` for GMM ego weights."""
+    from closedloop.agents.gmm import GMMEgoPolicy
+    from closedloop.agents.token_policy import TokenPolicy
+
+    kind = read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES)
+    if kind == GMM_FORMAT:
+        return GMMEgoPolicy(load_gmm(path), temperature=temperature, top_k=top_k)
+    model, vocabulary = load_model(path)
+    return TokenPolicy(model, vocabulary, temperature=temperature, top_k=top_k)

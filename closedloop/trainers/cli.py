@@ -1,0 +1,124 @@
+"""``closedloop train ...``: the trainers' command line (registered by :mod:`closedloop.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+# Flags that may change when a run is resumed; every other setting comes from config.json.
+RESUME_OVERRIDES = ("steps", "time_budget", "device", "quiet", "eval_every", "checkpoint_every")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    """Add ``train`` and its objectives to the ``closedloop`` sub-commands."""
+    from closedloop.trainers.loop import MODELS
+
+    p = sub.add_parser("train", help="train a policy: behaviour cloning (bc)")
+    objectives = p.add_subparsers(dest="objective", required=True)
+    p = objectives.add_parser(
+        "bc",
+        help="behaviour cloning: teacher forcing on tokenized logs (token models) or NLL (gmm-ego)",
+        description="Pre-train by behaviour cloning. Launch with torchrun --nproc-per-node K -m closedloop.cli "
+        "train bc ... for DDP (NCCL on GPUs, gloo on CPU).",
+    )
+    p.add_argument("--data", nargs="+", help="TFRecord files, directories or globs, or a prepare cache directory")
+    p.add_argument("--model", choices=MODELS, default=None, help="default micro (with --init: the checkpoint's)")
+    p.add_argument("--out", help="the run directory (config.json, checkpoints/, tb/)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1000)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="stop cleanly after this")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="global batch (8 scenarios; gmm-ego 256)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (5e-4; gmm-ego 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--vocabulary", help="a motion vocabulary .safetensors (default: the shipped one)")
+    p.add_argument("--eval-data", nargs="+", help="held-out scenarios for closed-loop evaluation")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
+    p.add_argument("--eval-scenarios", type=_positive_int, default=16)
+    p.add_argument("--eval-rollouts", type=_positive_int, default=8)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps (default 500)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or RUN_DIR/FILE)")
+    p.add_argument("--init", metavar="RUN_DIR", help="start from a checkpoint's weights, fresh optimizer and schedule")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`TrainConfig` of a fresh run, or of the run ``--resume`` continues."""
+    from closedloop.trainers import checkpoint as ckpt
+    from closedloop.trainers.loop import TrainConfig
+
+    given = {
+        "data": args.data,
+        "model": args.model,
+        "out": args.out,
+        "objective": args.objective,
+        "steps": args.steps,
+        "time_budget": args.time_budget,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": args.warmup_steps,
+        "grad_clip": args.grad_clip,
+        "label_smoothing": args.label_smoothing,
+        "seed": args.seed,
+        "device": args.device,
+        "vocabulary": args.vocabulary,
+        "init": args.init,
+        "eval_data": args.eval_data,
+        "eval_every": args.eval_every,
+        "eval_scenarios": args.eval_scenarios,
+        "eval_rollouts": args.eval_rollouts,
+        "checkpoint_every": args.checkpoint_every,
+        "quiet": args.quiet,
+        "command": ["closedloop", *sys.argv[1:]],
+    }
+    if args.resume:
+        saved = ckpt.read_run_config(_run_dir(args.resume))["args"]
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in saved.items() if k in fields}
+        values.update({k: given[k] for k in RESUME_OVERRIDES if given[k] not in (None, False)})
+        values["command"] = given["command"]
+        values["out"] = str(_run_dir(args.resume))
+        return TrainConfig(**values)
+    missing = [flag for flag, key in (("--data", "data"), ("--out", "out")) if not given[key]]
+    if missing:
+        raise ValueError(f"train {args.objective} needs {' and '.join(missing)} (or --resume RUN_DIR)")
+    if args.init:
+        from closedloop.trainers.loop import init_model_name
+
+        found = init_model_name(args.init)
+        if args.model is not None and args.model != found:
+            raise ValueError(f"--init {args.init} holds a {found} model, not {args.model}: leave out --model")
+        given["model"] = found
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _run_dir(resume: str):
+    from pathlib import Path
+
+    path = Path(resume)
+    return path if path.is_dir() else path.parent.parent  # RUN_DIR/checkpoints/FILE
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from closedloop.trainers.loop import train
+
+    config = config_from_args(args)
+    run_dir = train(config, resume=args.resume)
+    print(f"trained {config.objective} ({config.model}) in {run_dir}: closedloop rollout --policy ckpt:{run_dir} ...")
+    return 0
