@@ -93,7 +93,7 @@ class GMMEgoPolicy(LearnedPolicy):
 
         actions = self.dynamics.inverse(state.current, expert_targets(state, self.model.chunk), state.batch.agent_type)
         actions = actions.to(sample.dtype)
-        return actions.scatter(1, self.sdc.view(B, 1, 1, 1).expand(-1, -1, *sample.shape[2:]), sample)
+        return actions.scatter(1, self.sdc.view(-1, 1, 1, 1).expand(-1, -1, *sample.shape[2:]), sample)
 
     def target(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
         """The logged next chunk of each SDC in its own frame ``[B, 1, chunk, 3]`` (the

@@ -3,10 +3,11 @@ trained with) in the metadata, so a file alone rebuilds the policy.
 
 ``save_model(model, vocabulary, path)`` writes atomically; ``load_model(path)`` returns the
 model and its :class:`MotionVocabulary`. ``save_gmm`` / ``load_gmm`` do the same for the
-GMM ego model, and ``policy_from_weights(path)`` builds the policy either file describes. Nothing is unpickled; a missing, foreign,
-truncated or damaged file, unknown or missing tensors, wrong shapes and NaN/inf weights
-raise :class:`WeightsError` naming the file. The trainers' checkpoints (weights, optimizer
-and RNG state) build on this format.
+GMM ego model, and ``policy_from_weights(path)`` builds the policy either file describes.
+Nothing is unpickled; a missing, foreign, truncated or damaged file, unknown or missing
+tensors, wrong shapes and NaN/inf weights raise :class:`WeightsError` naming the file.
+The trainers' checkpoints (:mod:`closedloop.trainers.checkpoint`) store their weights in
+these files.
 """
 
 from __future__ import annotations

@@ -111,7 +111,11 @@ def config_from_args(args: argparse.Namespace):
 def _run_dir(resume: str):
     from pathlib import Path
 
+    from closedloop.trainers.checkpoint import CheckpointError
+
     path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such run directory or checkpoint file")
     return path if path.is_dir() else path.parent.parent  # RUN_DIR/checkpoints/FILE
 
 

@@ -220,9 +220,14 @@ def forward_backward(net, objective, batch, dist: Distributed, step: int = 0):
 def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Train as ``config`` says (see the module docstring); returns the run directory."""
     dist = setup(config.device)
+    # Gradients of embedding lookups are summed in a thread-dependent order on CPU unless
+    # deterministic algorithms are asked for: the price of a bit-exact resume (small).
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(dist.device.type == "cpu" or deterministic, warn_only=True)
     try:
         return _train(config, dist, resume)
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         teardown()
 
 
