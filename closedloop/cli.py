@@ -163,6 +163,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _top_k(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: no top-k), not {value}")
+    return value or None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -181,15 +201,15 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_rollout(args: argparse.Namespace) -> int:
+def _policy_and_dynamics(args: argparse.Namespace):
+    """``(policy, dynamics, rollouts_together)`` from the policy flags that ``rollout`` and
+    ``evaluate`` share: ``--policy``, ``--dynamics``, ``--vocabulary``, ``--chunk``,
+    ``--seed``, ``--top-k``, ``--temperature``, ``--num-rollouts``, ``--rollouts-together``."""
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from closedloop.agents.policy import load_policy
-    from closedloop.data.womd import read_scenarios
     from closedloop.envs.dynamics import make_dynamics
-    from closedloop.envs.rollout import rollout_scenarios, write_rollouts
 
     vocabulary, motion_vocabulary = None, None
     if args.vocabulary and args.vocabulary.endswith(".safetensors"):
@@ -201,16 +221,25 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         vocabulary = torch.from_numpy(np.load(args.vocabulary, allow_pickle=False)).float()
     if args.policy.startswith("model:") and vocabulary is not None and motion_vocabulary is None:
         raise ValueError(f"--policy {args.policy} takes a .safetensors motion vocabulary, not {args.vocabulary}")
-    scenarios = list(read_scenarios(args.data))
-    policy = load_policy(args.policy, seed=args.seed, vocabulary=motion_vocabulary)
+    policy = load_policy(
+        args.policy, seed=args.seed, vocabulary=motion_vocabulary, top_k=args.top_k, temperature=args.temperature
+    )
     if hasattr(policy, "make_dynamics"):  # a learned policy brings the dynamics its actions are for
         if args.dynamics is not None:
             raise ValueError(f"--policy {args.policy} drives its own dynamics: leave out --dynamics")
-        dynamics = policy.make_dynamics()
-        together = args.rollouts_together or args.num_rollouts
-    else:
-        dynamics = make_dynamics(args.dynamics or "delta_global", vocabulary=vocabulary, chunk=args.chunk)
-        together = args.rollouts_together or 1
+        return policy, policy.make_dynamics(), args.rollouts_together or args.num_rollouts
+    dynamics = make_dynamics(args.dynamics or "delta_global", vocabulary=vocabulary, chunk=args.chunk)
+    return policy, dynamics, args.rollouts_together or 1
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from closedloop.data.womd import read_scenarios
+    from closedloop.envs.rollout import rollout_scenarios, write_rollouts
+
+    policy, dynamics, together = _policy_and_dynamics(args)
+    scenarios = list(read_scenarios(args.data))
     results = rollout_scenarios(
         scenarios,
         policy,
@@ -230,6 +259,75 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
         f"dynamics {dynamics.name}) to {args.out} in {time.perf_counter() - start:.1f} s"
     )
+    return 0
+
+
+EVALUATE_COLUMNS = (
+    ("metametric", "metametric"),
+    ("min_average_displacement_error", "minADE"),
+    ("kinematic", "kinematic"),
+    ("interactive", "interactive"),
+    ("map_based", "map_based"),
+    ("collision_rate", "collision"),
+    ("offroad_rate", "offroad"),
+    ("red_light_rate", "red_light"),
+)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from closedloop.data.womd import read_scenarios
+    from closedloop.evaluate import RATES, RESULT_FILE, evaluate_policy
+    from closedloop.metrics.config import FIELDS
+
+    policy, dynamics, together = _policy_and_dynamics(args)
+    scenarios = list(read_scenarios(args.data))
+    if not scenarios:
+        raise ValueError(f"no scenarios in {' '.join(args.data)}")
+
+    def show(row: dict) -> None:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(
+                f"{row['scenario_id']:<18}" + "".join(f"{row[key]:>12.4f}" for key, _ in EVALUATE_COLUMNS), flush=True
+            )
+
+    if not args.json:
+        print(f"{'scenario_id':<18}" + "".join(f"{title:>12}" for _, title in EVALUATE_COLUMNS), flush=True)
+    start = time.perf_counter()
+    result = evaluate_policy(
+        scenarios,
+        policy,
+        dynamics,
+        num_rollouts=args.num_rollouts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        rollouts_together=together,
+        config=args.config,
+        out=args.out,
+        progress=not args.quiet,
+        settings={"policy": args.policy, "top_k": args.top_k, "temperature": args.temperature},
+        on_scenario=show,
+    )
+    total = result["all"]
+    if args.json:
+        print(json.dumps(total), flush=True)
+        return 0
+    print(
+        f"\nWOSAC {args.config} metrics of {args.policy} (dynamics {dynamics.name}, {args.num_rollouts} rollouts, "
+        f"seed {args.seed}), mean over {len(result['scenarios'])} scenarios:"
+    )
+    for name in (*FIELDS, "kinematic", "interactive", "map_based"):
+        print(f"  {name:<40}{total[name]:>10.4f}")
+    print("events of the policy's agents, fraction of (agent, rollout) pairs with at least one, over all scenarios:")
+    for name in RATES.values():
+        print(f"  {name:<40}{total[name]:>10.4f}")
+    if args.out:
+        print(
+            f"wrote {len(result['scenarios'])} rollout files and {RESULT_FILE} to {args.out} "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
     return 0
 
 
@@ -367,38 +465,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     from closedloop.envs.dynamics import DYNAMICS
 
+    def policy_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
+        p.add_argument(
+            "--policy",
+            default="expert",
+            metavar="NAME|model:SIZE|model:FILE|ckpt:RUN|module:attr|file.py:attr",
+            help="log, expert, constant_velocity, idm; model:tiny|mini|nano|micro (an untrained tokenized model, "
+            "weights from --seed); model:FILE.safetensors (trained weights); ckpt:RUN_DIR (a training run's "
+            "latest checkpoint); or your policy: module:attr, path/to/file.py:attr or an entry point of "
+            "closedloop.policies (default expert)",
+        )
+        p.add_argument(
+            "--dynamics", choices=DYNAMICS, default=None, help="default delta_global; learned policies bring their own"
+        )
+        p.add_argument("--num-rollouts", type=_positive_int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--top-k",
+            type=_top_k,
+            default=48,
+            help="learned policies sample among the K most likely actions (default 48; 0: all of them)",
+        )
+        p.add_argument(
+            "--temperature", type=_positive_float, default=1.0, help="learned policies' sampling temperature"
+        )
+        p.add_argument("--batch-size", type=_positive_int, default=8, help="scenarios simulated together")
+        p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
+        p.add_argument(
+            "--vocabulary",
+            help="a motion vocabulary (.safetensors, from closedloop vocab build) for --dynamics tokens or model: "
+            "policies, or a .npy array [V, k, 3]",
+        )
+        p.add_argument(
+            "--rollouts-together",
+            type=_positive_int,
+            default=None,
+            help="rollouts of a scenario simulated in one batch (default: 1, all of them for learned policies)",
+        )
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("rollout", help="roll a policy out and write rollout files")
-    p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
-    p.add_argument(
-        "--policy",
-        default="expert",
-        metavar="NAME|model:SIZE|module:attr|file.py:attr",
-        help="log, expert, constant_velocity, idm; model:tiny|mini|nano|micro (an untrained tokenized model, "
-        "weights from --seed); or your policy: module:attr, path/to/file.py:attr or an entry point of "
-        "closedloop.policies (default expert)",
-    )
-    p.add_argument(
-        "--dynamics", choices=DYNAMICS, default=None, help="default delta_global; model: policies bring their own"
-    )
-    p.add_argument("--num-rollouts", type=_positive_int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    policy_flags(p)
     p.add_argument("--out", required=True, help="directory for <scenario_id>.npz files")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="scenarios simulated together")
-    p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
-    p.add_argument(
-        "--vocabulary",
-        help="a motion vocabulary (.safetensors, from closedloop vocab build) for --dynamics tokens or model: "
-        "policies, or a .npy array [V, k, 3]",
-    )
-    p.add_argument(
-        "--rollouts-together",
-        type=_positive_int,
-        default=None,
-        help="rollouts of a scenario simulated in one batch (default: 1, all of them for model: policies)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser(
+        "evaluate", help="roll a policy out and score it: WOSAC metrics and collision/off-road/red-light rates"
+    )
+    policy_flags(p)
+    p.add_argument("--config", choices=("2025", "2024"), default="2025", help="the WOSAC metrics config")
+    p.add_argument("--json", action="store_true", help="one JSON object per scenario, then ALL")
+    p.add_argument("--out", help="also write <scenario_id>.npz rollout files and evaluation.json here")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("model-info", help="the size of a tokenized traffic model")
     p.add_argument("--model", required=True, help="tiny, mini, nano or micro")
@@ -468,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
     p.add_argument("--json", action="store_true", help="one JSON object: per kind agents, mean and p95 (m)")
     p.set_defaults(func=_cmd_vocab_eval)
+
+    from closedloop.trainers.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

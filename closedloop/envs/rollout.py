@@ -31,16 +31,44 @@ def _check_chunks(state: SimState, dynamics: Dynamics) -> None:
         )
 
 
+EVENTS = ("collision", "offroad", "red_light")
+"""The events of :mod:`closedloop.envs.events` that rollouts can flag per agent."""
+
+
+def _episode(
+    state: SimState, policy, dynamics: Dynamics, generator: torch.Generator | None, events: bool
+) -> tuple[SimState, dict[str, torch.Tensor] | None]:
+    """Step ``policy`` to the end; with ``events``, also which agents ``[B, N]`` had each of
+    :data:`EVENTS` at least once (the env core's own events, ORed over the transitions)."""
+    _check_chunks(state, dynamics)
+    env = EnvCore(state, EnvConfig(dynamics), track_events=events)
+    policy = _policy(policy)
+    policy.reset(state, dynamics, generator)
+    flags = {key: torch.zeros_like(state.controlled) for key in EVENTS} if events else None
+    while not env.done:
+        transition = env.step(policy.act(env.state))
+        if flags is not None:
+            for key in EVENTS:
+                flags[key] |= transition.events[key]
+    return env.state, flags
+
+
 def run_episode(state: SimState, policy, dynamics: Dynamics, generator: torch.Generator | None = None) -> SimState:
     """Step ``policy`` (see :mod:`closedloop.agents.policy`) from ``state`` to the end of the
     scenarios (step 90); returns the final state."""
-    _check_chunks(state, dynamics)
-    env = EnvCore(state, EnvConfig(dynamics), track_events=False)
-    policy = _policy(policy)
-    policy.reset(state, dynamics, generator)
-    while not env.done:
-        env.step(policy.act(env.state))
-    return env.state
+    return _episode(state, policy, dynamics, generator, events=False)[0]
+
+
+def episode_events(
+    state: SimState, policy, dynamics: Dynamics, generator: torch.Generator | None = None
+) -> tuple[SimState, dict[str, torch.Tensor]]:
+    """Step ``policy`` to the end; returns the final state and, for each of :data:`EVENTS`,
+    a ``[B, N]`` bool tensor of the agents that had that event at least once (at the steps
+    the env core checks: collision and off-road after each action, i.e. every
+    ``dynamics.chunk`` steps, red lights at every step). Mask it with ``state.controlled``
+    for the agents the policy drove."""
+    final, flags = _episode(state, policy, dynamics, generator, events=True)
+    return final, flags
 
 
 def count_events(
@@ -76,9 +104,15 @@ def rollout_scenarios(
     device: str = "cpu",
     seed: int = 0,
     rollouts_together: int = 1,
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    events: bool = False,
+) -> Iterator[tuple]:
     """Yield ``(scenario_id, object_ids [A], trajectories [R, A, 80, 4])`` per scenario,
     the WOSAC objects (valid at step 10) controlled by ``policy``, in track order.
+
+    With ``events``, yield ``(scenario_id, object_ids, trajectories, flags)`` where ``flags``
+    maps each of :data:`EVENTS` to a bool array ``[R, A]``: whether that object had the
+    event at least once in that rollout (see :func:`episode_events`). The trajectories are
+    the same either way.
 
     ``batch_size`` scenarios are simulated together, each ``rollouts_together`` times in
     one batch (learned policies run much faster on one batch of 32 copies than on 32
@@ -94,25 +128,33 @@ def rollout_scenarios(
     pending: list[Scenario] = []
 
     def flush():
-        runs = []
+        runs, run_flags = [], []
+        B = len(pending)
         scenes = collate_scenarios(pending).to(device)
         for first in range(0, num_rollouts, rollouts_together):
             copies = min(rollouts_together, num_rollouts - first)
-            batch = select_scenarios(scenes, list(range(len(pending))) * copies) if copies > 1 else scenes
+            batch = select_scenarios(scenes, list(range(B)) * copies) if copies > 1 else scenes
             rollout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeds))
             torch.manual_seed(rollout_seed)
             generator = torch.Generator(device=device).manual_seed(rollout_seed)
-            final = run_episode(reset(batch), policy, dynamics, generator)
+            final, flags = _episode(reset(batch), policy, dynamics, generator, events)
             cur = batch.current_time_index
             traj = global_trajectories(final, cur + 1, final.num_steps).cpu()  # [copies * B, N, 80, 4]
-            runs.extend(traj.view(copies, len(pending), *traj.shape[1:]).unbind(0))
+            runs.extend(traj.view(copies, B, *traj.shape[1:]).unbind(0))
+            if events:  # [copies * B, N] per event -> copies x [E, B, N]
+                stacked = torch.stack([flags[key] & final.controlled for key in EVENTS]).cpu()
+                run_flags.extend(stacked.view(len(EVENTS), copies, B, -1).unbind(1))
         traj = torch.stack(runs, dim=1)  # [B, R, N, 80, 4]
-        batch = scenes
+        flags = torch.stack(run_flags, dim=2).numpy() if events else None  # [E, B, R, N]
         controlled = final.controlled.cpu()
         for b, scenario in enumerate(pending):
             agents = torch.nonzero(controlled[b]).squeeze(-1)
-            ids = batch.agent_id[b, agents].cpu().numpy()
-            yield scenario.scenario_id, ids, traj[b][:, agents].numpy().astype(np.float32)
+            ids = scenes.agent_id[b, agents].cpu().numpy()
+            result = (scenario.scenario_id, ids, traj[b][:, agents].numpy().astype(np.float32))
+            if events:
+                cols = agents.numpy()
+                result += ({key: flags[e, b][:, cols] for e, key in enumerate(EVENTS)},)
+            yield result
         pending.clear()
 
     for scenario in scenarios:
