@@ -120,9 +120,7 @@ def as_policy(obj: Any) -> Policy:
     )
 
 
-def load_policy(
-    spec: str, seed: int = 0, vocabulary=None, top_k: int | None = 48, temperature: float = 1.0
-) -> Policy:
+def load_policy(spec: str, seed: int = 0, vocabulary=None, top_k: int | None = 48, temperature: float = 1.0) -> Policy:
     """A baseline by name (``log``, ``expert``, ``constant_velocity``, ``idm``); an untrained
     tokenized traffic model ``model:SIZE`` (``tiny``, ``mini``, ``nano``, ``micro``: random
     weights from ``seed``, the default vocabulary unless ``vocabulary`` is given); a weights
