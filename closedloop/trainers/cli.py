@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     """Add ``train`` and its objectives to the ``closedloop`` sub-commands."""
     from closedloop.trainers.loop import MODELS
 
-    p = sub.add_parser("train", help="train a policy: behaviour cloning (bc)")
+    p = sub.add_parser("train", help="train a policy: behaviour cloning (bc), CAT-K fine-tuning (catk)")
     objectives = p.add_subparsers(dest="objective", required=True)
     p = objectives.add_parser(
         "bc",
@@ -32,8 +32,30 @@ def add_parser(sub) -> None:
         description="Pre-train by behaviour cloning. Launch with torchrun --nproc-per-node K -m closedloop.cli "
         "train bc ... for DDP (NCCL on GPUs, gloo on CPU).",
     )
+    _common_flags(p, MODELS)
+    p = objectives.add_parser(
+        "catk",
+        help="CAT-K: closed-loop supervised fine-tuning of a token model from a BC checkpoint (--init)",
+        description="Fine-tune on a fresh CAT-K-guided closed-loop rollout per batch: execute the top-K token "
+        "nearest the log, learn the recovery token. Needs --init (a BC run or weights) or --resume.",
+    )
+    _common_flags(p, MODELS)
+    p.add_argument("--k", type=_positive_int, default=32, help="top-K candidates per agent (default 32)")
+    p.add_argument(
+        "--rollout-temperature",
+        type=float,
+        default=1e-5,
+        help="sampling among the top-K for agents without a logged next pose (default 1e-5: the most likely)",
+    )
+    p.add_argument(
+        "--freeze-encoder", action="store_true", help="freeze the map encoder and the token embeddings (CAT-K)"
+    )
+
+
+def _common_flags(p: argparse.ArgumentParser, models) -> None:
+    """The flags every trainer takes."""
     p.add_argument("--data", nargs="+", help="TFRecord files, directories or globs, or a prepare cache directory")
-    p.add_argument("--model", choices=MODELS, default=None, help="default micro (with --init: the checkpoint's)")
+    p.add_argument("--model", choices=models, default=None, help="default micro (with --init: the checkpoint's)")
     p.add_argument("--out", help="the run directory (config.json, checkpoints/, tb/)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1000)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="stop cleanly after this")
@@ -85,6 +107,9 @@ def config_from_args(args: argparse.Namespace):
         "eval_rollouts": args.eval_rollouts,
         "checkpoint_every": args.checkpoint_every,
         "quiet": args.quiet,
+        "k": getattr(args, "k", None),
+        "rollout_temperature": getattr(args, "rollout_temperature", None),
+        "freeze_encoder": getattr(args, "freeze_encoder", None) or None,
         "command": ["closedloop", *sys.argv[1:]],
     }
     if args.resume:
@@ -96,6 +121,8 @@ def config_from_args(args: argparse.Namespace):
         values["out"] = str(_run_dir(args.resume))
         return TrainConfig(**values)
     missing = [flag for flag, key in (("--data", "data"), ("--out", "out")) if not given[key]]
+    if args.objective != "bc" and not args.init:
+        missing.append("--init (a BC run directory or weights file)")
     if missing:
         raise ValueError(f"train {args.objective} needs {' and '.join(missing)} (or --resume RUN_DIR)")
     if args.init:

@@ -14,6 +14,7 @@ cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ def load_scenarios(
 class TokenExample:
     """One scenario for teacher forcing: every agent's tokenized log (``tokens``,
     ``valid`` ``[N, S]``, ``poses`` ``[N, S + 1, 3]`` in the scenario's frame,
-    ``agent_type`` ``[N]``) and its map tokens (``map``: fields of :class:`MapTokens`
-    without the batch dimension, compacted to the real tokens; lights as uint8)."""
+    ``agent_type`` ``[N]``), the logged poses of every step (``log_poses`` ``[N, T, 3]``,
+    ``log_valid`` ``[N, T]``: what closed-loop guidance steers to), each agent's box
+    (``box`` ``[N, 2]``: length, width at the current step) and its map tokens (``map``:
+    fields of :class:`MapTokens` without the batch dimension, compacted to the real tokens;
+    lights as uint8)."""
 
     scenario_id: str
     tokens: torch.Tensor
@@ -61,6 +65,9 @@ class TokenExample:
     poses: torch.Tensor
     agent_type: torch.Tensor
     map: dict[str, torch.Tensor]
+    log_poses: torch.Tensor
+    log_valid: torch.Tensor
+    box: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -76,15 +83,12 @@ class TokenBatch:
     poses: torch.Tensor  # [B, N, S + 1, 3]
     agent_type: torch.Tensor  # [B, N]
     map: MapTokens
+    log_poses: torch.Tensor  # [B, N, T, 3]
+    log_valid: torch.Tensor  # [B, N, T]
+    box: torch.Tensor  # [B, N, 2]
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(
-            self.tokens.to(device),
-            self.valid.to(device),
-            self.poses.to(device),
-            self.agent_type.to(device),
-            self.map.to(device),
-        )
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def _groups(scenarios: Sequence[Scenario], desc: str, progress: bool) -> Iterator[list[Scenario]]:
@@ -108,6 +112,8 @@ def token_examples(
         valid = batch.agent_valid & batch.agent_mask[..., None]
         tokenized = tokenize(vocabulary, batch.agent_xyz[..., :2], batch.agent_heading, valid, batch.agent_type)
         roads = map_tokens(batch, max_tokens=MAX_MAP_TOKENS)
+        log_poses = torch.cat([batch.agent_xyz[..., :2], batch.agent_heading[..., None]], dim=-1)
+        box = batch.agent_dims[:, :, batch.current_time_index, :2]
         for row, scenario in enumerate(group):
             agents = batch.agent_mask[row]
             kept = roads.mask[row]
@@ -128,6 +134,9 @@ def token_examples(
                     tokenized.poses[row, agents].clone(),
                     batch.agent_type[row, agents].clone(),
                     map_fields,
+                    log_poses[row, agents].clone(),
+                    valid[row, agents].clone(),
+                    box[row, agents].clone(),
                 )
             )
     return examples
@@ -154,6 +163,9 @@ def collate_tokens(examples: Sequence[TokenExample]) -> TokenBatch:
         poses=_pad([e.poses for e in examples], N),
         agent_type=_pad([e.agent_type for e in examples], N),
         map=MapTokens(mask=mask, **fields),
+        log_poses=_pad([e.log_poses for e in examples], N),
+        log_valid=_pad([e.log_valid for e in examples], N),
+        box=_pad([e.box for e in examples], N),
     )
 
 

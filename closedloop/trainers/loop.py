@@ -64,6 +64,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
+    k: int = 32  # catk: candidates per agent
+    rollout_temperature: float = 1e-5  # catk: sampling among the top-K where the log has no next pose
+    freeze_encoder: bool = False  # catk: freeze the map encoder and the embeddings (the CAT-K recipe)
     seed: int = 0
     device: str = "cpu"
     vocabulary: str | None = None  # a .safetensors vocabulary (default: the shipped one)
@@ -164,9 +167,27 @@ def load_weights_into(model, path: Path) -> None:
 
 
 def make_objective(config: TrainConfig, vocabulary):
-    if config.objective != "bc":
-        raise ValueError(f"unknown objective {config.objective!r}")
-    return EgoBC() if vocabulary is None else TokenBC(vocabulary, config.label_smoothing)
+    if config.objective == "bc":
+        return EgoBC() if vocabulary is None else TokenBC(vocabulary, config.label_smoothing)
+    if config.objective == "catk":
+        if vocabulary is None:
+            raise ValueError("train catk fine-tunes a token model (micro, nano, mini, tiny); gmm-ego is not supported")
+        from closedloop.trainers.catk import CatK
+
+        return CatK(vocabulary, config.k, config.rollout_temperature, config.label_smoothing)
+    raise ValueError(f"unknown objective {config.objective!r}")
+
+
+FROZEN_PREFIXES = ("map_encoder.", "token_embedding.", "start_embedding.", "type_embedding.", "motion.")
+
+
+def freeze_encoder(model) -> int:
+    """Stop training the map encoder and the token embeddings (CAT-K's fine-tuning recipe);
+    returns the number of frozen parameters."""
+    frozen = [p for name, p in model.named_parameters() if name.startswith(FROZEN_PREFIXES)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
 
 
 # ---- evaluation
@@ -242,6 +263,8 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
     model, vocabulary, model_name = build_model(config)
     model.to(device).train()
     objective = make_objective(config, vocabulary)
+    if config.freeze_encoder and vocabulary is not None:
+        freeze_encoder(model)
 
     # Data: this rank's share of the scenarios, derived into examples once.
     show = dist.is_main and not config.quiet
@@ -251,8 +274,9 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
     if config.eval_data and dist.is_main:
         eval_scenarios = load_scenarios(config.eval_data)[: config.eval_scenarios]
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -287,7 +311,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
 
     start_time = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.objective}", unit="step", disable=not show)
-    interval = {"loss": 0.0, "count": 0.0, "correct": 0.0, "extra": 0.0, "seconds": 0.0, "grad_norm": 0.0, "n": 0}
+    interval = _new_interval()
     last_eval: dict[str, float] = {}
     history: list[list[float]] = []  # [step, mean training loss over the log interval]
     while step < config.steps:
@@ -304,11 +328,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
         step += 1
 
         # Bookkeeping: global sums for the logs, checkpoints, evaluation, the time budget.
-        stats = [loss.total.detach(), *loss.stats.values()]
-        totals = dist.sum(torch.stack([s.float() for s in stats]))
+        totals = dist.sum(torch.stack([loss.total.detach().float(), *(v.float() for v in loss.stats.values())]))
         seen += int(global_count)
         interval["loss"] += float(totals[0])
-        interval["extra"] += float(totals[1]) if len(totals) > 1 else 0.0
+        for name, value in zip(loss.stats, totals[1:].tolist()):
+            interval["stats"][name] = interval["stats"].get(name, 0.0) + value
         interval["count"] += float(global_count)
         interval["grad_norm"] += float(grad_norm)
         interval["seconds"] += time.perf_counter() - tick
@@ -317,7 +341,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
             history.append([step, interval["loss"] / max(interval["count"], 1.0)])
             _log_train(writer, step, lr, interval, vocabulary is not None)
             bar.set_postfix(loss=f"{interval['loss'] / max(interval['count'], 1):.3f}")
-            interval = dict.fromkeys(interval, 0.0) | {"n": 0}
+            interval = _new_interval()
         bar.update(1)
         if step % config.checkpoint_every == 0:
             checkpoint()
@@ -402,15 +426,21 @@ def _writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def _new_interval() -> dict:
+    """Sums over the steps since the last log line."""
+    return {"loss": 0.0, "count": 0.0, "stats": {}, "seconds": 0.0, "grad_norm": 0.0, "n": 0}
+
+
+STAT_NAMES = {"correct": "token_accuracy"}  # a summed statistic / count -> its TensorBoard name
+
+
 def _log_train(writer, step: int, lr: float, interval: dict, tokens: bool) -> None:
     count, n = max(interval["count"], 1.0), max(interval["n"], 1)
     writer.add_scalar("train/loss", interval["loss"] / count, step)
-    if tokens:
-        writer.add_scalar("train/token_accuracy", interval["extra"] / count, step)
-        writer.add_scalar("train/agent_tokens_per_s", interval["count"] / max(interval["seconds"], 1e-9), step)
-    else:
-        writer.add_scalar("train/mode_error_m", interval["extra"] / count, step)
-        writer.add_scalar("train/samples_per_s", interval["count"] / max(interval["seconds"], 1e-9), step)
+    for name, value in interval["stats"].items():
+        writer.add_scalar(f"train/{STAT_NAMES.get(name, name)}", value / count, step)
+    rate = "agent_tokens_per_s" if tokens else "samples_per_s"
+    writer.add_scalar(f"train/{rate}", interval["count"] / max(interval["seconds"], 1e-9), step)
     writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/grad_norm", interval["grad_norm"] / n, step)
     writer.add_scalar("train/seconds_per_step", interval["seconds"] / n, step)

@@ -1,0 +1,148 @@
+"""CAT-K: closed-loop supervised fine-tuning of the tokenized traffic model.
+
+Every step draws a fresh closed-loop rollout of the current policy on the batch's
+scenarios and fine-tunes on it (Zhang et al., CVPR 2025; details from NVlabs/catk):
+
+1. **Rollout** (no gradient, eval mode, incremental decoding): the agents present at the
+   current step (10) start from the tokenized log of steps 0..10 (two tokens). Every
+   0.5 s each agent's policy proposes its top-K tokens; the one whose box stays closest to
+   the logged boxes over the token's 5 steps is executed
+   (:func:`closedloop.wrappers.guidance.catk_choice`, the tokenizer's distance). An agent
+   whose log is invalid where the token ends takes a sample among its top-K at
+   ``rollout_temperature`` (CAT-K: 1e-5, i.e. its most likely token).
+2. **Targets**: at each step the *recovery token*, the token of the agent's whole
+   vocabulary that from where it actually is stays closest to the log
+   (:func:`closedloop.wrappers.guidance.recovery_tokens`); only where the log is valid at
+   the token's end.
+3. **Loss**: a teacher-forced pass of the model over the *executed* tokens and the
+   rolled-out poses, cross-entropy (label smoothing as in BC) on the recovery tokens of
+   steps 10..85. Agents absent at step 10 take no part (CAT-K controls the agents present
+   at the current step).
+
+K = 1 is a plain greedy policy rollout; K = |V| follows the log as closely as the
+vocabulary can: the executed tokens and the targets are then the log's own tokenization,
+and CAT-K is BC (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from closedloop.agents.tokens import MotionVocabulary
+from closedloop.constants import token_kind
+from closedloop.data.scenario import Scenario
+from closedloop.trainers.data import TokenBatch, collate_tokens, token_examples
+from closedloop.trainers.objectives import StepLoss, model_logit_mask, smoothed_cross_entropy
+from closedloop.wrappers.guidance import catk_choice, chunk_distance, recovery_tokens, token_chunks
+
+HISTORY = 2  # tokens before the current step (steps 0..10)
+
+
+@dataclass
+class Rollout:
+    """A CAT-K rollout in the layout of :meth:`SmartModel.forward`: ``tokens`` ``[B, N, S]``
+    executed (history: the log's), ``poses`` ``[B, N, S + 1, 3]`` where each token started
+    (and the last one ended), ``valid`` ``[B, N, S]`` the elements the model sees,
+    ``targets`` / ``target_valid`` ``[B, N, S]`` the recovery tokens, ``error`` ``[B, N, S]``
+    the distance (m) of each rolled-out pose after token ``s`` from the log's."""
+
+    tokens: torch.Tensor
+    poses: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+    target_valid: torch.Tensor
+    error: torch.Tensor
+
+
+class CatK:
+    """The CAT-K objective (see the module docstring) for the shared training loop."""
+
+    def __init__(
+        self, vocabulary: MotionVocabulary, k: int = 32, rollout_temperature: float = 1e-5, label_smoothing=0.1
+    ):
+        if k < 1:
+            raise ValueError(f"CAT-K needs k >= 1 candidates, not {k}")
+        self.vocabulary, self.k, self.temperature = vocabulary, k, rollout_temperature
+        self.label_smoothing = label_smoothing
+        self.table, self.sizes = vocabulary.table(), vocabulary.sizes()
+
+    def examples(self, scenarios: Sequence[Scenario], model, progress: bool = False) -> list:
+        return token_examples(scenarios, self.vocabulary, progress)
+
+    def batch(self, examples: list, rows: torch.Tensor, device: torch.device) -> TokenBatch:
+        return collate_tokens([examples[i] for i in rows.tolist()]).to(device)
+
+    @torch.no_grad()
+    def rollout(self, model, batch: TokenBatch) -> Rollout:
+        """One CAT-K-guided closed-loop rollout of ``model`` on ``batch`` (no gradient)."""
+        was_training = model.training
+        model.eval()
+        B, N, S = batch.tokens.shape
+        steps = self.table.shape[2]
+        device = batch.tokens.device
+        table, sizes = self.table.to(device), self.sizes.to(device)
+        kind = token_kind(batch.agent_type)
+        now = HISTORY * steps
+        active = batch.log_valid[:, :, now]  # present at the current step: the agents CAT-K drives
+        tokens, poses = batch.tokens.clone(), batch.poses.clone()  # history: the log's tokenization
+        valid = torch.zeros_like(batch.valid)
+        valid[:, :, :HISTORY] = batch.valid[:, :, :HISTORY] & active[..., None]
+        valid[:, :, HISTORY:] = active[..., None]
+        targets, target_valid = torch.zeros_like(tokens), torch.zeros_like(batch.valid)
+        error = torch.zeros(B, N, S, device=device)
+        allowed = model.logit_mask(sizes, batch.agent_type)
+        cache = model.start(
+            tokens[:, :, :HISTORY],
+            poses[:, :, : HISTORY + 1],
+            torch.cat([valid[:, :, :HISTORY], active[..., None]], dim=2),
+            batch.agent_type,
+            batch.map,
+            vocabulary=table,
+        )
+        k = min(self.k, table.shape[1])
+        for s in range(HISTORY, S):
+            window = slice(s * steps + 1, (s + 1) * steps + 1)
+            log, log_ok = batch.log_poses[:, :, window], batch.log_valid[:, :, window] & active[..., None]
+            guided = log_ok[..., -1]  # the log is valid where the token ends: a target (as in tokenize)
+            scores, candidates = cache.logits.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+            chunks = token_chunks(poses[:, :, s], candidates, table, kind)  # [B, N, K, steps, 3]
+            nearest = catk_choice(chunk_distance(chunks, log, log_ok, batch.box), scores > float("-inf"))
+            choice = torch.where(guided, nearest, self._fallback(scores))
+            executed = candidates.gather(-1, choice[..., None]).squeeze(-1)
+            reached = chunks[:, :, :, -1].gather(2, choice[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
+            targets[:, :, s] = recovery_tokens(poses[:, :, s], log, log_ok, table, sizes, batch.agent_type, batch.box)
+            target_valid[:, :, s] = guided
+            tokens[:, :, s] = torch.where(active, executed, tokens[:, :, s])
+            poses[:, :, s + 1] = torch.where(active[..., None], reached, poses[:, :, s + 1])
+            gap = torch.linalg.vector_norm(reached[..., :2] - log[:, :, -1, :2], dim=-1)
+            error[:, :, s] = torch.where(guided, gap, 0)
+            if s + 1 < S:
+                model.step(cache, executed, reached, active)
+        model.train(was_training)
+        return Rollout(tokens, poses, valid, targets, target_valid, error)
+
+    def _fallback(self, scores: torch.Tensor) -> torch.Tensor:
+        """Candidate index ``[B, N]`` for agents without a logged next pose: a sample among
+        the top-K at the rollout temperature (the most likely one below 1e-4)."""
+        if self.temperature < 1e-4:
+            return torch.zeros(scores.shape[:-1], dtype=torch.long, device=scores.device)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1).nan_to_num(0.0)
+        probs[..., 0] += probs.sum(-1) == 0  # agents with no allowed token at all: index 0
+        return torch.multinomial(probs.flatten(0, -2), 1).view(scores.shape[:-1])
+
+    def loss(self, model, batch: TokenBatch) -> StepLoss:
+        rollout = self.rollout(getattr(model, "module", model), batch)
+        logits = model(rollout.tokens, rollout.poses, rollout.valid, batch.agent_type, batch.map)
+        allowed = model_logit_mask(model, self.sizes.to(logits.device), batch.agent_type)
+        where = rollout.target_valid
+        allowed = allowed.unsqueeze(2).expand(-1, -1, where.shape[2], -1)[where]
+        logits, target = logits[where], rollout.targets[where]
+        losses = smoothed_cross_entropy(logits, target, allowed, self.label_smoothing)
+        correct = (logits.detach().masked_fill(~allowed, float("-inf")).argmax(-1) == target).sum()
+        count = torch.tensor(float(target.numel()), device=logits.device)
+        return StepLoss(
+            losses.sum(), count, {"correct": correct.float(), "rollout_error_m": rollout.error[where].sum()}
+        )
