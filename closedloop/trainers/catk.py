@@ -7,7 +7,8 @@ scenarios and fine-tunes on it (Zhang et al., CVPR 2025; details from NVlabs/cat
    current step (10) start from the tokenized log of steps 0..10 (two tokens). Every
    0.5 s each agent's policy proposes its top-K tokens; the one whose box stays closest to
    the logged boxes over the token's 5 steps is executed
-   (:func:`closedloop.wrappers.guidance.catk_choice`, the tokenizer's distance). An agent
+   (:func:`closedloop.wrappers.guidance.catk_choice`, the tokenizer's distance with its
+   reference box per agent kind). An agent
    whose log is invalid where the token ends takes a sample among its top-K at
    ``rollout_temperature`` (CAT-K: 1e-5, i.e. its most likely token).
 2. **Targets**: at each step the *recovery token*, the token of the agent's whole
@@ -85,6 +86,7 @@ class CatK:
         device = batch.tokens.device
         table, sizes = self.table.to(device), self.sizes.to(device)
         kind = token_kind(batch.agent_type)
+        box = self.vocabulary.boxes().to(device)[kind]  # the tokenizer's reference box of each kind
         now = HISTORY * steps
         active = batch.log_valid[:, :, now]  # present at the current step: the agents CAT-K drives
         tokens, poses = batch.tokens.clone(), batch.poses.clone()  # history: the log's tokenization
@@ -109,11 +111,11 @@ class CatK:
             guided = log_ok[..., -1]  # the log is valid where the token ends: a target (as in tokenize)
             scores, candidates = cache.logits.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
             chunks = token_chunks(poses[:, :, s], candidates, table, kind)  # [B, N, K, steps, 3]
-            nearest = catk_choice(chunk_distance(chunks, log, log_ok, batch.box), scores > float("-inf"))
+            nearest = catk_choice(chunk_distance(chunks, log, log_ok, box), scores > float("-inf"))
             choice = torch.where(guided, nearest, self._fallback(scores))
             executed = candidates.gather(-1, choice[..., None]).squeeze(-1)
             reached = chunks[:, :, :, -1].gather(2, choice[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
-            targets[:, :, s] = recovery_tokens(poses[:, :, s], log, log_ok, table, sizes, batch.agent_type, batch.box)
+            targets[:, :, s] = recovery_tokens(poses[:, :, s], log, log_ok, table, sizes, batch.agent_type, box)
             target_valid[:, :, s] = guided
             tokens[:, :, s] = torch.where(active, executed, tokens[:, :, s])
             poses[:, :, s + 1] = torch.where(active[..., None], reached, poses[:, :, s + 1])

@@ -54,10 +54,9 @@ class TokenExample:
     """One scenario for teacher forcing: every agent's tokenized log (``tokens``,
     ``valid`` ``[N, S]``, ``poses`` ``[N, S + 1, 3]`` in the scenario's frame,
     ``agent_type`` ``[N]``), the logged poses of every step (``log_poses`` ``[N, T, 3]``,
-    ``log_valid`` ``[N, T]``: what closed-loop guidance steers to), each agent's box
-    (``box`` ``[N, 2]``: length, width at the current step) and its map tokens (``map``:
-    fields of :class:`MapTokens` without the batch dimension, compacted to the real tokens;
-    lights as uint8)."""
+    ``log_valid`` ``[N, T]``: what closed-loop guidance steers to) and its map tokens
+    (``map``: fields of :class:`MapTokens` without the batch dimension, compacted to the
+    real tokens; lights as uint8)."""
 
     scenario_id: str
     tokens: torch.Tensor
@@ -67,7 +66,6 @@ class TokenExample:
     map: dict[str, torch.Tensor]
     log_poses: torch.Tensor
     log_valid: torch.Tensor
-    box: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +83,6 @@ class TokenBatch:
     map: MapTokens
     log_poses: torch.Tensor  # [B, N, T, 3]
     log_valid: torch.Tensor  # [B, N, T]
-    box: torch.Tensor  # [B, N, 2]
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
@@ -113,7 +110,6 @@ def token_examples(
         tokenized = tokenize(vocabulary, batch.agent_xyz[..., :2], batch.agent_heading, valid, batch.agent_type)
         roads = map_tokens(batch, max_tokens=MAX_MAP_TOKENS)
         log_poses = torch.cat([batch.agent_xyz[..., :2], batch.agent_heading[..., None]], dim=-1)
-        box = batch.agent_dims[:, :, batch.current_time_index, :2]
         for row, scenario in enumerate(group):
             agents = batch.agent_mask[row]
             kept = roads.mask[row]
@@ -136,7 +132,6 @@ def token_examples(
                     map_fields,
                     log_poses[row, agents].clone(),
                     valid[row, agents].clone(),
-                    box[row, agents].clone(),
                 )
             )
     return examples
@@ -165,7 +160,6 @@ def collate_tokens(examples: Sequence[TokenExample]) -> TokenBatch:
         map=MapTokens(mask=mask, **fields),
         log_poses=_pad([e.log_poses for e in examples], N),
         log_valid=_pad([e.log_valid for e in examples], N),
-        box=_pad([e.box for e in examples], N),
     )
 
 
