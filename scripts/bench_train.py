@@ -8,7 +8,10 @@ trainer's own code (:func:`closedloop.trainers.loop.forward_backward`) after one
 step, on synthetic scenarios (grid town, seed 0, 30-60 agents; their tokenization is
 done once beforehand, as the trainer does). ``ratio`` is the throughput relative to the
 first size measured in the same run. On CPU the trainer asks for deterministic
-algorithms (for bit-exact resume); the last column measures what that costs.
+algorithms (for bit-exact resume); ``det. cost`` measures what that costs. ``catk/bc`` is
+the cost of a CAT-K step (``--k`` candidates: the closed-loop rollout with incremental
+decoding, the recovery tokens, then the same teacher-forced pass) relative to a BC step of
+the same model on the same batch.
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import torch
 from closedloop.agents.smart import SmartModel, count_parameters
 from closedloop.agents.tokens import default_vocabulary
 from closedloop.data.synthetic import generate_scenarios
+from closedloop.trainers.catk import CatK
 from closedloop.trainers.data import collate_tokens, token_examples
 from closedloop.trainers.distributed import Distributed
 from closedloop.trainers.loop import forward_backward
 from closedloop.trainers.objectives import TokenBC
 
 
-def time_steps(size: str, examples, vocabulary, device: torch.device, steps: int, deterministic: bool) -> float:
-    """Seconds per training step of model ``size`` on ``examples`` (one batch)."""
+def time_steps(
+    size: str, examples, vocabulary, device: torch.device, steps: int, deterministic: bool, catk_k: int = 0
+) -> float:
+    """Seconds per training step of model ``size`` on ``examples`` (one batch): BC, or
+    CAT-K with ``catk_k`` candidates."""
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.manual_seed(0)
     model = SmartModel(size, vocabulary=vocabulary.table()).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective, dist = TokenBC(vocabulary), Distributed(0, 1, device)
+    objective = CatK(vocabulary, k=catk_k) if catk_k else TokenBC(vocabulary)
+    dist = Distributed(0, 1, device)
     batch = collate_tokens(examples).to(device)
 
     def step():
@@ -60,6 +68,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["micro", "nano", "mini", "tiny"])
     parser.add_argument("--batch-size", type=int, default=8, help="scenarios per step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--k", type=int, default=32, help="CAT-K candidates")
     args = parser.parse_args()
     vocabulary = default_vocabulary()
     examples = token_examples(list(generate_scenarios(args.batch_size, seed=0)), vocabulary)
@@ -68,13 +77,17 @@ def main() -> None:
     print(
         f"batch: {args.batch_size} synthetic scenarios, {tokens} agent-tokens; torch threads {torch.get_num_threads()}"
     )
-    print(f"{'device':<7}{'model':<7}{'params':>11}{'s/step':>9}{'tokens/s':>10}{'ratio':>8}{'det. cost':>11}")
+    print(
+        f"{'device':<7}{'model':<7}{'params':>11}{'s/step':>9}{'tokens/s':>10}{'ratio':>8}{'det. cost':>11}"
+        f"{'catk/bc':>9}"
+    )
     rows = []
     for device in devices:
         base = None
         for size in args.sizes:
             seconds = time_steps(size, examples, vocabulary, device, args.steps, deterministic=device.type == "cpu")
             free = time_steps(size, examples, vocabulary, device, args.steps, deterministic=False)
+            catk = time_steps(size, examples, vocabulary, device, args.steps, device.type == "cpu", catk_k=args.k)
             rate = tokens / seconds
             base = base or rate
             params = count_parameters(SmartModel(size))
@@ -86,11 +99,13 @@ def main() -> None:
                 "agent_tokens_per_s": rate,
                 "ratio_to_first": rate / base,
                 "deterministic_cost": seconds / free,
+                "catk_seconds_per_step": catk,
+                "catk_to_bc": catk / seconds,
             }
             rows.append(row)
             print(
                 f"{device.type:<7}{size:<7}{params:>11,}{seconds:>9.3f}{rate:>10.0f}{rate / base:>8.2f}"
-                f"{seconds / free:>10.2f}x",
+                f"{seconds / free:>10.2f}x{catk / seconds:>8.2f}x",
                 flush=True,
             )
     print(json.dumps({"batch_size": args.batch_size, "agent_tokens": tokens, "rows": rows}))
