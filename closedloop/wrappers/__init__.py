@@ -2,5 +2,6 @@
 recorders build on, for the PettingZoo face and for the batched tensor env."""
 
 from closedloop.wrappers.base import BaseParallelWrapper, BatchedEnvWrapper
+from closedloop.wrappers.catk import CatK, CatKBatched, CatKParallel, catk_select
 
-__all__ = ["BaseParallelWrapper", "BatchedEnvWrapper"]
+__all__ = ["BaseParallelWrapper", "BatchedEnvWrapper", "CatK", "CatKBatched", "CatKParallel", "catk_select"]
