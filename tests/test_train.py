@@ -121,6 +121,16 @@ def test_real_womd_scenarios_overfit(scenario_file, large_scenario_file, tmp_pat
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_trains_the_same_from_a_prepare_cache(synthetic, tmp_path):
+    """TFRecords and their `closedloop prepare` cache give the same examples, so the same run."""
+    cache = tmp_path / "cache"
+    run("prepare", "--data", synthetic / "train.tfrecord", "--out", cache)
+    from_records = train(_config(synthetic / "train.tfrecord", tmp_path / "records", steps=2))
+    from_cache = train(_config(cache, tmp_path / "cached", steps=2))
+    first, second = _weights(from_records), _weights(from_cache)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_init_starts_from_the_weights_with_a_fresh_optimizer(synthetic, tmp_path):
     data = synthetic / "train.tfrecord"
     first = train(_config(data, tmp_path / "bc", steps=2))
