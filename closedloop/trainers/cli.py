@@ -150,6 +150,10 @@ def run_train(args: argparse.Namespace) -> int:
     from closedloop.trainers.loop import train
 
     config = config_from_args(args)
-    run_dir = train(config, resume=args.resume)
+    try:
+        run_dir = train(config, resume=args.resume)
+    except FloatingPointError as err:  # the last checkpoint is intact: resume from it with a lower --lr
+        print(f"closedloop train: error: {err}", file=sys.stderr)
+        return 1
     print(f"trained {config.objective} ({config.model}) in {run_dir}: closedloop rollout --policy ckpt:{run_dir} ...")
     return 0
