@@ -133,8 +133,12 @@ def test_gmm_ego_policy_drives_the_sdc_and_learns_its_chunk():
     policy.temperature = 0.0
     actions = policy.act(core.state)
     assert actions.shape == (2, batch.agent_xyz.shape[1], 5, 3)
+    # The other agents follow the log (the expert's actions): an ego planner among logged traffic.
+    from closedloop.envs.env import expert_targets
+
+    expert = dynamics.inverse(core.state.current, expert_targets(core.state, 5), batch.agent_type)
     not_sdc = ~batch.is_sdc
-    assert not actions[not_sdc].any()
+    assert torch.equal(actions[not_sdc], expert[not_sdc])
     transition = core.step(actions)
     sdc = batch.is_sdc & batch.agent_mask
     error = torch.linalg.norm(transition.state.current[sdc][:, :2] - batch.agent_xyz[:, :, 15, :2][sdc], dim=-1)
