@@ -153,7 +153,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--dynamics", choices=DYNAMICS, default=None, help="default delta_global; learned policies bring their own"
         )
-        p.add_argument("--num-rollouts", type=_positive_int, default=32)
+        p.add_argument("--num-rollouts", type=positive_int, default=32)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
             "--top-k",
@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--temperature", type=_positive_float, default=1.0, help="learned policies' sampling temperature"
         )
-        p.add_argument("--batch-size", type=_positive_int, default=8, help="scenarios simulated together")
+        p.add_argument("--batch-size", type=positive_int, default=8, help="scenarios simulated together")
         p.add_argument("--chunk", type=int, default=5, help="steps per action for --dynamics trajectory")
         p.add_argument(
             "--vocabulary",
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--rollouts-together",
-            type=_positive_int,
+            type=positive_int,
             default=None,
             help="rollouts of a scenario simulated in one batch (default: 1, all of them for learned policies)",
         )

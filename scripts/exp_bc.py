@@ -20,30 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from experiment_tools import COLUMNS, closedloop, evaluate
+
 BASELINES = ("log", "constant_velocity", "idm")
-COLUMNS = ("metametric", "min_average_displacement_error", "collision_rate", "offroad_rate", "red_light_rate")
-
-
-def closedloop(*args) -> str:
-    """Run ``closedloop ARGS`` as a user would; return its stdout."""
-    command = [sys.executable, "-m", "closedloop.cli", *map(str, args)]
-    print("$", " ".join(command[2:]), flush=True)
-    return subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-
-
-def evaluate(policy: str, data: Path, out: Path, rollouts: int) -> dict:
-    if not out.exists():
-        lines = (
-            closedloop("evaluate", "--policy", policy, "--data", data, "--num-rollouts", rollouts, "--json", "--quiet")
-            .strip()
-            .splitlines()
-        )
-        out.write_text(lines[-1] + "\n")
-    return json.loads(out.read_text())
 
 
 def main() -> None:

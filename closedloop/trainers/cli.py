@@ -6,18 +6,10 @@ import argparse
 import dataclasses
 import sys
 
+from closedloop.cli import positive_int
+
 # Flags that may change when a run is resumed; every other setting comes from config.json.
 RESUME_OVERRIDES = ("steps", "time_budget", "device", "quiet", "eval_every", "checkpoint_every")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
-    return value
 
 
 def add_parser(sub) -> None:
@@ -40,7 +32,7 @@ def add_parser(sub) -> None:
         "nearest the log, learn the recovery token. Needs --init (a BC run or weights) or --resume.",
     )
     _common_flags(p, MODELS)
-    p.add_argument("--k", type=_positive_int, default=32, help="top-K candidates per agent (default 32)")
+    p.add_argument("--k", type=positive_int, default=32, help="top-K candidates per agent (default 32)")
     p.add_argument(
         "--rollout-temperature",
         type=float,
@@ -57,9 +49,9 @@ def _common_flags(p: argparse.ArgumentParser, models) -> None:
     p.add_argument("--data", nargs="+", help="TFRecord files, directories or globs, or a prepare cache directory")
     p.add_argument("--model", choices=models, default=None, help="default micro (with --init: the checkpoint's)")
     p.add_argument("--out", help="the run directory (config.json, checkpoints/, tb/)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1000)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 1000)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="stop cleanly after this")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="global batch (8 scenarios; gmm-ego 256)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch (8 scenarios; gmm-ego 256)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (5e-4; gmm-ego 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=100)
@@ -70,9 +62,9 @@ def _common_flags(p: argparse.ArgumentParser, models) -> None:
     p.add_argument("--vocabulary", help="a motion vocabulary .safetensors (default: the shipped one)")
     p.add_argument("--eval-data", nargs="+", help="held-out scenarios for closed-loop evaluation")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
-    p.add_argument("--eval-scenarios", type=_positive_int, default=16)
-    p.add_argument("--eval-rollouts", type=_positive_int, default=8)
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps (default 500)")
+    p.add_argument("--eval-scenarios", type=positive_int, default=16)
+    p.add_argument("--eval-rollouts", type=positive_int, default=8)
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps (default 500)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or RUN_DIR/FILE)")
     p.add_argument("--init", metavar="RUN_DIR", help="start from a checkpoint's weights, fresh optimizer and schedule")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
