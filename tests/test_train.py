@@ -380,3 +380,11 @@ def test_torchrun_trains_with_gloo_on_two_processes(synthetic, tmp_path):
     assert latest["step"] == 2
     state = json.loads((run_dir / "config.json").read_text())
     assert state["args"]["batch_size"] == 4
+
+
+def test_a_nan_loss_stops_before_the_weights_change():
+    from closedloop.trainers.objectives import StepLoss, check_finite
+
+    check_finite(StepLoss(torch.tensor(1.5), torch.tensor(3.0)), step=7)
+    with pytest.raises(FloatingPointError, match="step 7.*--lr"):
+        check_finite(StepLoss(torch.tensor(float("nan")), torch.tensor(3.0)), step=7)
