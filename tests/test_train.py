@@ -272,6 +272,7 @@ def test_train_bc_command_then_rollout_and_evaluate_the_checkpoint(synthetic, tm
     # Resume extends the run to more steps with the saved settings.
     run("train", "bc", "--resume", run_dir, "--steps", 4, "--quiet")
     assert read_latest(run_dir)["step"] == 4
+    assert [step for step, _ in json.loads((run_dir / "summary.json").read_text())["loss"]] == [3, 4]
 
 
 def test_train_bc_refuses_bad_arguments(synthetic, tmp_path):

@@ -313,7 +313,7 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.objective}", unit="step", disable=not show)
     interval = _new_interval()
     last_eval: dict[str, float] = {}
-    history: list[list[float]] = []  # [step, mean training loss over the log interval]
+    history = _earlier_history(run_dir, step) if resume is not None else []  # [step, mean loss of the interval]
     while step < config.steps:
         tick = time.perf_counter()
         lr = learning_rate(config, step)
@@ -371,6 +371,15 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
         with atomic_write(run_dir / "summary.json", "w") as handle:
             json.dump(summary, handle, indent=2)
     return run_dir
+
+
+def _earlier_history(run_dir: Path, step: int) -> list[list[float]]:
+    """The loss history a resumed run continues: the earlier summary's, up to ``step``."""
+    try:
+        earlier = json.loads((run_dir / "summary.json").read_text())["loss"]
+        return [[int(s), float(loss)] for s, loss in earlier if s <= step]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no summary (a run stopped before its end) or an unreadable one
 
 
 def _checkpoint_files(resume: str) -> tuple[Path, Path]:
