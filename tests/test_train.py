@@ -345,6 +345,15 @@ def test_ddp_gradients_equal_one_process_over_the_global_batch(synthetic, tmp_pa
         assert torch.allclose(distributed[name], grad, rtol=1e-4, atol=1e-7), name
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (torchrun's own pick can race with other runs)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_torchrun_trains_with_gloo_on_two_processes(synthetic, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
@@ -354,7 +363,12 @@ def test_torchrun_trains_with_gloo_on_two_processes(synthetic, tmp_path):
     proc = subprocess.run(
         [
             torchrun,
-            "--standalone",
+            "--nnodes",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
             "--nproc-per-node",
             "2",
             "-m",

@@ -201,14 +201,21 @@ def _load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     model.load_state_dict(tensors, strict=True)
 
 
+def load_weights(path: str | os.PathLike) -> tuple[torch.nn.Module, MotionVocabulary | None]:
+    """The model a weights file holds, whichever kind: ``(SmartModel, its vocabulary)`` or
+    ``(GMMEgoModel, None)``."""
+    if read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES) == GMM_FORMAT:
+        return load_gmm(path), None
+    return load_model(path)
+
+
 def policy_from_weights(path: str | os.PathLike, top_k: int | None = 48, temperature: float = 1.0):
     """The sim-agent policy a weights file describes: a :class:`TokenPolicy` for tokenized
     model weights, a :class:`GMMEgoPolicy` for GMM ego weights."""
     from closedloop.agents.gmm import GMMEgoPolicy
     from closedloop.agents.token_policy import TokenPolicy
 
-    kind = read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES)
-    if kind == GMM_FORMAT:
-        return GMMEgoPolicy(load_gmm(path), temperature=temperature, top_k=top_k)
-    model, vocabulary = load_model(path)
+    model, vocabulary = load_weights(path)
+    if vocabulary is None:
+        return GMMEgoPolicy(model, temperature=temperature, top_k=top_k)
     return TokenPolicy(model, vocabulary, temperature=temperature, top_k=top_k)

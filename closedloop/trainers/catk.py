@@ -27,16 +27,14 @@ and CAT-K is BC (tested).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from closedloop.agents.tokens import MotionVocabulary
 from closedloop.constants import token_kind
-from closedloop.data.scenario import Scenario
-from closedloop.trainers.data import TokenBatch, collate_tokens, token_examples
-from closedloop.trainers.objectives import StepLoss, model_logit_mask, smoothed_cross_entropy
+from closedloop.trainers.data import TokenBatch
+from closedloop.trainers.objectives import StepLoss, TokenBC
 from closedloop.wrappers.guidance import catk_choice, chunk_distance, recovery_tokens, token_chunks
 
 HISTORY = 2  # tokens before the current step (steps 0..10)
@@ -58,23 +56,18 @@ class Rollout:
     error: torch.Tensor
 
 
-class CatK:
-    """The CAT-K objective (see the module docstring) for the shared training loop."""
+class CatK(TokenBC):
+    """The CAT-K objective (see the module docstring) for the shared training loop: BC's
+    examples and loss, on a fresh guided rollout's tokens and recovery targets."""
 
     def __init__(
         self, vocabulary: MotionVocabulary, k: int = 32, rollout_temperature: float = 1e-5, label_smoothing=0.1
     ):
         if k < 1:
             raise ValueError(f"CAT-K needs k >= 1 candidates, not {k}")
-        self.vocabulary, self.k, self.temperature = vocabulary, k, rollout_temperature
-        self.label_smoothing = label_smoothing
-        self.table, self.sizes = vocabulary.table(), vocabulary.sizes()
-
-    def examples(self, scenarios: Sequence[Scenario], model, progress: bool = False) -> list:
-        return token_examples(scenarios, self.vocabulary, progress)
-
-    def batch(self, examples: list, rows: torch.Tensor, device: torch.device) -> TokenBatch:
-        return collate_tokens([examples[i] for i in rows.tolist()]).to(device)
+        super().__init__(vocabulary, label_smoothing)
+        self.k, self.temperature = k, rollout_temperature
+        self.table = vocabulary.table()
 
     @torch.no_grad()
     def rollout(self, model, batch: TokenBatch) -> Rollout:
@@ -138,13 +131,6 @@ class CatK:
     def loss(self, model, batch: TokenBatch) -> StepLoss:
         rollout = self.rollout(getattr(model, "module", model), batch)
         logits = model(rollout.tokens, rollout.poses, rollout.valid, batch.agent_type, batch.map)
-        allowed = model_logit_mask(model, self.sizes.to(logits.device), batch.agent_type)
-        where = rollout.target_valid
-        allowed = allowed.unsqueeze(2).expand(-1, -1, where.shape[2], -1)[where]
-        logits, target = logits[where], rollout.targets[where]
-        losses = smoothed_cross_entropy(logits, target, allowed, self.label_smoothing)
-        correct = (logits.detach().masked_fill(~allowed, float("-inf")).argmax(-1) == target).sum()
-        count = torch.tensor(float(target.numel()), device=logits.device)
-        return StepLoss(
-            losses.sum(), count, {"correct": correct.float(), "rollout_error_m": rollout.error[where].sum()}
-        )
+        loss = self.token_loss(model, logits, rollout.targets, rollout.target_valid, batch.agent_type)
+        loss.stats["rollout_error_m"] = rollout.error[rollout.target_valid].sum()
+        return loss

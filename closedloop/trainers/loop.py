@@ -112,14 +112,12 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def init_model_name(init: str) -> str:
     """The model name (``micro``..., ``gmm-ego`` or ``custom``) of the weights ``--init`` names."""
     from closedloop.agents.smart import MODEL_SIZES
-    from closedloop.agents.weights import GMM_FORMAT, MAX_FILE_BYTES, WeightsError, load_model
-    from closedloop.safetensors_io import read_format
+    from closedloop.agents.weights import load_weights
 
-    path = ckpt.resolve_weights(init)
-    if read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES) == GMM_FORMAT:
+    model, vocabulary = load_weights(ckpt.resolve_weights(init))
+    if vocabulary is None:
         return "gmm-ego"
-    config = load_model(path)[0].config
-    return next((name for name, size in MODEL_SIZES.items() if size == config), "custom")
+    return next((name for name, size in MODEL_SIZES.items() if size == model.config), "custom")
 
 
 def build_model(config: TrainConfig):
@@ -127,15 +125,11 @@ def build_model(config: TrainConfig):
     from closedloop.agents.gmm import GMMEgoModel
     from closedloop.agents.smart import SmartModel
     from closedloop.agents.tokens import MotionVocabulary, default_vocabulary
-    from closedloop.agents.weights import GMM_FORMAT, MAX_FILE_BYTES, WeightsError, load_gmm, load_model
-    from closedloop.safetensors_io import read_format
+    from closedloop.agents.weights import load_weights
 
     if config.init:
-        path = ckpt.resolve_weights(config.init)
-        if read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES) == GMM_FORMAT:
-            return load_gmm(path), None, "gmm-ego"
-        model, vocabulary = load_model(path)
-        return model, vocabulary, config.model
+        model, vocabulary = load_weights(ckpt.resolve_weights(config.init))
+        return model, vocabulary, "gmm-ego" if vocabulary is None else config.model
     if config.model == "gmm-ego":
         return GMMEgoModel(), None, "gmm-ego"
     vocabulary = MotionVocabulary.load(config.vocabulary) if config.vocabulary else default_vocabulary()
@@ -153,15 +147,10 @@ def weights_saver(model, vocabulary):
 
 def load_weights_into(model, path: Path) -> None:
     """Copy the weights of a checkpoint file into ``model`` (resume)."""
-    from closedloop.agents.weights import GMM_FORMAT, MAX_FILE_BYTES, WeightsError, load_gmm, load_model
-    from closedloop.safetensors_io import read_format
+    from closedloop.agents.weights import load_weights
 
-    if read_format(path, "closedloop model weights", WeightsError, MAX_FILE_BYTES) == GMM_FORMAT:
-        saved = load_gmm(path)
-    else:
-        saved, _ = load_model(path)
     try:
-        model.load_state_dict(saved.state_dict())
+        model.load_state_dict(load_weights(path)[0].state_dict())
     except RuntimeError as err:
         raise ckpt.CheckpointError(f"{path}: does not fit the run's model: {err}") from None
 

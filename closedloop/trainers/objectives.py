@@ -64,9 +64,17 @@ class TokenBC:
 
     def loss(self, model, batch: TokenBatch) -> StepLoss:
         logits = model(batch.tokens, batch.poses, batch.valid, batch.agent_type, batch.map)  # [B, N, S, V]
-        allowed = model_logit_mask(model, self.sizes.to(logits.device), batch.agent_type)  # [B, N, V]
-        logits, target = logits[batch.valid], batch.tokens[batch.valid]  # [K, V], [K]
-        allowed = allowed.unsqueeze(2).expand(-1, -1, batch.valid.shape[2], -1)[batch.valid]
+        return self.token_loss(model, logits, batch.tokens, batch.valid, batch.agent_type)
+
+    def token_loss(
+        self, model, logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor, agent_type: torch.Tensor
+    ) -> StepLoss:
+        """Smoothed cross-entropy of ``logits [B, N, S, V]`` against ``targets [B, N, S]``
+        at the ``where`` elements, each over its agent's kind vocabulary; also counts the
+        argmax hits (``correct``)."""
+        allowed = model_logit_mask(model, self.sizes.to(logits.device), agent_type)  # [B, N, V]
+        allowed = allowed.unsqueeze(2).expand(-1, -1, where.shape[2], -1)[where]  # [K, V]
+        logits, target = logits[where], targets[where]  # [K, V], [K]
         losses = smoothed_cross_entropy(logits, target, allowed, self.label_smoothing)
         correct = (logits.detach().masked_fill(~allowed, float("-inf")).argmax(-1) == target).sum()
         count = torch.tensor(float(target.numel()), device=logits.device)
