@@ -196,3 +196,13 @@ def test_train_catk_from_a_bc_run_then_resume(tmp_path):
     assert not torch.equal(start["head_weight"], end["head_weight"])  # trained
     run("train", "catk", "--resume", catk, "--steps", 3, "--quiet")
     assert read_latest(catk)["step"] == 3
+
+
+def test_catk_refuses_the_gmm_ego_model_and_bad_k(vocabulary):
+    from closedloop.trainers.loop import TrainConfig, make_objective
+
+    config = TrainConfig(data=["x"], out="y", model="gmm-ego", objective="catk")
+    with pytest.raises(ValueError, match="gmm-ego"):
+        make_objective(config, None)
+    with pytest.raises(ValueError, match="k >= 1"):
+        CatK(vocabulary, k=0)
