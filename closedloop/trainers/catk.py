@@ -3,7 +3,8 @@
 Every step draws a fresh closed-loop rollout of the current policy on the batch's
 scenarios and fine-tunes on it (Zhang et al., CVPR 2025; details from NVlabs/catk):
 
-1. **Rollout** (no gradient, eval mode, incremental decoding): the agents present at the
+1. **Rollout** (no gradient, eval mode, incremental decoding,
+   :func:`closedloop.trainers.guided.guided_token_rollout`): the agents present at the
    current step (10) start from the tokenized log of steps 0..10 (two tokens). Every
    0.5 s each agent's policy proposes its top-K tokens; the one whose box stays closest to
    the logged boxes over the token's 5 steps is executed
@@ -27,33 +28,13 @@ and CAT-K is BC (tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from closedloop.agents.tokens import MotionVocabulary
-from closedloop.constants import token_kind
 from closedloop.trainers.data import TokenBatch
+from closedloop.trainers.guided import Decision, Rollout, StepContext, guided_token_rollout
 from closedloop.trainers.objectives import StepLoss, TokenBC
 from closedloop.wrappers.guidance import catk_choice, chunk_distance, recovery_tokens, token_chunks
-
-HISTORY = 2  # tokens before the current step (steps 0..10)
-
-
-@dataclass
-class Rollout:
-    """A CAT-K rollout in the layout of :meth:`SmartModel.forward`: ``tokens`` ``[B, N, S]``
-    executed (history: the log's), ``poses`` ``[B, N, S + 1, 3]`` where each token started
-    (and the last one ended), ``valid`` ``[B, N, S]`` the elements the model sees,
-    ``targets`` / ``target_valid`` ``[B, N, S]`` the recovery tokens, ``error`` ``[B, N, S]``
-    the distance (m) of each rolled-out pose after token ``s`` from the log's."""
-
-    tokens: torch.Tensor
-    poses: torch.Tensor
-    valid: torch.Tensor
-    targets: torch.Tensor
-    target_valid: torch.Tensor
-    error: torch.Tensor
 
 
 class CatK(TokenBC):
@@ -67,57 +48,22 @@ class CatK(TokenBC):
             raise ValueError(f"CAT-K needs k >= 1 candidates, not {k}")
         super().__init__(vocabulary, label_smoothing)
         self.k, self.temperature = k, rollout_temperature
-        self.table = vocabulary.table()
 
-    @torch.no_grad()
     def rollout(self, model, batch: TokenBatch) -> Rollout:
         """One CAT-K-guided closed-loop rollout of ``model`` on ``batch`` (no gradient)."""
-        was_training = model.training
-        model.eval()
-        B, N, S = batch.tokens.shape
-        steps = self.table.shape[2]
-        device = batch.tokens.device
-        table, sizes = self.table.to(device), self.sizes.to(device)
-        kind = token_kind(batch.agent_type)
-        box = self.vocabulary.boxes().to(device)[kind]  # the tokenizer's reference box of each kind
-        now = HISTORY * steps
-        active = batch.log_valid[:, :, now]  # present at the current step: the agents CAT-K drives
-        tokens, poses = batch.tokens.clone(), batch.poses.clone()  # history: the log's tokenization
-        valid = torch.zeros_like(batch.valid)
-        valid[:, :, :HISTORY] = batch.valid[:, :, :HISTORY] & active[..., None]
-        valid[:, :, HISTORY:] = active[..., None]
-        targets, target_valid = torch.zeros_like(tokens), torch.zeros_like(batch.valid)
-        error = torch.zeros(B, N, S, device=device)
-        allowed = model.logit_mask(sizes, batch.agent_type)
-        cache = model.start(
-            tokens[:, :, :HISTORY],
-            poses[:, :, : HISTORY + 1],
-            torch.cat([valid[:, :, :HISTORY], active[..., None]], dim=2),
-            batch.agent_type,
-            batch.map,
-            vocabulary=table,
-        )
-        k = min(self.k, table.shape[1])
-        for s in range(HISTORY, S):
-            window = slice(s * steps + 1, (s + 1) * steps + 1)
-            log, log_ok = batch.log_poses[:, :, window], batch.log_valid[:, :, window] & active[..., None]
-            guided = log_ok[..., -1]  # the log is valid where the token ends: a target (as in tokenize)
-            scores, candidates = cache.logits.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
-            chunks = token_chunks(poses[:, :, s], candidates, table, kind)  # [B, N, K, steps, 3]
-            nearest = catk_choice(chunk_distance(chunks, log, log_ok, box), scores > float("-inf"))
-            choice = torch.where(guided, nearest, self._fallback(scores))
-            executed = candidates.gather(-1, choice[..., None]).squeeze(-1)
-            reached = chunks[:, :, :, -1].gather(2, choice[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
-            targets[:, :, s] = recovery_tokens(poses[:, :, s], log, log_ok, table, sizes, batch.agent_type, box)
-            target_valid[:, :, s] = guided
-            tokens[:, :, s] = torch.where(active, executed, tokens[:, :, s])
-            poses[:, :, s + 1] = torch.where(active[..., None], reached, poses[:, :, s + 1])
-            gap = torch.linalg.vector_norm(reached[..., :2] - log[:, :, -1, :2], dim=-1)
-            error[:, :, s] = torch.where(guided, gap, 0)
-            if s + 1 < S:
-                model.step(cache, executed, reached, active)
-        model.train(was_training)
-        return Rollout(tokens, poses, valid, targets, target_valid, error)
+        return guided_token_rollout(model, batch, self.vocabulary, self.decide)
+
+    def decide(self, step: StepContext) -> Decision:
+        """Execute the top-K token nearest the log; learn the recovery token."""
+        scores, candidates = step.logits.topk(min(self.k, step.table.shape[1]), dim=-1)
+        kind = step.kind
+        chunks = token_chunks(step.pose, candidates, step.table, kind)  # [B, N, K, steps, 3]
+        nearest = catk_choice(chunk_distance(chunks, step.log, step.log_ok, step.box), scores > float("-inf"))
+        choice = torch.where(step.guided, nearest, self._fallback(scores))
+        executed = candidates.gather(-1, choice[..., None]).squeeze(-1)
+        reached = chunks[:, :, :, -1].gather(2, choice[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
+        target = recovery_tokens(step.pose, step.log, step.log_ok, step.table, step.sizes, step.agent_type, step.box)
+        return Decision(executed, reached, target)
 
     def _fallback(self, scores: torch.Tensor) -> torch.Tensor:
         """Candidate index ``[B, N]`` for agents without a logged next pose: a sample among

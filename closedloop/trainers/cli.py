@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     """Add ``train`` and its objectives to the ``closedloop`` sub-commands."""
     from closedloop.trainers.loop import MODELS
 
-    p = sub.add_parser("train", help="train a policy: behaviour cloning (bc), CAT-K fine-tuning (catk)")
+    p = sub.add_parser(
+        "train", help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk) or RoaD (road)"
+    )
     objectives = p.add_subparsers(dest="objective", required=True)
     p = objectives.add_parser(
         "bc",
@@ -27,12 +29,13 @@ def add_parser(sub) -> None:
     _common_flags(p, MODELS)
     p = objectives.add_parser(
         "catk",
-        help="CAT-K: closed-loop supervised fine-tuning of a token model from a BC checkpoint (--init)",
+        help="CAT-K: closed-loop supervised fine-tuning from a BC checkpoint (--init): token model or gmm-ego",
         description="Fine-tune on a fresh CAT-K-guided closed-loop rollout per batch: execute the top-K token "
-        "nearest the log, learn the recovery token. Needs --init (a BC run or weights) or --resume.",
+        "nearest the log, learn the recovery token (gmm-ego: the nearest of the K heaviest modes, learn the "
+        "logged chunk from where the SDC is). Needs --init (a BC run or weights) or --resume.",
     )
     _common_flags(p, MODELS)
-    p.add_argument("--k", type=positive_int, default=32, help="top-K candidates per agent (default 32)")
+    p.add_argument("--k", type=positive_int, default=32, help="top-K candidates per agent (default 32; gmm-ego: modes)")
     p.add_argument(
         "--rollout-temperature",
         type=float,
@@ -42,6 +45,29 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--freeze-encoder", action="store_true", help="freeze the map encoder and the token embeddings (CAT-K)"
     )
+    p = objectives.add_parser(
+        "road",
+        help="RoaD: fine-tune by BC on the policy's own guided rollouts (token model or gmm-ego), from --init",
+        description="Collect RoaD-guided closed-loop rollouts with the current policy (execute the nearest of K "
+        "samples, blended toward the log beyond --recovery-distance) and fine-tune by behaviour cloning on them; "
+        "collect once (--one-off, the default) or every --refresh-every epochs. Demonstrations are kept in "
+        "RUN_DIR/demos so --resume reuses them. Needs --init (a BC run or weights) or --resume.",
+    )
+    _common_flags(p, MODELS)
+    p.add_argument("--k", type=positive_int, default=64, help="samples per agent and decision (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    refresh = p.add_mutually_exclusive_group()
+    refresh.add_argument("--refresh-every", type=positive_int, metavar="E", help="recollect every E epochs")
+    refresh.add_argument("--one-off", action="store_true", help="collect once and reuse (the default)")
+    p.add_argument("--recovery-distance", type=float, default=3.0, help="recovery mode beyond this (m, default 3)")
+    p.add_argument("--recovery-steps", type=positive_int, default=30, help="blend over this many steps (30)")
+    p.add_argument(
+        "--guidance",
+        choices=("road", "sampling"),
+        default="road",
+        help="road: execute the nearest sample; sampling: the policy's own (ablation)",
+    )
+    p.add_argument("--freeze-encoder", action="store_true", help="freeze the map encoder and the token embeddings")
 
 
 def _common_flags(p: argparse.ArgumentParser, models) -> None:
@@ -102,6 +128,11 @@ def config_from_args(args: argparse.Namespace):
         "k": getattr(args, "k", None),
         "rollout_temperature": getattr(args, "rollout_temperature", None),
         "freeze_encoder": getattr(args, "freeze_encoder", None) or None,
+        "sample_temperature": getattr(args, "temperature", None),
+        "recovery_distance": getattr(args, "recovery_distance", None),
+        "recovery_steps": getattr(args, "recovery_steps", None),
+        "refresh_every": getattr(args, "refresh_every", None),
+        "guidance": getattr(args, "guidance", None),
         "command": ["closedloop", *sys.argv[1:]],
     }
     if args.resume:

@@ -56,7 +56,9 @@ class TokenExample:
     ``agent_type`` ``[N]``), the logged poses of every step (``log_poses`` ``[N, T, 3]``,
     ``log_valid`` ``[N, T]``: what closed-loop guidance steers to) and its map tokens
     (``map``: fields of :class:`MapTokens` without the batch dimension, compacted to the
-    real tokens; lights as uint8)."""
+    real tokens; lights as uint8). A demonstration (a guided rollout, RoaD) has the
+    executed tokens in ``tokens`` and learns only at ``target_valid`` ``[N, S]``; None:
+    learn every valid token (the log)."""
 
     scenario_id: str
     tokens: torch.Tensor
@@ -66,6 +68,7 @@ class TokenExample:
     map: dict[str, torch.Tensor]
     log_poses: torch.Tensor
     log_valid: torch.Tensor
+    target_valid: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -83,9 +86,11 @@ class TokenBatch:
     map: MapTokens
     log_poses: torch.Tensor  # [B, N, T, 3]
     log_valid: torch.Tensor  # [B, N, T]
+    target_valid: torch.Tensor | None = None  # [B, N, S]: the tokens to learn (None: every valid one)
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return TokenBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
 
 
 def _groups(scenarios: Sequence[Scenario], desc: str, progress: bool) -> Iterator[list[Scenario]]:
@@ -160,6 +165,9 @@ def collate_tokens(examples: Sequence[TokenExample]) -> TokenBatch:
         map=MapTokens(mask=mask, **fields),
         log_poses=_pad([e.log_poses for e in examples], N),
         log_valid=_pad([e.log_valid for e in examples], N),
+        target_valid=None
+        if any(e.target_valid is None for e in examples)
+        else _pad([e.target_valid for e in examples], N),
     )
 
 

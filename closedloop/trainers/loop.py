@@ -10,7 +10,7 @@
    (:mod:`closedloop.trainers.data`);
 4. AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient-norm
    clipping, bf16 autocast on CUDA;
-5. loop: batch -> summed loss of the objective -> divide by the global count -> backward
+5. loop: batch (for RoaD, from the demonstrations of the epoch's collection) -> summed loss of the objective -> divide by the global count -> backward
    (DDP averages the gradients) -> clip -> step; TensorBoard scalars and a tqdm bar on
    rank 0; a checkpoint every ``checkpoint_every`` steps; a closed-loop evaluation on
    held-out scenarios every ``eval_every`` steps;
@@ -64,9 +64,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-    k: int = 32  # catk: candidates per agent
+    k: int = 32  # catk / road: candidates per agent
     rollout_temperature: float = 1e-5  # catk: sampling among the top-K where the log has no next pose
-    freeze_encoder: bool = False  # catk: freeze the map encoder and the embeddings (the CAT-K recipe)
+    freeze_encoder: bool = False  # catk / road: freeze the map encoder and the embeddings (the CAT-K recipe)
+    sample_temperature: float = 0.8  # road: the temperature of the K samples
+    recovery_distance: float = 3.0  # road: blend toward the log beyond this distance (m)
+    recovery_steps: int = 30  # road: over this many steps
+    refresh_every: int | None = None  # road: collect demonstrations every E epochs (None: once, "one-off")
+    guidance: str = "road"  # road: "road" (nearest sample) or "sampling" (the policy's own sample, ablation)
     seed: int = 0
     device: str = "cpu"
     vocabulary: str | None = None  # a .safetensors vocabulary (default: the shipped one)
@@ -85,12 +90,14 @@ class TrainConfig:
         token_model = self.model != "gmm-ego"
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.batch_size is None:
-            self.batch_size = 8 if token_model else 256
+        if self.batch_size is None:  # scenarios, or ego samples (gmm-ego BC and RoaD)
+            self.batch_size = 8 if token_model else 16 if self.objective == "catk" else 256
         if self.lr is None:
             self.lr = 5e-4 if token_model else 1e-3
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"steps ({self.steps}), batch size ({self.batch_size}) and lr ({self.lr}) must be > 0")
+        if self.guidance not in ("road", "sampling"):
+            raise ValueError(f"unknown RoaD guidance {self.guidance!r}: road or sampling")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"--time-budget must be positive minutes, not {self.time_budget}")
 
@@ -156,14 +163,33 @@ def load_weights_into(model, path: Path) -> None:
 
 
 def make_objective(config: TrainConfig, vocabulary):
+    """The objective of ``config`` for a token model (``vocabulary``) or the GMM ego model."""
     if config.objective == "bc":
         return EgoBC() if vocabulary is None else TokenBC(vocabulary, config.label_smoothing)
     if config.objective == "catk":
         if vocabulary is None:
-            raise ValueError("train catk fine-tunes a token model (micro, nano, mini, tiny); gmm-ego is not supported")
+            from closedloop.trainers.ego import EgoCatK
+
+            return EgoCatK(config.k)
         from closedloop.trainers.catk import CatK
 
         return CatK(vocabulary, config.k, config.rollout_temperature, config.label_smoothing)
+    if config.objective == "road":
+        from closedloop.trainers.road import DemoSchedule, RoaDTokens
+
+        schedule = DemoSchedule(config.out, config.refresh_every, config.seed)
+        road = {
+            "k": config.k,
+            "temperature": config.sample_temperature,
+            "recovery_distance": config.recovery_distance,
+            "recovery_steps": config.recovery_steps,
+            "select": config.guidance == "road",
+        }
+        if vocabulary is None:
+            from closedloop.trainers.ego import EgoRoaD
+
+            return EgoRoaD(schedule, **road)
+        return RoaDTokens(vocabulary, schedule, **road, label_smoothing=config.label_smoothing)
     raise ValueError(f"unknown objective {config.objective!r}")
 
 
@@ -309,7 +335,11 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        batch = objective.batch(examples, sampler.next(), device)
+        rows = sampler.next()
+        data = examples  # RoaD trains on demonstrations collected (and refreshed) by epoch
+        if hasattr(objective, "epoch_examples"):
+            data = objective.epoch_examples(model, examples, sampler.epoch, dist.rank, show)
+        batch = objective.batch(data, rows, device)
         loss, global_count = forward_backward(net, objective, batch, dist, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

@@ -64,7 +64,8 @@ class TokenBC:
 
     def loss(self, model, batch: TokenBatch) -> StepLoss:
         logits = model(batch.tokens, batch.poses, batch.valid, batch.agent_type, batch.map)  # [B, N, S, V]
-        return self.token_loss(model, logits, batch.tokens, batch.valid, batch.agent_type)
+        where = batch.valid if batch.target_valid is None else batch.target_valid & batch.valid
+        return self.token_loss(model, logits, batch.tokens, where, batch.agent_type)
 
     def token_loss(
         self, model, logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor, agent_type: torch.Tensor
