@@ -27,6 +27,12 @@ steps, red-light crossings at every step). ``all`` is
 its buckets, with the three rates **pooled over every (object, rollout) pair of every
 scenario** (not a mean of the per-scenario rates: a scenario with many objects weighs
 more).
+
+The same three rates for the SDC alone (``sdc_collision_rate``, ``sdc_offroad_rate``,
+``sdc_red_light_rate``: the fraction of rollouts in which the SDC had the event; NaN where
+the SDC is not one of the scored objects; in ``all`` pooled over the (scenario, rollout)
+pairs that have it) judge an ego planner such as the GMM ego policy, whose other agents
+follow the log.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from closedloop.envs.rollout import EVENTS, rollout_scenarios
 
 RATES = {"collision": "collision_rate", "offroad": "offroad_rate", "red_light": "red_light_rate"}
 """Each event of :data:`closedloop.envs.rollout.EVENTS` and the name of its rate."""
+SDC_RATES = {key: f"sdc_{name}" for key, name in RATES.items()}
+"""The same rates for the SDC alone."""
 
 RESULT_FILE = "evaluation.json"
 
@@ -125,12 +133,16 @@ def evaluate_policy(
     rows: list[dict] = []
     events = np.zeros(len(EVENTS), np.int64)  # pooled over every (object, rollout) pair
     pairs = 0
+    sdc_events = np.zeros(len(EVENTS), np.int64)  # pooled over (scenario, rollout) pairs with the SDC scored
+    sdc_pairs = 0
     pending: list[tuple[Scenario, np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
 
     def score() -> None:
-        nonlocal events, pairs
+        nonlocal events, pairs, sdc_events, sdc_pairs
         items = [(scenario, ids, traj) for scenario, ids, traj, _ in pending]
-        for row, (_, _, _, flags) in zip(score_scenarios(items, config, device, batch_size=len(items)), pending):
+        for row, (scenario, ids, _, flags) in zip(
+            score_scenarios(items, config, device, batch_size=len(items)), pending
+        ):
             row.update(buckets(row, config))
             counts = np.array([int(flags[key].sum()) for key in EVENTS])
             size = flags[EVENTS[0]].size
@@ -138,6 +150,13 @@ def evaluate_policy(
                 row[RATES[key]] = count / size if size else float("nan")
             events += counts
             pairs += size
+            column = np.flatnonzero(ids == scenario.track_id[scenario.sdc_track_index])
+            rollouts = flags[EVENTS[0]].shape[0] if column.size else 0
+            sdc_counts = np.array([int(flags[key][:, column].sum()) for key in EVENTS])
+            for key, count in zip(EVENTS, sdc_counts):
+                row[SDC_RATES[key]] = count / rollouts if rollouts else float("nan")
+            sdc_events += sdc_counts
+            sdc_pairs += rollouts
             rows.append(row)
             if on_scenario is not None:
                 on_scenario(row)
@@ -172,6 +191,8 @@ def evaluate_policy(
     total_row.update(buckets(total_row, config))
     for key, count in zip(EVENTS, events):
         total_row[RATES[key]] = int(count) / pairs if pairs else float("nan")
+    for key, count in zip(EVENTS, sdc_events):
+        total_row[SDC_RATES[key]] = int(count) / sdc_pairs if sdc_pairs else float("nan")
     result = {"settings": run_settings, "scenarios": rows, "all": total_row}
     if out is not None:
         from closedloop._atomic import atomic_write

@@ -151,6 +151,11 @@ def test_event_rates_on_a_hand_made_scene(tmp_path):
     # ALL pools the 7 (agent, rollout) pairs of each rollout: 2/7, not the mean of 2/5 and 0.
     assert rows["ALL"]["collision_rate"] == pytest.approx(2 / 7)
     assert rows["ALL"]["offroad_rate"] == rows["ALL"]["red_light_rate"] == pytest.approx(1 / 7)
+    # The SDC (car 0) runs the red light in each rollout of "crash" and nothing else.
+    sdc = ("sdc_collision_rate", "sdc_offroad_rate", "sdc_red_light_rate")
+    assert [rows["crash"][key] for key in sdc] == [0, 0, 1]
+    assert [rows["calm"][key] for key in sdc] == [0, 0, 0]
+    assert [rows["ALL"][key] for key in sdc] == [0, 0, pytest.approx(2 / 4)]  # 2 of 4 (scenario, rollout) pairs
 
 
 def test_evaluate_policy_flags_agree_with_count_events():

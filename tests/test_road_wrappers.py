@@ -34,8 +34,8 @@ def test_recovery_blend_matches_the_formula_on_a_hand_made_case():
     # (the shorter arc between them crosses pi: 0.2832 rad).
     H, steps = 6, 4
     j = torch.arange(1, H + 1, dtype=torch.float64)
-    chosen = torch.stack([j, torch.zeros(H, dtype=torch.float64), torch.full((H,), 3.0, dtype=torch.float64)], -1)
-    expert = torch.stack([j, torch.full((H,), 2.0, dtype=torch.float64), torch.full((H,), -3.0, dtype=torch.float64)], -1)
+    chosen = torch.stack([j, 0 * j, 0 * j + 3.0], -1)
+    expert = torch.stack([j, 0 * j + 2.0, 0 * j - 3.0], -1)
     valid = torch.tensor([True, True, True, True, True, False])
     out = recovery_blend(chosen, expert, valid, steps)
     w = [0.25, 0.5, 0.75, 1.0, 1.0, 0.0]  # min(j / 4, 1); 0 where the expert step is invalid
@@ -88,7 +88,8 @@ def test_wrapped_parallel_env_passes_the_api_test(scenarios, vocabulary, dynamic
     from pettingzoo.test import parallel_api_test
 
     if dynamics == "tokens":
-        env = RoaD(parallel_env(scenarios, dynamics="tokens", vocabulary=vocabulary.table()), k=4, vocabulary=vocabulary)
+        inner = parallel_env(scenarios, dynamics="tokens", vocabulary=vocabulary.table())
+        env = RoaD(inner, k=4, vocabulary=vocabulary)
     else:
         env = _trajectory_env(scenarios, k=3, horizon=8)
     assert isinstance(env, RoaDParallel)

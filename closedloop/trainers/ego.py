@@ -156,8 +156,9 @@ class EgoRoaD(EgoBC):
     def decide(self, chunk: EgoChunk):
         m = chunk.mixture
         B = m.weights.shape[0]
+        event = m.mean.shape[2:]
         many = GaussianMixture(  # K independent draws per SDC
-            m.weights.expand(B, self.k, -1), m.mean.expand(B, self.k, *m.mean.shape[2:]), m.log_std.expand(B, self.k, *m.log_std.shape[2:])
+            m.weights.expand(B, self.k, -1), m.mean.expand(B, self.k, *event), m.log_std.expand(B, self.k, *event)
         )
         samples = many.sample(self.temperature, self.generator)[:, None]  # [B, 1, K, chunk, 3]
         world = compose(chunk.pose[:, :, None, :], samples)

@@ -10,7 +10,8 @@
    (:mod:`closedloop.trainers.data`);
 4. AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient-norm
    clipping, bf16 autocast on CUDA;
-5. loop: batch (for RoaD, from the demonstrations of the epoch's collection) -> summed loss of the objective -> divide by the global count -> backward
+5. loop: batch (RoaD: from the demonstrations of the epoch's collection) -> summed loss of
+   the objective -> divide by the global count -> backward
    (DDP averages the gradients) -> clip -> step; TensorBoard scalars and a tqdm bar on
    rank 0; a checkpoint every ``checkpoint_every`` steps; a closed-loop evaluation on
    held-out scenarios every ``eval_every`` steps;
@@ -235,6 +236,8 @@ def evaluate_model(model, vocabulary, config: TrainConfig, scenarios, device) ->
         "collision_rate": total["collision_rate"],
         "offroad_rate": total["offroad_rate"],
         "red_light_rate": total["red_light_rate"],
+        "sdc_collision_rate": total["sdc_collision_rate"],
+        "sdc_offroad_rate": total["sdc_offroad_rate"],
     }
 
 

@@ -115,8 +115,10 @@ class RoaDTokens(TokenBC):
         )
         executed = candidates.gather(-1, chosen.choice[..., None]).squeeze(-1)
         if bool(chosen.recovery.any()):
-            ones = torch.ones_like(step.log_ok)
-            projected = recovery_tokens(step.pose, chosen.poses, ones, step.table, step.sizes, step.agent_type, step.box)
+            everywhere = torch.ones_like(step.log_ok)
+            projected = recovery_tokens(
+                step.pose, chosen.poses, everywhere, step.table, step.sizes, step.agent_type, step.box
+            )
             executed = torch.where(chosen.recovery, projected, executed)
         reached = token_chunks(step.pose, executed[..., None], step.table, kind)[:, :, 0, -1]
         return Decision(executed, reached, executed, {"recovery": chosen.recovery.float()})
