@@ -27,3 +27,24 @@ def evaluate(policy: str, data: Path, out: Path, rollouts: int) -> dict:
         ).splitlines()
         out.write_text(lines[-1] + "\n")
     return json.loads(out.read_text())
+
+
+def summarize(results: dict[str, list[dict]], columns=COLUMNS) -> tuple[dict, list[str]]:
+    """Mean, sample standard deviation and values over seeds of each method's ``columns``,
+    and a markdown table of them (with the optimizer steps each seed's run reached)."""
+    import statistics
+
+    summary = {}
+    table = ["| method | " + " | ".join(columns) + " | steps |", "|---" * (len(columns) + 2) + "|"]
+    for name, rows in results.items():
+        if not rows:
+            continue
+        summary[name] = {}
+        cells = []
+        for column in columns:
+            values = [row[column] for row in rows]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[name][column] = {"mean": statistics.fmean(values), "std": spread, "values": values}
+            cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
+        table.append(f"| {name} | " + " | ".join(cells) + f" | {[row.get('steps') for row in rows]} |")
+    return summary, table
