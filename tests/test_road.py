@@ -1,0 +1,190 @@
+"""RoaD's trainers (token model and GMM ego policy) and CAT-K on the GMM's modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli import run
+from safetensors.torch import load_file
+
+from closedloop.agents.gmm import GMMEgoModel
+from closedloop.agents.smart import SmartModel
+from closedloop.agents.tokens import default_vocabulary
+from closedloop.data.batch import collate_scenarios
+from closedloop.data.synthetic import generate_scenarios
+from closedloop.trainers.checkpoint import CheckpointError, read_latest
+from closedloop.trainers.data import collate_tokens, ego_examples, token_examples
+from closedloop.trainers.ego import EgoCatK, EgoRoaD, ego_rollout
+from closedloop.trainers.guided import guided_token_rollout
+from closedloop.trainers.road import DemoSchedule, RoaDTokens, read_token_demos, write_token_demos
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return default_vocabulary()
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    return list(generate_scenarios(2, seed=3, agents=(4, 6)))
+
+
+@pytest.fixture(scope="module")
+def batch(vocabulary, scenarios):
+    return collate_tokens(token_examples(scenarios, vocabulary))
+
+
+def _road(vocabulary, tmp_path, **kw) -> RoaDTokens:
+    return RoaDTokens(vocabulary, DemoSchedule(tmp_path, None, seed=0), **kw)
+
+
+def test_road_executes_the_nearest_sample_and_learns_what_it_executed(vocabulary, batch, tmp_path):
+    torch.manual_seed(0)
+    model = SmartModel("micro", vocabulary=vocabulary.table())
+    rollouts = {}
+    for name, select in (("road", True), ("sampling", False)):
+        objective = _road(vocabulary, tmp_path, k=32, select=select, recovery_distance=float("inf"))
+        objective.generator = torch.Generator().manual_seed(1)
+        rollouts[name] = guided_token_rollout(model, batch, vocabulary, objective.decide)
+    road, plain = rollouts["road"], rollouts["sampling"]
+    where = road.target_valid
+    assert int(where.sum()) > 50
+    assert torch.equal(road.targets[where], road.tokens[where])  # the rollout is the demonstration
+    assert road.error[where].mean() < 0.5 * plain.error[plain.target_valid].mean()
+    assert not road.stats["recovery"].any()  # recovery off (infinite distance)
+
+
+def test_always_recovering_in_one_step_reproduces_the_tokenization(vocabulary, batch, tmp_path):
+    """Recovery with a 1-step ramp replaces every guided sample by the log itself, executed
+    as the nearest token: the log's own tokenization (what CAT-K with K = |V| executes)."""
+    torch.manual_seed(0)
+    model = SmartModel("micro", vocabulary=vocabulary.table())
+    objective = _road(vocabulary, tmp_path, k=2, recovery_distance=-1.0, recovery_steps=1)
+    objective.generator = torch.Generator().manual_seed(0)
+    rollout = guided_token_rollout(model, batch, vocabulary, objective.decide)
+    always = batch.log_valid.all(-1)[..., None] & rollout.target_valid
+    assert int(always.sum()) > 100
+    assert torch.equal(rollout.tokens[always], batch.tokens[always])
+    assert bool(rollout.stats["recovery"][always].all())
+
+
+def test_demonstrations_round_trip_and_refuse_other_data(vocabulary, scenarios, tmp_path):
+    torch.manual_seed(0)
+    model = SmartModel("micro", vocabulary=vocabulary.table())
+    logs = token_examples(scenarios, vocabulary)
+    objective = _road(vocabulary, tmp_path, k=4, collect_batch=1)
+    demos, stats = objective.collect(model, logs, torch.Generator().manual_seed(0))
+    assert set(stats) == {"rollout_error_m", "recovery_fraction"}
+    path = tmp_path / "demos.safetensors"
+    write_token_demos(path, demos, stats)
+    back = read_token_demos(path, logs)
+    for a, b in zip(demos, back):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.target_valid, b.target_valid)
+        assert torch.equal(a.poses, b.poses)
+    with pytest.raises(CheckpointError, match="other scenarios"):
+        read_token_demos(path, logs[::-1])
+    # Same generator, same demonstrations (collection does not touch the global RNG).
+    again, _ = objective.collect(model, logs, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(demos, again))
+
+
+def test_demo_schedule_refreshes_every_e_epochs_or_once():
+    refreshed, once = DemoSchedule("x", 2, 0), DemoSchedule("x", None, 0)
+    assert [refreshed.collection_epoch(e) for e in range(5)] == [0, 0, 2, 2, 4]
+    assert [once.collection_epoch(e) for e in range(5)] == [0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="refresh"):
+        DemoSchedule("x", 0, 0)
+
+
+def test_ego_catk_executes_the_nearest_mode_and_targets_the_log_from_where_it_is(scenarios):
+    torch.manual_seed(0)
+    model = GMMEgoModel()
+    batch = collate_scenarios(scenarios)
+    samples, distance = ego_rollout(model, batch, EgoCatK(k=16).decide)
+    _, top1 = ego_rollout(model, batch, EgoCatK(k=1).decide)
+    assert len(samples) == len(ego_examples(scenarios, model))  # the same guided chunks as BC
+    assert distance.mean() < top1.mean()  # 16 modes to choose from beat the heaviest alone
+    # A target is the trajectory action that lands on the log: on the log's first chunk
+    # (where the rollout starts from the logged pose) it is BC's target.
+    bc = ego_examples(scenarios, model)
+    first = [0, len(samples) // 2]  # time-major: the first rows are t = 10 of both scenarios
+    assert torch.allclose(samples.target[: len(first)], bc.target[: len(first)], atol=1e-4)
+
+
+def test_ego_road_demonstrations_are_the_executed_chunks(scenarios, tmp_path):
+    torch.manual_seed(0)
+    model = GMMEgoModel()
+    objective = EgoRoaD(DemoSchedule(tmp_path, None, 0), k=32, recovery_distance=float("inf"))
+    objective.examples(scenarios, model)
+    objective.generator = torch.Generator().manual_seed(0)
+    samples, distance = ego_rollout(model, collate_scenarios(scenarios), objective.decide)
+    plain = EgoRoaD(DemoSchedule(tmp_path, None, 0), k=32, select=False)
+    plain.generator = torch.Generator().manual_seed(0)
+    _, plain_distance = ego_rollout(model, collate_scenarios(scenarios), plain.decide)
+    assert distance.mean() < plain_distance.mean()
+    demos, _ = objective.collect(model, torch.Generator().manual_seed(0))
+    assert len(demos) == len(ego_examples(scenarios, model))
+
+
+def _train(*args):
+    run("train", *map(str, args), "--quiet")
+
+
+def test_train_road_refreshed_resumes_bit_for_bit(tmp_path):
+    data = tmp_path / "data"
+    run("generate", "--out", data, "--num-scenarios", 4, "--seed", 4, "--agents", "4:6", "--quiet")
+    bc = tmp_path / "bc"
+    _train("bc", "--data", data, "--out", bc, "--steps", 1, "--batch-size", 2)
+    road = ["road", "--init", bc, "--data", data, "--k", 8, "--batch-size", 2, "--refresh-every", 1]
+    _train(*road, "--out", tmp_path / "whole", "--steps", 5)
+    _train(*road, "--out", tmp_path / "cut", "--steps", 3, "--checkpoint-every", 3)
+    _train("road", "--resume", tmp_path / "cut", "--steps", 5)
+    whole, cut = (load_file(str(read_latest(tmp_path / d)["weights"])) for d in ("whole", "cut"))
+    assert all(torch.equal(whole[name], cut[name]) for name in whole)
+    # 4 scenarios in batches of 2: epochs 0, 1, 2 by step 5, each collected once.
+    assert sorted(p.name for p in (tmp_path / "whole" / "demos").iterdir()) == [
+        f"epoch_000{e}_rank0.safetensors" for e in range(3)
+    ]
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
+    assert (config["objective"], config["k"], config["refresh_every"], config["sample_temperature"]) == (
+        "road",
+        8,
+        1,
+        0.8,
+    )
+    proc = run("train", "road", "--data", data, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "--init" in proc.stderr
+    proc = run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "x", "--one-off",
+               "--refresh-every", 2, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "not allowed" in proc.stderr
+
+
+@pytest.mark.parametrize("objective", ["road", "catk"])
+def test_gmm_ego_fine_tuning_runs_resumes_and_rolls_out(tmp_path, objective):
+    data = tmp_path / "data"
+    run("generate", "--out", data, "--num-scenarios", 2, "--seed", 4, "--agents", "4:6", "--quiet")
+    bc = tmp_path / "bc"
+    _train("bc", "--model", "gmm-ego", "--data", data, "--out", bc, "--steps", 2)
+    flags = ["--k", 4, "--batch-size", 2 if objective == "catk" else 8, "--checkpoint-every", 1]
+    out = tmp_path / objective
+    _train(objective, "--init", bc, "--data", data, "--out", out, "--steps", 2, *flags)
+    _train(objective, "--resume", out, "--steps", 3)
+    assert read_latest(out)["step"] == 3
+    start, end = load_file(str(read_latest(bc)["weights"])), load_file(str(read_latest(out)["weights"]))
+    assert any(not torch.equal(start[name], end[name]) for name in start)
+    if objective == "road":
+        assert (out / "demos" / "epoch_0000_rank0.safetensors").is_file()
+    proc = run("evaluate", "--policy", f"ckpt:{out}", "--data", data, "--num-rollouts", 2, "--json", "--quiet")
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert 0 <= row["sdc_collision_rate"] <= 1 and 0 <= row["sdc_offroad_rate"] <= 1
+
+
+def test_damaged_demonstrations_name_the_file(tmp_path):
+    path = Path(tmp_path) / "demos" / "epoch_0000_rank0.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=str(path)):
+        read_token_demos(path, [])
