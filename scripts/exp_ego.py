@@ -1,6 +1,6 @@
 """The GMM ego policy: BC, then CAT-K on its modes, RoaD on its samples, or more BC.
 
-  python scripts/exp_ego.py [--work out/exp_bc] [--seeds 0 1 2] [--minutes 2]
+  python scripts/exp_ego.py [--work out/exp_bc] [--seeds 0 1 2] [--minutes 1]
 
 Uses the synthetic data of ``scripts/exp_bc.py`` (same ``--work``: 500 training scenarios
 from generation seed 1, 16 held-out scenarios from seed 1001). For each seed:
@@ -34,10 +34,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("out/exp_bc"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--bc-steps", type=int, default=1500)
-    parser.add_argument("--minutes", type=float, default=2.0, help="training budget of each fine-tuning run")
-    parser.add_argument("--steps", type=int, nargs=3, default=[1500, 300, 1500], metavar=("BC", "CATK", "ROAD"))
-    parser.add_argument("--refresh-every", type=int, default=10, help="RoaD: epochs of the 8k samples per collection")
+    parser.add_argument("--bc-steps", type=int, default=2000, help="about 5 ms each here")
+    parser.add_argument("--minutes", type=float, default=1.0, help="training budget of each fine-tuning run")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=3,
+        default=[12000, 600, 2400],
+        metavar=("BC", "CATK", "ROAD"),
+        help="schedule lengths that fill the budget here (BC 5 ms, CAT-K 0.1 s, RoaD 5 ms + 3 s a collection)",
+    )
+    parser.add_argument("--refresh-every", type=int, default=5, help="RoaD: epochs (31 steps of 256) per collection")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rollouts", type=int, default=32)
     args = parser.parse_args()
