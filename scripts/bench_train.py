@@ -11,7 +11,10 @@ first size measured in the same run. On CPU the trainer asks for deterministic
 algorithms (for bit-exact resume); ``det. cost`` measures what that costs. ``catk/bc`` is
 the cost of a CAT-K step (``--k`` candidates: the closed-loop rollout with incremental
 decoding, the recovery tokens, then the same teacher-forced pass) relative to a BC step of
-the same model on the same batch.
+the same model on the same batch. ``road/bc`` is the cost of collecting RoaD
+demonstrations on the batch's scenarios (``--road-k`` samples per agent and decision, one
+guided rollout each) relative to a BC step on them: RoaD adds that once per collection
+(per epoch when refreshed every epoch), not per step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from closedloop.trainers.data import collate_tokens, token_examples
 from closedloop.trainers.distributed import Distributed
 from closedloop.trainers.loop import forward_backward
 from closedloop.trainers.objectives import TokenBC
+from closedloop.trainers.road import DemoSchedule, RoaDTokens
 
 
 def time_steps(
@@ -63,12 +67,28 @@ def time_steps(
     return (time.perf_counter() - start) / steps
 
 
+def time_road_collection(size: str, examples, vocabulary, device: torch.device, k: int) -> float:
+    """Seconds to collect RoaD demonstrations (``k`` samples) on ``examples`` with model ``size``."""
+    torch.manual_seed(0)
+    model = SmartModel(size, vocabulary=vocabulary.table()).to(device)
+    objective = RoaDTokens(vocabulary, DemoSchedule("unused", None, 0), k=k, collect_batch=len(examples))
+    objective.collect(model, examples, torch.Generator(device=device).manual_seed(0))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    objective.collect(model, examples, torch.Generator(device=device).manual_seed(1))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["micro", "nano", "mini", "tiny"])
     parser.add_argument("--batch-size", type=int, default=8, help="scenarios per step")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--k", type=int, default=32, help="CAT-K candidates")
+    parser.add_argument("--road-k", type=int, default=64, help="RoaD samples")
     args = parser.parse_args()
     vocabulary = default_vocabulary()
     examples = token_examples(list(generate_scenarios(args.batch_size, seed=0)), vocabulary)
@@ -79,7 +99,7 @@ def main() -> None:
     )
     print(
         f"{'device':<7}{'model':<7}{'params':>11}{'s/step':>9}{'tokens/s':>10}{'ratio':>8}{'det. cost':>11}"
-        f"{'catk/bc':>9}"
+        f"{'catk/bc':>9}{'road/bc':>9}"
     )
     rows = []
     for device in devices:
@@ -88,6 +108,7 @@ def main() -> None:
             seconds = time_steps(size, examples, vocabulary, device, args.steps, deterministic=device.type == "cpu")
             free = time_steps(size, examples, vocabulary, device, args.steps, deterministic=False)
             catk = time_steps(size, examples, vocabulary, device, args.steps, device.type == "cpu", catk_k=args.k)
+            road = time_road_collection(size, examples, vocabulary, device, args.road_k)
             rate = tokens / seconds
             base = base or rate
             params = count_parameters(SmartModel(size))
@@ -101,11 +122,13 @@ def main() -> None:
                 "deterministic_cost": seconds / free,
                 "catk_seconds_per_step": catk,
                 "catk_to_bc": catk / seconds,
+                "road_collection_seconds": road,
+                "road_collection_to_bc": road / seconds,
             }
             rows.append(row)
             print(
                 f"{device.type:<7}{size:<7}{params:>11,}{seconds:>9.3f}{rate:>10.0f}{rate / base:>8.2f}"
-                f"{seconds / free:>10.2f}x{catk / seconds:>8.2f}x",
+                f"{seconds / free:>10.2f}x{catk / seconds:>8.2f}x{road / seconds:>8.2f}x",
                 flush=True,
             )
     print(json.dumps({"batch_size": args.batch_size, "agent_tokens": tokens, "rows": rows}))
