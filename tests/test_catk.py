@@ -198,11 +198,15 @@ def test_train_catk_from_a_bc_run_then_resume(tmp_path):
     assert read_latest(catk)["step"] == 3
 
 
-def test_catk_refuses_the_gmm_ego_model_and_bad_k(vocabulary):
+def test_catk_objective_per_model_and_bad_k(vocabulary):
+    from closedloop.trainers.ego import EgoCatK
     from closedloop.trainers.loop import TrainConfig, make_objective
 
-    config = TrainConfig(data=["x"], out="y", model="gmm-ego", objective="catk")
-    with pytest.raises(ValueError, match="gmm-ego"):
-        make_objective(config, None)
+    config = TrainConfig(data=["x"], out="y", model="gmm-ego", objective="catk", k=8)
+    objective = make_objective(config, None)
+    assert isinstance(objective, EgoCatK) and objective.k == 8 and config.batch_size == 16  # scenarios
+    assert isinstance(make_objective(TrainConfig(data=["x"], out="y", objective="catk"), vocabulary), CatK)
     with pytest.raises(ValueError, match="k >= 1"):
         CatK(vocabulary, k=0)
+    with pytest.raises(ValueError, match="k >= 1"):
+        EgoCatK(k=0)
