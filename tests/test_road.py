@@ -198,7 +198,7 @@ def test_gmm_ego_fine_tuning_runs_resumes_and_rolls_out(tmp_path, objective):
     _train("bc", "--model", "gmm-ego", "--data", data, "--out", bc, "--steps", 2)
     flags = ["--k", 4, "--batch-size", 2 if objective == "catk" else 8, "--checkpoint-every", 1]
     out = tmp_path / objective
-    _train(objective, "--init", bc, "--data", data, "--out", out, "--steps", 2, *flags)
+    _train(objective, "--init", bc, "--model", "gmm-ego", "--data", data, "--out", out, "--steps", 2, *flags)
     _train(objective, "--resume", out, "--steps", 3)
     assert read_latest(out)["step"] == 3
     start, end = load_file(str(read_latest(bc)["weights"])), load_file(str(read_latest(out)["weights"]))
