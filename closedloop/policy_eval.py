@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from closedloop.agents.planners import PlannerError, RandomShooting, UserPlanner, load_planners, scene_view
+from closedloop.agents.planners.costmap import CostMaps
 from closedloop.agents.planners.episode import LOG_PLAYBACK, PlannerEpisode, ego_dynamics, load_sim_agents
 from closedloop.data.batch import collate_scenarios, select_scenarios
 from closedloop.data.scenario import Scenario
@@ -86,6 +87,7 @@ def evaluate_planners(
     )
     returns: dict[str, dict[str, list[float]]] = {}
     failed: list[dict] = []
+    costmaps = CostMaps()  # each scenario's grid, built once for every chunk and sim-agent model
     start = time.perf_counter()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for sim_index, name in enumerate(names):
@@ -96,7 +98,7 @@ def evaluate_planners(
                 generator = _generator(device, seed, sim_index, chunk_index)
                 episode = PlannerEpisode(select_scenarios(scenes, rows), sim, ego_model, generator)
                 configs = torch.tensor([[j, d] for _, j, d in chunk for _ in range(S)])
-                planner = RandomShooting(configs)
+                planner = RandomShooting(configs, costmaps)
                 planner.reset(episode.state, episode.route, ego_model)
                 while not episode.done:
                     episode.step(planner.act(episode.state))
@@ -198,6 +200,7 @@ def planner_rollouts(
         raise ValueError(f"--ego-planner takes one planner, not {planner!r} ({len(shooting) + len(others)} planners)")
     ego_model = ego_dynamics(ego)
     sim = load_sim_agents(sim_agents, seed=seed, dynamics=sim_dynamics)
+    costmaps = CostMaps()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for index, scenario in enumerate(scenarios):
             batch = collate_scenarios([scenario]).to(device)
@@ -205,8 +208,8 @@ def planner_rollouts(
             for r in range(num_rollouts):
                 generator = _generator(device, seed, index, r)
                 if shooting:
-                    episode = PlannerEpisode(select_scenarios(batch, [0]), sim, ego_model, generator)
-                    rs = RandomShooting(torch.tensor([shooting[0][1:]]))
+                    episode = PlannerEpisode(batch, sim, ego_model, generator)
+                    rs = RandomShooting(torch.tensor([shooting[0][1:]]), costmaps)
                     rs.reset(episode.state, episode.route, ego_model)
                     while not episode.done:
                         episode.step(rs.act(episode.state))

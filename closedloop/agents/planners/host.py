@@ -38,7 +38,9 @@ def host_planner(env: EgoEnv | ClosedLoopParallelEnv, planner, seed: int | None 
     from .interface import PlannerError
 
     planner = (
-        planner if isinstance(planner, UserPlanner) else UserPlanner(getattr(planner, "__name__", "planner"), planner)
+        planner
+        if isinstance(planner, UserPlanner)
+        else UserPlanner(getattr(planner, "__name__", type(planner).__name__), planner)
     )
     parallel = isinstance(env, ClosedLoopParallelEnv)
     obs, _ = env.reset(seed=seed)
