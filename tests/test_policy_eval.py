@@ -237,15 +237,17 @@ def test_rollout_with_an_ego_planner_writes_rollouts_that_render(tmp_path, monke
 
 
 def test_faces_host_a_planner_with_frames(scenes):
+    from closedloop.agents.baselines import IDM
     from closedloop.agents.planners.host import host_planner
     from closedloop.envs import ego_env, parallel_env
 
-    env = ego_env(scenes[:1], render_mode="rgb_array")
+    env = ego_env(scenes[1:], render_mode="rgb_array")  # the free road: no collision ends it early
     episode = host_planner(env, FollowRoute(), seed=0)
-    assert episode.steps == 80 and len(episode.frames) == 81 and episode.frames[0].ndim == 3
-    env = parallel_env(scenes[:1], dynamics="bicycle", controlled="sdc", render_mode="rgb_array")
+    assert episode.scenario_id == "free" and episode.steps == 80 and len(episode.frames) == 81
+    assert episode.frames[0].ndim == 3
+    env = parallel_env(scenes[:1], dynamics="bicycle", controlled="sdc", others=IDM(), render_mode="rgb_array")
     episode = host_planner(env, keep_speed, seed=0)
-    assert episode.scenario_id == "parked" and 1 <= episode.steps <= 80 and len(episode.frames) == episode.steps + 1
+    assert episode.scenario_id == "parked" and episode.steps == 80 and len(episode.frames) == 81
     with pytest.raises(PlannerError, match="scenario parked, step 0"):
         host_planner(ego_env(scenes[:1]), returns_nan)
 
