@@ -103,8 +103,8 @@ class RandomShooting:
         self.route, self.ego = route, ego
         self.sdc = sdc_slots(state.batch)
         self.model = Bicycle()
-        self.library = candidate_library().to(device)
         self.num = self.configs[:, 0].to(device)
+        self.library = candidate_library()[: int(self.num.max())].to(device)  # no row looks further
         self.depth = self.configs[:, 1].to(device)
         self.horizon = int(self.depth.max())
         rows = torch.arange(state.controlled.shape[0], device=device)
@@ -113,7 +113,8 @@ class RandomShooting:
         self.costmap = self.costmaps.for_batch(state.batch, route, reach(speed, seconds, max(ACCELERATIONS)))
 
     def _candidates(self, now: torch.Tensor) -> torch.Tensor:
-        """States ``[B, J, H, 5]`` of every candidate over the horizon from ``now`` ``[B, 5]``."""
+        """States ``[B, J, H, 5]`` of every candidate over the horizon from ``now`` ``[B, 5]``
+        (J and H: the batch's largest)."""
         B, J = now.shape[0], self.library.shape[0]
         accel = self.library[:, 0].expand(B, J)
         curvature = self.library[:, 1].expand(B, J)
