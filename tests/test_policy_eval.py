@@ -260,3 +260,26 @@ def test_a_stable_baselines3_model_plugs_in_through_one_line(scenes):
     planner = UserPlanner("ppo", lambda obs: model.predict(obs, deterministic=True)[0])
     obs = torch.zeros(392).numpy()
     assert planner.act(obs, _bicycle()).shape == (2,)
+
+
+def test_the_episode_judges_the_sdc_as_the_simulator_does(scenes):
+    """The episode's SDC-only collision and off-road checks equal the env core's events."""
+    from closedloop.agents.planners.episode import PlannerEpisode, ego_dynamics, load_sim_agents
+    from closedloop.data import collate_scenarios
+    from closedloop.envs.events import EventTracker
+
+    batch = collate_scenarios([scenes[0], scenes[0]])
+    episode = PlannerEpisode(batch, load_sim_agents("constant_velocity"), ego_dynamics("bicycle"))
+    tracker = EventTracker(episode.state)
+    rows, seen = torch.arange(2), {"collision": 0, "offroad": 0}
+    actions = torch.tensor([[0.0, 0.0], [1.0, 0.05]])  # straight into the parked car; curving off the road
+    while not episode.done:
+        previous = episode.state
+        episode.step(actions)
+        events = tracker(previous, episode.state)
+        collision, offroad = episode.sdc_events()
+        assert torch.equal(collision, events["collision"][rows, episode.sdc])
+        assert torch.equal(offroad, events["offroad"][rows, episode.sdc])
+        seen["collision"] += int(collision.sum())
+        seen["offroad"] += int(offroad.sum())
+    assert seen["collision"] > 0 and seen["offroad"] > 0

@@ -18,8 +18,9 @@ import torch
 from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.core import check_actions, global_trajectories, reset, step
 from closedloop.envs.dynamics import ActionSpec, Dynamics, make_dynamics, wrap_angle
-from closedloop.envs.events import EventTracker
+from closedloop.envs.map_index import RoadEdges
 from closedloop.envs.observation import ObservationConfig, Observer
+from closedloop.geometry import box_corners, rectangles_overlap
 
 from .scoring import OFFROUTE_DISTANCE, Route, planner_reward, sdc_slots
 
@@ -79,8 +80,8 @@ NEXT_STATES = NextStates()
 
 class PlannerEpisode:
     """B scenarios from the current step to the end of the log. ``step(ego_actions)``
-    moves the SDC by the ego dynamics and the others by ``sim_agents``, checks the events
-    and returns the planner-evaluation reward ``[B]`` (``returns`` sums it)."""
+    moves the SDC by the ego dynamics and the others by ``sim_agents``, checks the SDC's
+    events and returns the planner-evaluation reward ``[B]`` (``returns`` sums it)."""
 
     def __init__(
         self, batch: ScenarioBatch, sim_agents: SimAgents, ego: Dynamics, generator: torch.Generator | None = None
@@ -92,7 +93,7 @@ class PlannerEpisode:
         self.sdc = sdc_slots(batch)
         self.rows = torch.arange(batch.batch_size, device=self.state.device)
         self.route = Route.from_log(batch)
-        self.tracker = EventTracker(self.state)
+        self.edges = RoadEdges(batch)
         if sim_agents.policy is not None:
             sim_agents.policy.reset(self.state, sim_agents.dynamics, generator)
         self._plan: torch.Tensor | None = None  # the sim agents' next states [B, N, k, 5]
@@ -136,17 +137,31 @@ class PlannerEpisode:
         nxt = self._others()
         nxt[self.rows, self.sdc] = self.ego.forward(self.sdc_state(), bounded)[:, 0]
         self.state = step(previous, nxt, NEXT_STATES)
-        events = self.tracker(previous, self.state)
+        collision, offroad = self.sdc_events()
         distance, arc = self.route.project(self.sdc_state()[:, None, :2])
-        reward = planner_reward(
-            events["collision"][self.rows, self.sdc],
-            events["offroad"][self.rows, self.sdc],
-            distance[:, 0] > OFFROUTE_DISTANCE,
-            arc[:, 0] - self._arc,
-        )
+        reward = planner_reward(collision, offroad, distance[:, 0] > OFFROUTE_DISTANCE, arc[:, 0] - self._arc)
         self._arc = arc[:, 0]
         self.returns += reward
         return reward
+
+    def sdc_events(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether the SDC collides and is off the road now, ``[B]`` each: the simulator's
+        own checks (:func:`closedloop.envs.core.collisions`' oriented-box test against every
+        other valid agent, :mod:`closedloop.envs.events`' road-edge index), for the SDC alone."""
+        state, rows = self.state, self.rows
+        pose, dims = state.current, state.dims
+        me, mine = pose[rows, self.sdc], dims[rows, self.sdc]
+        radius = torch.hypot(dims[..., 0], dims[..., 1]) / 2
+        gap = torch.linalg.norm(pose[..., :2] - me[:, None, :2], dim=-1)
+        near = state.valid_now & ~state.batch.is_sdc & (gap < radius + radius[rows, self.sdc][:, None])
+        b, n = torch.nonzero(near, as_tuple=True)
+        collision = torch.zeros_like(self.sdc, dtype=torch.bool)
+        if b.numel():
+            box = (me[b, 0], me[b, 1], me[b, 2], mine[b, 0], mine[b, 1])
+            other = (pose[b, n, 0], pose[b, n, 1], pose[b, n, 2], dims[b, n, 0], dims[b, n, 1])
+            collision[b[rectangles_overlap(box, other)]] = True
+        corners = box_corners(me[:, 0], me[:, 1], me[:, 2], mine[:, 0], mine[:, 1])[:, None]  # [B, 1, 4, 2]
+        return collision, self.edges.signed_distance(corners)[:, 0] > 0
 
     def trajectories(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(objects [B, N] bool, trajectories [B, N, S, 4])``: the objects valid at the
