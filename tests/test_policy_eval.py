@@ -283,3 +283,31 @@ def test_the_episode_judges_the_sdc_as_the_simulator_does(scenes):
         seen["collision"] += int(collision.sum())
         seen["offroad"] += int(offroad.sum())
     assert seen["collision"] > 0 and seen["offroad"] > 0
+
+
+def test_idm_finds_the_same_lane_point_as_a_whole_roadgraph_search():
+    """IDM's indexed lane search (kept fast for 512-row policy-evaluation batches) against
+    the brute-force search over every lane point, for random probes and headings."""
+    from closedloop.agents.baselines import IDM
+    from closedloop.data import collate_scenarios
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs import make_dynamics, reset
+
+    batch = collate_scenarios(list(generate_scenarios(2, seed=3, town="cross", agents=(20, 30))))
+    state = reset(batch)
+    idm = IDM()
+    idm.reset(state, make_dynamics("delta_global"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        heading = torch.rand(state.current.shape[:2], generator=g) * 6.3 - 3.15
+        state.history.pose[:, :, state.t, 2] = heading
+        probe = state.current[..., :2] + torch.randn(*heading.shape, 2, generator=g) * 8
+        best, found = idm._lane_point(state, probe)
+        d = torch.linalg.norm(probe[:, :, None] - batch.road_xyz[:, None, :, :2], dim=-1)
+        d = d.masked_fill(~IDM._usable_lanes(state), float("inf")).min(-1)
+        valid = state.valid_now
+        assert torch.equal(found[valid], torch.isfinite(d.values)[valid])
+        chosen = torch.linalg.norm(
+            probe - torch.gather(batch.road_xyz[..., :2], 1, best[..., None].expand(-1, -1, 2)), dim=-1
+        )
+        assert torch.allclose(chosen[valid & found], d.values[valid & found], atol=1e-5)
