@@ -282,6 +282,8 @@ def _rollout_planner(args: argparse.Namespace) -> int:
         sim_dynamics=args.dynamics or "delta_global",
         device=args.device,
         seed=args.seed,
+        top_k=args.top_k,
+        temperature=args.temperature,
     )
     start = time.perf_counter()
     paths = write_rollouts(

@@ -190,6 +190,8 @@ def planner_rollouts(
     sim_dynamics: str = "delta_global",
     device: str = "cpu",
     seed: int = 0,
+    top_k: int | None = 48,
+    temperature: float = 1.0,
 ):
     """Yield ``(scenario_id, object_ids [A], trajectories [R, A, 80, 4])`` per scenario (the
     ``closedloop rollout`` files) with ``planner`` (one spec) driving the SDC and
@@ -199,7 +201,7 @@ def planner_rollouts(
     if len(shooting) + len(others) != 1:
         raise ValueError(f"--ego-planner takes one planner, not {planner!r} ({len(shooting) + len(others)} planners)")
     ego_model = ego_dynamics(ego)
-    sim = load_sim_agents(sim_agents, seed=seed, dynamics=sim_dynamics)
+    sim = load_sim_agents(sim_agents, seed=seed, dynamics=sim_dynamics, top_k=top_k, temperature=temperature)
     costmaps = CostMaps()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for index, scenario in enumerate(scenarios):

@@ -37,14 +37,17 @@ class SimAgents:
     dynamics: Dynamics | None = None
 
 
-def load_sim_agents(spec: str, seed: int = 0, dynamics: str = "delta_global") -> SimAgents:
+def load_sim_agents(
+    spec: str, seed: int = 0, dynamics: str = "delta_global", top_k: int | None = 48, temperature: float = 1.0
+) -> SimAgents:
     """``log`` (log playback), or any ``--policy`` spec of ``closedloop rollout``: a baseline
-    (driving ``dynamics``), a checkpoint or weights (their own dynamics), user code."""
+    (driving ``dynamics``), a checkpoint or weights (their own dynamics, sampled among the
+    ``top_k`` most likely actions at ``temperature``), user code."""
     if spec == LOG_PLAYBACK:
         return SimAgents(spec)
     from closedloop.agents.policy import load_policy
 
-    policy = load_policy(spec, seed=seed)
+    policy = load_policy(spec, seed=seed, top_k=top_k, temperature=temperature)
     model = policy.make_dynamics() if hasattr(policy, "make_dynamics") else make_dynamics(dynamics)
     return SimAgents(spec, policy, model)
 
