@@ -293,8 +293,8 @@ def markdown_tables(result: dict) -> str:
     sims = result["settings"]["sim_agents"]
     truth = result["ground_truth"]
 
-    def number(x: float) -> str:
-        return "nan" if x != x else f"{x:.4f}"
+    def number(x: float | None) -> str:
+        return "nan" if x is None or x != x else f"{x:.4f}"
 
     def table(header: list[str], rows: list[list[str]]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -18,7 +18,7 @@ from closedloop.envs.env import constant_velocity_targets, expert_targets
 from closedloop.envs.events import StopLines
 from closedloop.envs.map_index import FAR, NearestPoints
 
-LANE_CANDIDATES = 256  # nearest lane points IDM looks at for one running its agent's way (all it keeps)
+LANE_CANDIDATES = 64  # nearest lane points IDM looks at for one running its agent's way
 
 
 class LogReplay(BasePolicy):
