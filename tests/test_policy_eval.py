@@ -308,3 +308,13 @@ def test_idm_finds_the_same_lane_point_as_a_whole_roadgraph_search():
             probe - torch.gather(batch.road_xyz[..., :2], 1, best[..., None].expand(-1, -1, 2)), dim=-1
         )
         assert torch.allclose(chosen[valid & found], d.values[valid & found], atol=1e-5)
+
+
+def test_another_ego_dynamics(scenes):
+    """With --ego-dynamics delta_local a planner returns [dx, dy, dyaw]; the random-shooting
+    planners turn their chosen candidate into such an action (the dynamics' inverse)."""
+    result = evaluate_planners(scenes[1:], ["rs_J9_D6", f"{MODULE}:wrong_shape"], ["log"], ego="delta_local")
+    assert not result["failed"] and set(result["values"]) == {"rs_J9_D6", f"{MODULE}:wrong_shape"}
+    assert result["values"]["rs_J9_D6"]["log"] > 0  # on the free road it only makes progress
+    with pytest.raises(ValueError, match="unknown ego dynamics"):
+        evaluate_planners(scenes[1:], ["rs_J9_D6"], ["log"], ego="tokens")
