@@ -635,7 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ground-truth", default="log", help="the sim-agent model the others are compared with")
     p.add_argument("--ego-dynamics", choices=EGO_DYNAMICS, default="bicycle", help="the planners' dynamics")
-    p.add_argument("--sim-dynamics", choices=DYNAMICS, default="delta_global", help="baseline sim agents' dynamics")
+    p.add_argument(
+        "--sim-dynamics",
+        choices=[name for name in DYNAMICS if name != "tokens"],
+        default="delta_global",
+        help="baseline sim agents' dynamics (learned ones bring their own)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="(planner, scenario) rows simulated together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
