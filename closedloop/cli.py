@@ -238,6 +238,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     from closedloop.data.womd import read_scenarios
     from closedloop.envs.rollout import rollout_scenarios, write_rollouts
 
+    if args.ego_planner:
+        return _rollout_planner(args)
     policy, dynamics, together = _policy_and_dynamics(args)
     scenarios = list(read_scenarios(args.data))
     results = rollout_scenarios(
@@ -258,6 +260,88 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     print(
         f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
         f"dynamics {dynamics.name}) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def _rollout_planner(args: argparse.Namespace) -> int:
+    """``rollout --ego-planner``: the planner drives the SDC, ``--policy`` the others."""
+    from tqdm import tqdm
+
+    from closedloop.data.womd import read_scenarios
+    from closedloop.envs.rollout import write_rollouts
+    from closedloop.policy_eval import planner_rollouts
+
+    scenarios = list(read_scenarios(args.data))
+    results = planner_rollouts(
+        scenarios,
+        args.ego_planner,
+        args.policy,
+        num_rollouts=args.num_rollouts,
+        ego=args.ego_dynamics,
+        sim_dynamics=args.dynamics or "delta_global",
+        device=args.device,
+        seed=args.seed,
+        top_k=args.top_k,
+        temperature=args.temperature,
+    )
+    start = time.perf_counter()
+    paths = write_rollouts(
+        tqdm(results, total=len(scenarios), desc="rollout", unit="scenario", disable=args.quiet, file=sys.stderr),
+        args.out,
+    )
+    print(
+        f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, ego planner {args.ego_planner} "
+        f"({args.ego_dynamics}), sim agents {args.policy}) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def _spec_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, not {text!r}")
+    return items
+
+
+def _cmd_policy_eval(args: argparse.Namespace) -> int:
+    from closedloop.data.womd import read_scenarios
+    from closedloop.policy_eval import RESULT_FILE, evaluate_planners, json_ready, markdown_tables
+
+    scenarios = list(read_scenarios(args.data))
+    if not scenarios:
+        raise ValueError(f"no scenarios in {' '.join(args.data)}")
+    start = time.perf_counter()
+    result = evaluate_planners(
+        scenarios,
+        args.planners,
+        args.sim_agents,
+        ground_truth=args.ground_truth,
+        ego=args.ego_dynamics,
+        sim_dynamics=args.sim_dynamics,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+        out=args.out,
+    )
+    for failure in result["failed"]:
+        print(
+            f"closedloop policy-eval: planner {failure['planner']} failed on scenario {failure['scenario_id']} "
+            f"(sim agents {failure['sim_agent']}), left out: {failure['error']}",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps(json_ready(result)), flush=True)
+        return 0
+    print(markdown_tables(result))
+    if result["failed"]:
+        names = sorted({f["planner"] for f in result["failed"]})
+        print(f"\nleft out (failed, see stderr): {', '.join(names)}")
+    wrote = f"; wrote {RESULT_FILE}, values.csv and values.png to {args.out}" if args.out else ""
+    print(
+        f"\n{len(result['values'])} planners x {len(result['settings']['sim_agents'])} sim-agent models on "
+        f"{len(scenarios)} scenarios in {time.perf_counter() - start:.1f} s{wrote}"
     )
     return 0
 
@@ -506,9 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from closedloop.agents.planners.episode import EGO_DYNAMICS
+
     p = sub.add_parser("rollout", help="roll a policy out and write rollout files")
     policy_flags(p)
     p.add_argument("--out", required=True, help="directory for <scenario_id>.npz files")
+    p.add_argument(
+        "--ego-planner",
+        metavar="SPEC",
+        help="a planner drives the SDC (rs_J{j}_D{d}, module:attr, path/to/file.py:attr or an entry point of "
+        "closedloop.planners) and --policy the other agents (log: log playback)",
+    )
+    p.add_argument("--ego-dynamics", choices=EGO_DYNAMICS, default="bicycle", help="the planner's dynamics")
     p.set_defaults(func=_cmd_rollout)
 
     p = sub.add_parser(
@@ -519,6 +612,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per scenario, then ALL")
     p.add_argument("--out", help="also write <scenario_id>.npz rollout files and evaluation.json here")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "policy-eval",
+        help="value planners under sim-agent models; rank correlation and error against the ground truth",
+    )
+    p.add_argument("--data", required=True, nargs="+", help="TFRecords, directories or globs")
+    p.add_argument(
+        "--planners",
+        required=True,
+        type=_spec_list,
+        metavar="random_shooting[,SPEC...]",
+        help="comma-separated: random_shooting (the 64 rs_J{j}_D{d}), rs_J{j}_D{d}, module:attr, "
+        "path/to/file.py:attr or entry points of closedloop.planners",
+    )
+    p.add_argument(
+        "--sim-agents",
+        type=_spec_list,
+        default=["log", "constant_velocity", "idm"],
+        metavar="log,constant_velocity,idm[,ckpt:RUN_DIR...]",
+        help="comma-separated sim-agent models: log (playback) or any rollout --policy spec",
+    )
+    p.add_argument("--ground-truth", default="log", help="the sim-agent model the others are compared with")
+    p.add_argument("--ego-dynamics", choices=EGO_DYNAMICS, default="bicycle", help="the planners' dynamics")
+    p.add_argument(
+        "--sim-dynamics",
+        choices=[name for name in DYNAMICS if name != "tokens"],
+        default="delta_global",
+        help="baseline sim agents' dynamics (learned ones bring their own)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="(planner, scenario) rows simulated together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object: values, spearman, mae, failed")
+    p.add_argument("--out", help="write policy_eval.json, values.csv and values.png here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_policy_eval)
 
     p = sub.add_parser("model-info", help="the size of a tokenized traffic model")
     p.add_argument("--model", required=True, help="tiny, mini, nano or micro")

@@ -16,6 +16,9 @@ from closedloop.envs.core import SimState
 from closedloop.envs.dynamics import Dynamics, wrap_angle
 from closedloop.envs.env import constant_velocity_targets, expert_targets
 from closedloop.envs.events import StopLines
+from closedloop.envs.map_index import FAR, NearestPoints
+
+LANE_CANDIDATES = 64  # nearest lane points IDM looks at for one running its agent's way
 
 
 class LogReplay(BasePolicy):
@@ -54,6 +57,11 @@ class IDM(BasePolicy):
     agrees with its heading, keeps its desired speed (its speed at the first call, at
     least ``min_desired_speed``), and brakes for the nearest agent ahead in its corridor
     and for red stop lines ahead (a stopped virtual leader at the line).
+
+    The lane point ahead is found without an agents x roadgraph search per step: a
+    :class:`~closedloop.envs.map_index.NearestPoints` index over the drivable lane points
+    gives each probe its nearest ones, and only agents with no point running their way
+    among those are searched against the whole roadgraph (the answer is the same).
     """
 
     def __init__(
@@ -79,6 +87,9 @@ class IDM(BasePolicy):
         parked = (speed < 1.0) & (own.min(-1).values > 2.0)
         self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
         self._stop_lines = StopLines(state)
+        b = state.batch
+        lanes = b.road_mask & is_drivable_lane(b.road_type)
+        self._lanes = NearestPoints(b.road_xyz[..., :2], lanes, polyline_id=b.road_id)
 
     @staticmethod
     def _usable_lanes(state: SimState) -> torch.Tensor:
@@ -90,13 +101,37 @@ class IDM(BasePolicy):
         )
         return (b.road_mask & is_drivable_lane(b.road_type))[:, None] & aligned
 
+    def _lane_point(self, state: SimState, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest lane point to each probe ``[B, N, 2]`` among those running its
+        agent's way (:meth:`_usable_lanes`), ``[B, N]``, and whether there is one: from the
+        nearest lane points when one of them runs its way, else from all of them."""
+        b, yaw = state.batch, state.current[..., 2]
+        heading = torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)
+        k = min(LANE_CANDIDATES, b.road_xyz.shape[1])
+        index, distance = self._lanes(probe, k, active=state.valid_now)  # [B, N, k], nearest first
+        direction = torch.gather(b.road_dir[..., :2], 1, index.flatten(1)[..., None].expand(-1, -1, 2))
+        direction = direction.view(*index.shape, 2)
+        aligned = (direction * heading[:, :, None]).sum(-1) > 0.5 * torch.linalg.norm(direction, dim=-1)
+        aligned &= distance < FAR / 2
+        found = aligned.any(-1)
+        best = index.gather(-1, aligned.to(torch.uint8).argmax(-1, keepdim=True))[..., 0]
+        rows, agents = torch.nonzero(~found & state.valid_now, as_tuple=True)
+        if rows.numel():  # nothing running its way nearby: search every lane point
+            lanes = b.road_mask[rows] & is_drivable_lane(b.road_type[rows])
+            road_dir = b.road_dir[rows, :, :2]
+            lanes &= (road_dir * heading[rows, agents, None]).sum(-1) > 0.5 * torch.linalg.norm(road_dir, dim=-1)
+            d = torch.linalg.norm(b.road_xyz[rows, :, :2] - probe[rows, agents, None], dim=-1)
+            d = d.masked_fill(~lanes, float("inf")).min(-1)
+            best[rows, agents] = d.indices
+            found[rows, agents] = torch.isfinite(d.values)
+        return best, found
+
     def act(self, state: SimState) -> torch.Tensor:
         b = state.batch
         cur = state.current
         x, y, yaw, vx, vy = cur.unbind(-1)
         speed = torch.hypot(vx, vy)
         cos, sin = torch.cos(yaw), torch.sin(yaw)
-        usable = self._usable_lanes(state)
         length = state.dims[..., 0]
         valid = state.valid[:, :, state.t] & b.agent_mask
 
@@ -135,12 +170,11 @@ class IDM(BasePolicy):
 
         # Steering: towards the aligned lane point ahead.
         probe = torch.stack([x + cos * self.lookahead, y + sin * self.lookahead], -1)
-        d = torch.cdist(probe.float(), b.road_xyz[..., :2].float()).masked_fill(~usable, float("inf"))
-        best = d.argmin(-1)
+        best, found = self._lane_point(state, probe)
         target = torch.gather(b.road_xyz[..., :2], 1, best[..., None].expand(-1, -1, 2))
         # No lane ahead (the map ends, or only points behind us): keep the heading.
         ahead_of_us = (target[..., 0] - x) * cos + (target[..., 1] - y) * sin > 1.0
-        has_lane = torch.isfinite(d.min(-1).values) & ahead_of_us
+        has_lane = found & ahead_of_us
         target_yaw = torch.atan2(target[..., 1] - y, target[..., 0] - x)
         turn = torch.where(has_lane, wrap_angle(target_yaw - yaw), torch.zeros_like(yaw))
 
