@@ -110,8 +110,33 @@ def test_ego_catk_executes_the_nearest_mode_and_targets_the_log_from_where_it_is
     # A target is the trajectory action that lands on the log: on the log's first chunk
     # (where the rollout starts from the logged pose) it is BC's target.
     bc = ego_examples(scenarios, model)
-    first = [0, len(samples) // 2]  # time-major: the first rows are t = 10 of both scenarios
-    assert torch.allclose(samples.target[: len(first)], bc.target[: len(first)], atol=1e-4)
+    # Time-major: rows 0 and 1 are the two scenarios' chunks at t = 10, where both start on the log.
+    assert torch.allclose(samples.target[:2], bc.target[:2], atol=1e-4)
+
+
+def test_ego_rollouts_learn_where_bc_does_when_the_sdc_log_has_a_gap(scenarios, tmp_path):
+    import copy
+
+    gapped = copy.deepcopy(scenarios)
+    gapped[0].track_valid[gapped[0].sdc_track_index, 20] = False
+    model = GMMEgoModel()
+    objective = EgoRoaD(DemoSchedule(tmp_path, None, 0), k=4)
+    logs = objective.examples(gapped, model)
+    demos, _ = objective.collect(model, torch.Generator().manual_seed(0))
+    assert len(demos) == len(logs) < len(ego_examples(scenarios, model))  # the gap removes samples from both
+
+
+def test_token_bc_learns_only_the_target_valid_tokens(vocabulary, batch):
+    import dataclasses
+
+    from closedloop.trainers.objectives import TokenBC
+
+    model = SmartModel("micro", vocabulary=vocabulary.table())
+    where = torch.zeros_like(batch.valid)
+    where.view(-1)[batch.valid.view(-1).nonzero()[0]] = True  # one valid token
+    where[0, 0, 0] |= not bool(batch.valid[0, 0, 0])  # and one that is not valid: never learned
+    loss = TokenBC(vocabulary).loss(model, dataclasses.replace(batch, target_valid=where))
+    assert float(loss.count) == 1.0
 
 
 def test_ego_road_demonstrations_are_the_executed_chunks(scenarios, tmp_path):
@@ -182,6 +207,11 @@ def test_train_road_command_line(tmp_path):
         0.8,
     )
     assert (config["guidance"], config["recovery_distance"], config["recovery_steps"]) == ("sampling", 2.5, 10)
+    # A fresh run into the same directory collects its own demonstrations (a stale file is cleared, not read).
+    (out / "demos" / "epoch_0000_rank0.safetensors").write_bytes(b"an earlier run's demonstrations")
+    _train("road", "--init", bc, "--data", data, "--out", out, "--k", 4, "--batch-size", 2, "--steps", 1)
+    proc = run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "y", "--freeze-encoder", check=False)
+    assert proc.returncode == 0  # a token model: frozen encoder allowed
     proc = run("train", "road", "--data", data, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "--init" in proc.stderr
     proc = run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "x", "--one-off",

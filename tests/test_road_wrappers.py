@@ -188,6 +188,17 @@ def test_expert_guidance_follows_the_log(scenarios):
     assert info["expert_used"].any()
 
 
+def test_one_vocabulary_for_every_kind(scenarios, vocabulary):
+    from closedloop.wrappers import CatK
+
+    table = vocabulary.table()[0]  # [V, steps, 3]: the vehicles' tokens for every agent
+    for wrap in (lambda env: RoaD(env, k=3), lambda env: CatK(env, 3)):
+        env = wrap(parallel_env(scenarios, dynamics="tokens", vocabulary=table))
+        env.reset(seed=0)
+        _, _, _, _, infos = env.step({agent: np.arange(3) for agent in env.agents})
+        assert len(infos) == len(env.possible_agents)
+
+
 def test_bad_candidates_name_the_agent(scenarios):
     env = _trajectory_env(scenarios, k=3)
     env.reset(seed=0)

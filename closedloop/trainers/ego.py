@@ -15,13 +15,13 @@ logged continuation (the mean 4-corner distance over the chunk's steps, the SDC'
   ``recovery_distance`` (recovery mode); the executed chunks are the demonstrations,
   collected once or every ``refresh_every`` epochs, then learned by NLL as in BC.
 
-Chunks whose log is not valid throughout (and an SDC not valid now) are executed as the
-model's most likely mode and are not learned from, exactly the samples BC skips.
+Chunks whose log is not valid throughout (or where the SDC's log is not valid now) are not
+learned from, exactly the samples BC skips; there CAT-K executes the heaviest mode and RoaD
+its first sample.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,13 @@ def ego_rollout(model: GMMEgoModel, batch: ScenarioBatch, decide: EgoGuide) -> t
     the executed chunks' distance to the log ``[samples]``."""
     was_training = model.training
     model.eval()
+    with torch.autocast("cuda", enabled=False):  # full-precision poses even inside a bf16 training step
+        samples, distances = _ego_rollout(model, batch, decide)
+    model.train(was_training)
+    return samples, distances
+
+
+def _ego_rollout(model: GMMEgoModel, batch: ScenarioBatch, decide: EgoGuide) -> tuple[EgoSamples, torch.Tensor]:
     policy = GMMEgoPolicy(model)
     dynamics = policy.make_dynamics()
     state: SimState = reset(batch)
@@ -80,7 +87,7 @@ def ego_rollout(model: GMMEgoModel, batch: ScenarioBatch, decide: EgoGuide) -> t
     while state.t + model.chunk <= state.num_steps - 1:
         observation = policy.observer(state, sdc)  # [B, 1, D]
         recovery, ok = policy.target(state)  # the logged chunk from the rolled-out pose
-        guided = ok & state.valid_now.gather(1, sdc)
+        guided = ok & batch.agent_valid[:, :, state.t].gather(1, sdc)  # as BC's samples: the log's validity
         pose = state.current[..., :3].gather(1, sdc[..., None].expand(-1, 1, 3))
         chunk = EgoChunk(
             pose,
@@ -95,7 +102,6 @@ def ego_rollout(model: GMMEgoModel, batch: ScenarioBatch, decide: EgoGuide) -> t
         targets.append(target[guided])
         distances.append(distance[guided])
         state = step(state, policy.to_actions(state, action), dynamics)
-    model.train(was_training)
     return EgoSamples(torch.cat(obs), torch.cat(targets)), torch.cat(distances)
 
 
@@ -195,26 +201,23 @@ class EgoRoaD(EgoBC):
         return demos, {"rollout_error_m": float(torch.cat(distances).mean())}
 
     def epoch_examples(self, model, logs: EgoSamples, epoch: int, rank: int, show: bool) -> EgoSamples:
-        schedule = self.schedule
-        collection = schedule.collection_epoch(epoch)
-        if schedule.epoch == collection:
-            return schedule.held
-        path = schedule.path(collection, rank)
-        if path.is_file():
-            demos = read_ego_demos(path, len(logs))
-        else:
-            device = next(model.parameters()).device
-            demos, stats = self.collect(model, schedule.generator(collection, rank, device), show)
+        """The demonstrations this epoch trains on (see :meth:`DemoSchedule.demonstrations`)."""
+
+        def collect(generator: torch.Generator):
+            demos, stats = self.collect(model, generator, show)
             if len(demos) != len(logs):
                 raise RuntimeError(f"RoaD collected {len(demos)} ego samples where the log has {len(logs)}")
-            write_ego_demos(path, demos, {"epoch": collection, "rank": rank, **stats})
-            if show:
-                tqdm.write(
-                    f"RoaD demonstrations for epoch {collection}: rollout_error_m {stats['rollout_error_m']:.3f}",
-                    file=sys.stderr,
-                )
-        schedule.epoch, schedule.held = collection, demos
-        return demos
+            return demos, stats
+
+        return self.schedule.demonstrations(
+            epoch,
+            rank,
+            next(model.parameters()).device,
+            read=lambda path: read_ego_demos(path, logs),
+            collect=collect,
+            write=write_ego_demos,
+            show=show,
+        )
 
 
 def write_ego_demos(path: Path, demos: EgoSamples, header: dict) -> None:
@@ -222,8 +225,13 @@ def write_ego_demos(path: Path, demos: EgoSamples, header: dict) -> None:
     write_safetensors(path, {"obs": demos.obs, "target": demos.target}, {"format": EGO_DEMOS_FORMAT, **header})
 
 
-def read_ego_demos(path: Path, count: int) -> EgoSamples:
+def read_ego_demos(path: Path, logs: EgoSamples) -> EgoSamples:
+    """The ego demonstrations of ``path``, checked against the shapes of this run's samples."""
     tensors, _ = read_safetensors(path, "RoaD ego demonstrations", CheckpointError, DEMOS_MAX_BYTES, EGO_DEMOS_FORMAT)
-    if tensors["obs"].shape[0] != count:
-        raise CheckpointError(f"{path}: {tensors['obs'].shape[0]} demonstrations where this run's data has {count}")
+    try:
+        for name, like in (("obs", logs.obs), ("target", logs.target)):
+            if tensors[name].shape != like.shape:
+                raise ValueError(f"{name} has shape {list(tensors[name].shape)}, this run's data {list(like.shape)}")
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not this run's RoaD ego demonstrations: {err}") from None
     return EgoSamples(tensors["obs"], tensors["target"])

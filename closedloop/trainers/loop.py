@@ -281,8 +281,12 @@ def _train(config: TrainConfig, dist: Distributed, resume: str | None) -> Path:
     model, vocabulary, model_name = build_model(config)
     model.to(device).train()
     objective = make_objective(config, vocabulary)
-    if config.freeze_encoder and vocabulary is not None:
+    if config.freeze_encoder:
+        if vocabulary is None:
+            raise ValueError("--freeze-encoder freezes a token model's map encoder; the gmm-ego model has none")
         freeze_encoder(model)
+    if resume is None and hasattr(objective, "schedule"):  # RoaD: never train on an earlier run's demonstrations
+        objective.schedule.clear(dist.rank)
 
     # Data: this rank's share of the scenarios, derived into examples once.
     show = dist.is_main and not config.quiet

@@ -51,7 +51,8 @@ DEMOS_MAX_BYTES = 8 << 30
 
 class DemoSchedule:
     """When demonstrations are (re)collected and where they are kept: epoch 0 and then
-    every ``refresh_every`` epochs (never again when None), one file per (epoch, rank)."""
+    every ``refresh_every`` epochs (never again when None), one file per (epoch, rank).
+    A fresh run clears its rank's files (:meth:`clear`); a resumed run reads them back."""
 
     def __init__(self, run_dir: str | Path, refresh_every: int | None, seed: int):
         if refresh_every is not None and refresh_every < 1:
@@ -66,9 +67,37 @@ class DemoSchedule:
     def path(self, epoch: int, rank: int) -> Path:
         return self.run_dir / "demos" / f"epoch_{epoch:04d}_rank{rank}.safetensors"
 
+    def clear(self, rank: int) -> None:
+        """Remove this rank's demonstrations of an earlier run in the same directory: a
+        fresh run must collect its own."""
+        for stale in (self.run_dir / "demos").glob(f"epoch_*_rank{rank}.safetensors"):
+            stale.unlink()
+
     def generator(self, epoch: int, rank: int, device: torch.device) -> torch.Generator:
         """The collection's own RNG: the same demonstrations whatever came before."""
-        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch * 101 + rank)
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def demonstrations(self, epoch: int, rank: int, device: torch.device, read, collect, write, show: bool):
+        """The demonstrations for training ``epoch``: those held, those on disk (a resumed
+        run), or ``collect(generator) -> (demos, stats)`` now, written with ``write(path,
+        demos, header)``. ``read(path)`` loads a file."""
+        collection = self.collection_epoch(epoch)
+        if self.epoch == collection:
+            return self.held
+        path = self.path(collection, rank)
+        if path.is_file():
+            demos = read(path)
+        else:
+            demos, stats = collect(self.generator(collection, rank, device))
+            write(path, demos, {"epoch": collection, "rank": rank, **stats})
+            if show:
+                summary = ", ".join(f"{name} {value:.3f}" for name, value in stats.items())
+                tqdm.write(f"RoaD demonstrations for epoch {collection}: {summary}", file=sys.stderr)
+        self.epoch, self.held = collection, demos
+        return demos
 
 
 class RoaDTokens(TokenBC):
@@ -160,24 +189,16 @@ class RoaDTokens(TokenBC):
         return demos, {"rollout_error_m": error / count, "recovery_fraction": recovered / count}
 
     def epoch_examples(self, model, logs: list[TokenExample], epoch: int, rank: int, show: bool) -> list[TokenExample]:
-        """The demonstrations this epoch trains on: held, read from the run directory (a
-        resumed run), or collected now with the current policy and written there."""
-        schedule = self.schedule
-        collection = schedule.collection_epoch(epoch)
-        if schedule.epoch == collection:
-            return schedule.held
-        path = schedule.path(collection, rank)
-        if path.is_file():
-            demos = read_token_demos(path, logs)
-        else:
-            device = next(model.parameters()).device
-            demos, stats = self.collect(model, logs, schedule.generator(collection, rank, device), show)
-            write_token_demos(path, demos, {"epoch": collection, "rank": rank, **stats})
-            if show:
-                summary = ", ".join(f"{name} {value:.3f}" for name, value in stats.items())
-                tqdm.write(f"RoaD demonstrations for epoch {collection}: {summary}", file=sys.stderr)
-        schedule.epoch, schedule.held = collection, demos
-        return demos
+        """The demonstrations this epoch trains on (see :meth:`DemoSchedule.demonstrations`)."""
+        return self.schedule.demonstrations(
+            epoch,
+            rank,
+            next(model.parameters()).device,
+            read=lambda path: read_token_demos(path, logs),
+            collect=lambda generator: self.collect(model, logs, generator, show),
+            write=write_token_demos,
+            show=show,
+        )
 
 
 def write_token_demos(path: Path, demos: Sequence[TokenExample], header: dict) -> None:
@@ -197,17 +218,27 @@ def write_token_demos(path: Path, demos: Sequence[TokenExample], header: dict) -
 def read_token_demos(path: Path, logs: Sequence[TokenExample]) -> list[TokenExample]:
     """The demonstrations of ``path`` for the log examples ``logs`` (same scenarios, same order)."""
     tensors, header = read_safetensors(path, "RoaD demonstrations", CheckpointError, DEMOS_MAX_BYTES, DEMOS_FORMAT)
-    counts = tensors["counts"].tolist()
-    if header.get("scenarios") != [e.scenario_id for e in logs] or counts != [e.tokens.shape[0] for e in logs]:
-        raise CheckpointError(f"{path}: demonstrations of other scenarios than this run's data")
-    parts = {name: tensors[name].split(counts) for name in ("tokens", "valid", "poses", "target_valid")}
+    names = ("tokens", "valid", "poses", "target_valid")
+    try:
+        counts = tensors["counts"].tolist()
+        if header.get("scenarios") != [e.scenario_id for e in logs] or counts != [e.tokens.shape[0] for e in logs]:
+            raise ValueError("demonstrations of other scenarios than this run's data")
+        agents, steps = sum(counts), logs[0].tokens.shape[1]
+        expected = {"tokens": (agents, steps), "valid": (agents, steps), "poses": (agents, steps + 1, 3)}
+        expected["target_valid"] = (agents, steps)
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+        parts = {name: tensors[name].split(counts) for name in names}
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not this run's RoaD demonstrations: {err}") from None
     return [
         dataclasses.replace(
             log,
             tokens=parts["tokens"][i],
-            valid=parts["valid"][i],
+            valid=parts["valid"][i].bool(),
             poses=parts["poses"][i],
-            target_valid=parts["target_valid"][i],
+            target_valid=parts["target_valid"][i].bool(),
         )
         for i, log in enumerate(logs)
     ]

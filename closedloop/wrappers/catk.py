@@ -43,8 +43,8 @@ def catk_select(
     ``[B, N]`` tensors ``catk_choice``, ``executed_token``, ``recovery_token``,
     ``recovery_valid`` (see the module docstring)."""
     table = dynamics.vocabulary.to(state.device, torch.float32)
-    if table.dim() == 3:  # one table for every kind
-        table = table.expand(3, *table.shape)
+    if table.shape[0] == 1:  # one table for every kind
+        table = table.expand(3, -1, -1, -1)
     steps = table.shape[2]
     batch, t = state.batch, state.t
     if t + steps > state.num_steps - 1:

@@ -101,7 +101,8 @@ def recovery_blend(chosen: torch.Tensor, expert: torch.Tensor, expert_valid: tor
     of the expert is ``w_j = min(j / steps, 1)``: positions ``(1 - w_j) * chosen_j + w_j *
     expert_j``, headings ``chosen_j + w_j * wrap(expert_j - chosen_j)`` (along the shorter
     arc). Where the expert step is not valid (``expert_valid [..., H]``) the chosen pose is
-    kept."""
+    kept. The ramp belongs to one decision: a policy that replans every chunk starts it
+    again each time (see the README's RoaD section)."""
     H = chosen.shape[-2]
     ramp = torch.arange(1, H + 1, device=chosen.device, dtype=chosen.dtype) / steps
     w = ramp.clamp(max=1.0) * expert_valid.to(chosen.dtype)  # [..., H]

@@ -121,7 +121,7 @@ def road_select(
     kind = token_kind(batch.agent_type)
     if isinstance(dynamics, Tokens):
         table = dynamics.vocabulary.to(state.device, torch.float32)
-        table = table.expand(3, *table.shape) if table.dim() == 3 else table
+        table = table.expand(3, -1, -1, -1) if table.shape[0] == 1 else table  # one table for every kind
         if vocabulary is not None:
             box, sizes = vocabulary.boxes().to(state.device)[kind], vocabulary.sizes().to(state.device)
         else:
