@@ -210,8 +210,8 @@ def test_train_road_command_line(tmp_path):
     # A fresh run into the same directory collects its own demonstrations (a stale file is cleared, not read).
     (out / "demos" / "epoch_0000_rank0.safetensors").write_bytes(b"an earlier run's demonstrations")
     _train("road", "--init", bc, "--data", data, "--out", out, "--k", 4, "--batch-size", 2, "--steps", 1)
-    proc = run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "y", "--freeze-encoder", check=False)
-    assert proc.returncode == 0  # a token model: frozen encoder allowed
+    frozen = ["--freeze-encoder", "--steps", 1, "--batch-size", 2, "--k", 4]
+    assert run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "y", *frozen).returncode == 0
     proc = run("train", "road", "--data", data, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "--init" in proc.stderr
     proc = run("train", "road", "--init", bc, "--data", data, "--out", tmp_path / "x", "--one-off",
@@ -235,6 +235,10 @@ def test_gmm_ego_fine_tuning_runs_resumes_and_rolls_out(tmp_path, objective):
     assert any(not torch.equal(start[name], end[name]) for name in start)
     if objective == "road":
         assert (out / "demos" / "epoch_0000_rank0.safetensors").is_file()
+        proc = run(
+            "train", "road", "--init", bc, "--data", data, "--out", tmp_path / "x", "--freeze-encoder", check=False
+        )
+        assert proc.returncode == 2 and "gmm-ego" in proc.stderr
     proc = run("evaluate", "--policy", f"ckpt:{out}", "--data", data, "--num-rollouts", 2, "--json", "--quiet")
     row = json.loads(proc.stdout.splitlines()[-1])
     assert 0 <= row["sdc_collision_rate"] <= 1 and 0 <= row["sdc_offroad_rate"] <= 1
