@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from experiment_tools import closedloop, evaluate, summarize
+from experiment_tools import closedloop, evaluate, report
 
 EGO_COLUMNS = ("sdc_collision_rate", "sdc_offroad_rate", "metametric", "min_average_displacement_error")
 
@@ -85,23 +85,7 @@ def main() -> None:
             row["steps"] = json.loads((run_dir / "summary.json").read_text())["step"]
             results[name].append(row)
 
-    summary, table = summarize(results, EGO_COLUMNS)
-    differences = {
-        name: {column: [r[column] - b[column] for r, b in zip(results[name], results["bc"])] for column in EGO_COLUMNS}
-        for name in arms
-    }
-    for name, columns in differences.items():
-        table.append("")
-        table.append(
-            f"per-seed {name} minus its BC checkpoint: "
-            + "; ".join(f"{column} {[round(d, 4) for d in values]}" for column, values in columns.items())
-        )
-    settings = vars(args) | {"work": str(work)}
-    (work / "ego_results.json").write_text(
-        json.dumps({"settings": settings, "results": summary, "differences": differences}, indent=2, default=str)
-    )
-    (work / "ego_results.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    report(work, "ego_results", args, results, "bc", "its BC checkpoint", EGO_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from experiment_tools import COLUMNS, closedloop, evaluate, summarize
+from experiment_tools import closedloop, evaluate, report
 
 
 def main() -> None:
@@ -68,23 +68,7 @@ def main() -> None:
             row["steps"] = json.loads((run_dir / "summary.json").read_text())["step"]
             results[name].append(row)
 
-    summary, table = summarize(results)
-    differences = {
-        name: {column: [r[column] - c[column] for r, c in zip(results[name], results["catk"])] for column in COLUMNS}
-        for name in arms
-    }
-    for name, columns in differences.items():
-        table.append("")
-        table.append(
-            f"per-seed {name} minus CAT-K: "
-            + "; ".join(f"{column} {[round(d, 4) for d in values]}" for column, values in columns.items())
-        )
-    settings = vars(args) | {"work": str(work)}
-    (work / "road_results.json").write_text(
-        json.dumps({"settings": settings, "results": summary, "differences": differences}, indent=2, default=str)
-    )
-    (work / "road_results.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    report(work, "road_results", args, results, "catk", "CAT-K")
 
 
 if __name__ == "__main__":

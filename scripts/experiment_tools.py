@@ -48,3 +48,27 @@ def summarize(results: dict[str, list[dict]], columns=COLUMNS) -> tuple[dict, li
             cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
         table.append(f"| {name} | " + " | ".join(cells) + f" | {[row.get('steps') for row in rows]} |")
     return summary, table
+
+
+def report(work: Path, name: str, args, results: dict[str, list[dict]], reference: str, label: str, columns=COLUMNS):
+    """Write ``WORK/NAME.json`` and ``WORK/NAME.md`` and print the table: each method's mean
+    and spread over seeds (:func:`summarize`) and, per seed, every other method minus the
+    ``reference`` method (described as ``label`` in the table)."""
+    summary, table = summarize(results, columns)
+    differences = {
+        method: {column: [r[column] - b[column] for r, b in zip(rows, results[reference])] for column in columns}
+        for method, rows in results.items()
+        if method != reference and rows
+    }
+    for method, values in differences.items():
+        table.append("")
+        table.append(
+            f"per-seed {method} minus {label}: "
+            + "; ".join(f"{column} {[round(d, 4) for d in diffs]}" for column, diffs in values.items())
+        )
+    settings = vars(args) | {"work": str(work)}
+    (work / f"{name}.json").write_text(
+        json.dumps({"settings": settings, "results": summary, "differences": differences}, indent=2, default=str)
+    )
+    (work / f"{name}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
