@@ -233,10 +233,9 @@ def _policy_and_dynamics(args: argparse.Namespace):
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from closedloop.data.womd import read_scenarios
-    from closedloop.envs.rollout import rollout_scenarios, write_rollouts
+    from closedloop.envs.rollout import rollout_scenarios
 
     if args.ego_planner:
         return _rollout_planner(args)
@@ -252,24 +251,14 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         seed=args.seed,
         rollouts_together=together,
     )
-    start = time.perf_counter()
-    paths = write_rollouts(
-        tqdm(results, total=len(scenarios), desc="rollout", unit="scenario", disable=args.quiet, file=sys.stderr),
-        args.out,
-    )
-    print(
-        f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, policy {args.policy}, "
-        f"dynamics {dynamics.name}) to {args.out} in {time.perf_counter() - start:.1f} s"
-    )
+    _write_rollouts(results, len(scenarios), args, f"policy {args.policy}, dynamics {dynamics.name}")
     return 0
 
 
 def _rollout_planner(args: argparse.Namespace) -> int:
     """``rollout --ego-planner``: the planner drives the SDC, ``--policy`` the others."""
-    from tqdm import tqdm
 
     from closedloop.data.womd import read_scenarios
-    from closedloop.envs.rollout import write_rollouts
     from closedloop.policy_eval import planner_rollouts
 
     scenarios = list(read_scenarios(args.data))
@@ -285,16 +274,24 @@ def _rollout_planner(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         temperature=args.temperature,
     )
-    start = time.perf_counter()
-    paths = write_rollouts(
-        tqdm(results, total=len(scenarios), desc="rollout", unit="scenario", disable=args.quiet, file=sys.stderr),
-        args.out,
-    )
-    print(
-        f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, ego planner {args.ego_planner} "
-        f"({args.ego_dynamics}), sim agents {args.policy}) to {args.out} in {time.perf_counter() - start:.1f} s"
-    )
+    what = f"ego planner {args.ego_planner} ({args.ego_dynamics}), sim agents {args.policy}"
+    _write_rollouts(results, len(scenarios), args, what)
     return 0
+
+
+def _write_rollouts(results, total: int, args: argparse.Namespace, what: str) -> None:
+    """Write ``rollout``'s files with a progress bar and say what was written."""
+    from tqdm import tqdm
+
+    from closedloop.envs.rollout import write_rollouts
+
+    start = time.perf_counter()
+    bar = tqdm(results, total=total, desc="rollout", unit="scenario", disable=args.quiet, file=sys.stderr)
+    paths = write_rollouts(bar, args.out)
+    print(
+        f"wrote {len(paths)} rollout files ({args.num_rollouts} rollouts, {what}) to {args.out} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
 
 
 def _spec_list(text: str) -> list[str]:

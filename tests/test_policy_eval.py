@@ -318,3 +318,11 @@ def test_another_ego_dynamics(scenes):
     assert result["values"]["rs_J9_D6"]["log"] > 0  # on the free road it only makes progress
     with pytest.raises(ValueError, match="unknown ego dynamics"):
         evaluate_planners(scenes[1:], ["rs_J9_D6"], ["log"], ego="tokens")
+
+
+def test_rollout_with_an_ego_planner_names_a_file_without_scenarios(tmp_path):
+    empty = tmp_path / "empty.tfrecord"
+    empty.write_bytes(b"")
+    proc = run("rollout", "--data", empty, "--ego-planner", "rs_J9_D6", "--policy", "log", "--out", tmp_path / "r",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "empty.tfrecord" in proc.stderr and "no records" in proc.stderr
