@@ -104,6 +104,9 @@ class TokenPolicy(LearnedPolicy):
         valid = torch.cat([history.token_valid, state.valid_now[..., None]], dim=2)
         steps = torch.arange(t0, state.t + 1, TOKEN_STEPS, device=device)
         self.mask = model.logit_mask(self.sizes, batch.agent_type)
+        # The decoder's inputs before the first decision: a trainer's teacher-forced pass over
+        # the rollout starts from the same ones (REINFORCE's log-probabilities).
+        self.history = (history.tokens, poses, valid, steps)
         with torch.no_grad():
             roads = self._encode_map(batch)
             self.cache = model.start(

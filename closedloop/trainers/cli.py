@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     from closedloop.trainers.loop import MODELS
 
     p = sub.add_parser(
-        "train", help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk) or RoaD (road)"
+        "train",
+        help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk), RoaD (road) "
+        "or REINFORCE (reinforce)",
     )
     objectives = p.add_subparsers(dest="objective", required=True)
     p = objectives.add_parser(
@@ -68,6 +70,43 @@ def add_parser(sub) -> None:
         help="road: execute the nearest sample; sampling: the policy's own (ablation)",
     )
     p.add_argument("--freeze-encoder", action="store_true", help="freeze the map encoder and the token embeddings")
+    p = objectives.add_parser(
+        "reinforce",
+        help="REINFORCE: RL fine-tuning of the token model from --init, reward -distance - lambda * collision",
+        description="Fine-tune the tokenized multi-agent model by REINFORCE (Peng et al.): every step samples all "
+        "controlled agents in the env from the current policy, rewards each agent per 0.5 s decision with "
+        "-distance_weight * metres from the log - collision_weight * collision (- offroad_weight * off-road - "
+        "red_light_weight * red light + progress_weight * metres travelled), discounts by --gamma, normalises the "
+        "returns over the whole batch and minimises -mean(log pi(a) * R_hat). Needs --init or --resume.",
+    )
+    _common_flags(p, MODELS)
+    add_reward_flags(p)
+    p.add_argument("--gamma", type=float, default=0.95, help="discount per 0.5 s decision (default 0.95)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the policy's sampling temperature (default 1)")
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="weight of KL(policy || the --init policy) per decision (default 0: off, as in the paper)",
+    )
+
+
+def add_reward_flags(p: argparse.ArgumentParser, collision: float = 1.0) -> None:
+    """The reward terms of :class:`closedloop.envs.rewards.RewardConfig` as penalty / bonus
+    weights (``train reinforce`` and ``train ppo``)."""
+    p.add_argument(
+        "--distance-weight", type=float, default=1.0, help="penalty per metre from the logged position (default 1)"
+    )
+    p.add_argument(
+        "--collision-weight",
+        type=float,
+        default=collision,
+        metavar="LAMBDA",
+        help=f"penalty per collision, lambda (default {collision:g})",
+    )
+    p.add_argument("--offroad-weight", type=float, default=0.0, help="penalty per off-road step (default 0)")
+    p.add_argument("--red-light-weight", type=float, default=0.0, help="penalty per red-light violation (default 0)")
+    p.add_argument("--progress-weight", type=float, default=0.0, help="bonus per metre travelled (default 0)")
 
 
 def _common_flags(p: argparse.ArgumentParser, models) -> None:
@@ -133,6 +172,13 @@ def config_from_args(args: argparse.Namespace):
         "recovery_steps": getattr(args, "recovery_steps", None),
         "refresh_every": getattr(args, "refresh_every", None),
         "guidance": getattr(args, "guidance", None),
+        "gamma": getattr(args, "gamma", None),
+        "distance_weight": getattr(args, "distance_weight", None),
+        "collision_weight": getattr(args, "collision_weight", None),
+        "offroad_weight": getattr(args, "offroad_weight", None),
+        "red_light_weight": getattr(args, "red_light_weight", None),
+        "progress_weight": getattr(args, "progress_weight", None),
+        "kl_weight": getattr(args, "kl_weight", None),
         "command": ["closedloop", *sys.argv[1:]],
     }
     if args.resume:

@@ -68,11 +68,18 @@ class TrainConfig:
     k: int = 32  # catk / road: candidates per agent
     rollout_temperature: float = 1e-5  # catk: sampling among the top-K where the log has no next pose
     freeze_encoder: bool = False  # catk / road: freeze the map encoder and the embeddings (the CAT-K recipe)
-    sample_temperature: float = 0.8  # road: the temperature of the K samples
+    sample_temperature: float | None = None  # road: the K samples' temperature (0.8); reinforce: the policy's (1.0)
     recovery_distance: float = 3.0  # road: blend toward the log beyond this distance (m)
     recovery_steps: int = 30  # road: over this many steps
     refresh_every: int | None = None  # road: collect demonstrations every E epochs (None: once, "one-off")
     guidance: str = "road"  # road: "road" (nearest sample) or "sampling" (the policy's own sample, ablation)
+    gamma: float = 0.95  # reinforce: discount per 0.5 s decision
+    distance_weight: float = 1.0  # reinforce: reward -= weight * metres from the logged position
+    collision_weight: float = 1.0  # reinforce: reward -= lambda * collision
+    offroad_weight: float = 0.0  # reinforce: reward -= weight * off-road
+    red_light_weight: float = 0.0  # reinforce: reward -= weight * red-light violation
+    progress_weight: float = 0.0  # reinforce: reward += weight * metres travelled
+    kl_weight: float = 0.0  # reinforce: + weight * KL(policy || the --init policy); 0: off (the paper)
     seed: int = 0
     device: str = "cpu"
     vocabulary: str | None = None  # a .safetensors vocabulary (default: the shipped one)
@@ -95,6 +102,8 @@ class TrainConfig:
             self.batch_size = 8 if token_model else 16 if self.objective == "catk" else 256
         if self.lr is None:
             self.lr = 5e-4 if token_model else 1e-3
+        if self.sample_temperature is None:
+            self.sample_temperature = 1.0 if self.objective == "reinforce" else 0.8
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"steps ({self.steps}), batch size ({self.batch_size}) and lr ({self.lr}) must be > 0")
         if self.guidance not in ("road", "sampling"):
@@ -191,7 +200,33 @@ def make_objective(config: TrainConfig, vocabulary):
 
             return EgoRoaD(schedule, **road)
         return RoaDTokens(vocabulary, schedule, **road, label_smoothing=config.label_smoothing)
+    if config.objective == "reinforce":
+        return make_reinforce(config, vocabulary)
     raise ValueError(f"unknown objective {config.objective!r}")
+
+
+def make_reinforce(config: TrainConfig, vocabulary):
+    """The REINFORCE objective of ``config``: its reward, and the ``--init`` policy when a KL
+    regulariser is asked for."""
+    from closedloop.agents.weights import load_weights
+    from closedloop.envs.rewards import RewardConfig
+    from closedloop.trainers.reinforce import Reinforce
+
+    if vocabulary is None:
+        raise ValueError("train reinforce fine-tunes the tokenized multi-agent model; for the SDC use train ppo")
+    reward = RewardConfig(
+        distance_to_log=-config.distance_weight,
+        collision=-config.collision_weight,
+        offroad=-config.offroad_weight,
+        red_light=-config.red_light_weight,
+        progress=config.progress_weight,
+    )
+    reference = None
+    if config.kl_weight:
+        if not config.init:
+            raise ValueError("--kl-weight regularises toward the --init policy: give --init")
+        reference = load_weights(ckpt.resolve_weights(config.init))[0].eval().requires_grad_(False)
+    return Reinforce(vocabulary, reward, config.gamma, config.sample_temperature, config.kl_weight, reference)
 
 
 FROZEN_PREFIXES = ("map_encoder.", "token_embedding.", "start_embedding.", "type_embedding.", "motion.")
