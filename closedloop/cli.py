@@ -586,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        threads_flag(p)
 
     from closedloop.agents.planners.episode import EGO_DYNAMICS
 
@@ -644,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: values, spearman, mae, failed")
     p.add_argument("--out", help="write policy_eval.json, values.csv and values.png here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    threads_flag(p)
     p.set_defaults(func=_cmd_policy_eval)
 
     p = sub.add_parser("model-info", help="the size of a tokenized traffic model")
@@ -691,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-scenarios", type=int, default=8, help="synthetic scenarios to generate when --data is not given"
     )
+    threads_flag(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("vocab", help="motion token vocabularies: build (k-disk) and evaluate")
@@ -721,11 +724,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIMULATION_THREADS = 1
+
+
+def threads_flag(p: argparse.ArgumentParser, default: int | None = SIMULATION_THREADS) -> None:
+    """``--threads N``: torch's intra-op threads for the command.
+
+    Simulation is hundreds of small tensor operations per step, where a second thread
+    saves little on an idle machine and, on a busy one, makes each operation wait for a
+    core: on 2 cores with two other jobs running, a B=1 rollout ran 3-10x slower with 2
+    threads than with 1 (``scripts/bench_sim.py --threads``). So the commands that simulate
+    default to 1 thread; the trainers (large matrix products) keep torch's default."""
+    what = f"default {default}" if default else "default: torch's, one per core"
+    p.add_argument("--threads", type=positive_int, default=default, help=f"torch CPU threads ({what})")
+
+
 def main(argv: list[str] | None = None) -> int:
     from closedloop.data.tfrecord import TFRecordError
     from closedloop.data.womd import ScenarioDecodeError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (TFRecordError, ScenarioDecodeError, FileNotFoundError, ValueError, KeyError) as err:

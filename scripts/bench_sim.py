@@ -12,6 +12,10 @@ driving straight ahead, and is compared with the core at B = 1 on that same work
 The BatchedEnv rows time the trainers' env (core + observations + rewards, then also
 the guidance in ``info``: the log ahead and the expert action) at B = 1 and 64 on that
 straight-ahead workload.
+``--threads-under-load`` instead measures what a busy machine does to torch's thread
+pool: the core at B = 1 and 8 (N = 128) with 1 and with 2 threads while one busy process
+per core runs beside it (the setting behind the simulating commands' ``--threads 1``
+default).
 Prints a table and one JSON line.
 """
 
@@ -113,13 +117,53 @@ def face_rate(scenario, steps: int) -> tuple[float, int]:
     return agents * steps / (time.perf_counter() - start), agents
 
 
+def _spin(stop) -> None:
+    """Keep one core busy until ``stop`` is set (another job on the machine)."""
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def threads_under_load(scenarios, steps: int, repeats: int) -> None:
+    """Core agent-steps/s with 1 and 2 torch threads while every core is kept busy."""
+    import multiprocessing
+
+    stop = multiprocessing.Event()
+    spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(os.cpu_count() or 1)]
+    for process in spinners:
+        process.start()
+    rows = []
+    try:
+        for B in (1, 8):
+            rates = {}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                rates[threads] = best_of(repeats, core_rate, scenarios, B, 128, steps, "cpu")
+            rows.append({"B": B, "N": 128, "threads_1": round(rates[1]), "threads_2": round(rates[2])})
+            print(
+                f"busy machine, B={B}, N=128: 1 thread {rates[1]:,.0f}, 2 threads {rates[2]:,.0f} agent-steps/s "
+                f"-> 1 thread {rates[1] / rates[2]:.1f}x"
+            )
+    finally:
+        stop.set()
+        for process in spinners:
+            process.join()
+    print(json.dumps({"threads_under_load": rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5, help="runs per cell; the best is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads-under-load", action="store_true", help="1 vs 2 threads with every core busy")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    if args.threads_under_load:
+        threads_under_load(scenarios, args.steps, args.repeats)
+        return
     rows = []
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")

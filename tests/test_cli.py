@@ -360,3 +360,25 @@ def test_readme_custom_policy_rolls_out_32_times_and_scores(tmp_path, scenario_f
     assert bad.returncode == 2 and "unknown policy 'warp'" in bad.stderr
     bad = run("rollout", "--data", scenario_file, "--policy", "nowhere.py:policy", "--out", out, check=False)
     assert bad.returncode == 2 and "nowhere.py: no such file" in bad.stderr
+
+
+def test_threads_flag_sets_torch_threads_and_keeps_the_results(tmp_path, scenario_file):
+    import numpy as np
+    import torch
+
+    from closedloop.cli import main
+
+    before = torch.get_num_threads()
+    common = ["rollout", "--data", str(scenario_file), "--dynamics", "bicycle", "--num-rollouts", "1", "--quiet"]
+    try:
+        assert main([*common, "--out", str(tmp_path / "two"), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0  # the simulating commands' default
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    (one,), (two,) = (sorted((tmp_path / name).glob("*.npz")) for name in ("one", "two"))
+    with np.load(one) as a, np.load(two) as b:
+        assert all(np.array_equal(a[key], b[key]) for key in a.files)
+    proc = run(*common, "--out", tmp_path / "x", "--threads", 0, check=False)
+    assert proc.returncode == 2 and "--threads" in proc.stderr

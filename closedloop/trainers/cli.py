@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from closedloop.cli import positive_int
+from closedloop.cli import positive_int, threads_flag
 
 # Flags that may change when a run is resumed; every other setting comes from config.json.
 RESUME_OVERRIDES = ("steps", "time_budget", "device", "quiet", "eval_every", "checkpoint_every")
@@ -133,6 +133,7 @@ def _common_flags(p: argparse.ArgumentParser, models) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or RUN_DIR/FILE)")
     p.add_argument("--init", metavar="RUN_DIR", help="start from a checkpoint's weights, fresh optimizer and schedule")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    threads_flag(p, default=None)
     p.set_defaults(func=run_train)
 
 
