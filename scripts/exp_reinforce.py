@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rollouts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run (default 1)")
     args = parser.parse_args()
     work = args.work
     train, heldout = work / "data" / "train", work / "data" / "heldout"
@@ -43,7 +44,7 @@ def main() -> None:
     if not (init / "latest.json").exists():
         raise SystemExit(f"{init}: no BC checkpoint; run scripts/exp_bc.py --work {work} first")
     common = ["--init", init, "--data", train, "--steps", args.steps, "--batch-size", args.batch_size]
-    common += ["--lr", args.lr, "--warmup-steps", max(args.steps // 10, 1), "--quiet"]
+    common += ["--lr", args.lr, "--warmup-steps", max(args.steps // 10, 1), "--threads", args.threads, "--quiet"]
     bc = evaluate(f"ckpt:{init}", heldout, work / f"eval_bc_micro_seed{args.init_seed}.json", args.rollouts)
     results: dict[str, list[dict]] = {"bc": [], **{f"lambda_{value:g}": [] for value in args.lambdas}}
     for seed in args.seeds:
