@@ -203,3 +203,36 @@ def test_nearest_roadgraph_points_of_real_scenarios(real_scenarios):
     g = torch.Generator().manual_seed(4)
     start = batch.agent_xyz[:, :24, 10, :2]  # logged agents: on and near the roads
     _walk_and_compare(near, points, valid, start, g, steps=30)
+
+
+def test_events_of_some_agents_equal_those_of_all_agents():
+    """The tracker asked about a subset (an ego env's SDC, or uneven counts per scenario)
+    reports exactly what the full tracker reports for those agents, and nothing else."""
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.core import step
+    from closedloop.envs.dynamics import make_dynamics
+
+    batch = collate_scenarios(list(generate_scenarios(2, seed=7, town="grid", agents=(20, 30))))
+    state = reset(batch)
+    dynamics = make_dynamics("delta_local")
+    generator = torch.Generator().manual_seed(0)
+    subset = state.controlled & (torch.rand(state.controlled.shape, generator=generator) < 0.3)
+    subset[1] = False
+    subset[1, :3] = state.controlled[1, :3]  # fewer agents in the second scenario
+    sdc = batch.is_sdc & state.controlled
+    everyone, some, ego = EventTracker(state), EventTracker(state, subset), EventTracker(state, sdc)
+    seen = {"collision": 0, "offroad": 0}
+    for _ in range(30):
+        actions = torch.zeros(*state.controlled.shape, 3)
+        actions[..., 0] = 1.2  # 12 m/s straight ahead: collisions and off-road happen
+        actions[..., 2] = torch.randn(state.controlled.shape, generator=generator) * 0.05
+        nxt = step(state, actions, dynamics)
+        full = everyone(state, nxt)
+        for mask, tracker in ((subset, some), (sdc, ego)):
+            part = tracker(state, nxt)
+            for key in ("collision", "offroad", "red_light"):
+                assert torch.equal(part[key], full[key] & mask), key
+            assert torch.equal(part["distance_to_log"].nan_to_num(-1), full["distance_to_log"].nan_to_num(-1))
+        seen = {key: seen[key] + int((full[key] & subset).sum()) for key in seen}
+        state = nxt
+    assert seen["collision"] > 0 and seen["offroad"] > 0  # the comparison covered both events

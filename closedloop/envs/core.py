@@ -304,8 +304,9 @@ def _raise_bad_values(state: SimState, dynamics: Dynamics, checked: CheckedActio
     )
 
 
-def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
-    """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``.
+def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``;
+    with ``agents`` (slot indices ``[B, Q]``), of those agents only ``[B, Q]``.
 
     Only pairs whose bounding circles meet get the exact separating-axis test."""
     t = state.t if t is None else t
@@ -316,18 +317,28 @@ def collisions(state: SimState, t: int | None = None) -> torch.Tensor:
     # Invalid agents get a negative radius, so no pair with them passes the circle test.
     radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)
     x, y = p[..., 0:1], p[..., 1:2]
-    dx, dy = x - x.transpose(1, 2), y - y.transpose(1, 2)  # [B, N, N]
-    reach = radius[:, :, None] + radius[:, None, :]
-    near = dx.mul_(dx).addcmul_(dy, dy) < reach.clamp_(min=0).square_()
-    near &= torch.ones(N, N, dtype=torch.bool, device=near.device).triu(1)
+    if agents is None:
+        dx, dy = x - x.transpose(1, 2), y - y.transpose(1, 2)  # [B, N, N]
+        reach = radius[:, :, None] + radius[:, None, :]
+        near = dx.mul_(dx).addcmul_(dy, dy) < reach.clamp_(min=0).square_()
+        near &= torch.ones(N, N, dtype=torch.bool, device=near.device).triu(1)
+    else:  # the asked agents against every agent: [B, Q, N]
+        index = agents[..., None]
+        qx, qy, q_radius = x.gather(1, index), y.gather(1, index), radius.gather(1, agents)
+        dx, dy = qx - x.transpose(1, 2), qy - y.transpose(1, 2)
+        reach = q_radius[:, :, None] + radius[:, None, :]
+        near = dx.mul_(dx).addcmul_(dy, dy) < reach.clamp_(min=0).square_()
+        near &= agents[..., None] != torch.arange(N, device=near.device)
     bi, i, j = torch.nonzero(near, as_tuple=True)
-    hit = torch.zeros_like(valid)
+    hit = torch.zeros(near.shape[:2], dtype=torch.bool, device=near.device)
     if bi.numel():
-        box_i = (p[bi, i, 0], p[bi, i, 1], p[bi, i, 2], dims[bi, i, 0], dims[bi, i, 1])
+        a = i if agents is None else agents[bi, i]
+        box_i = (p[bi, a, 0], p[bi, a, 1], p[bi, a, 2], dims[bi, a, 0], dims[bi, a, 1])
         box_j = (p[bi, j, 0], p[bi, j, 1], p[bi, j, 2], dims[bi, j, 0], dims[bi, j, 1])
         overlap = rectangles_overlap(box_i, box_j)
         hit[bi[overlap], i[overlap]] = True
-        hit[bi[overlap], j[overlap]] = True
+        if agents is None:
+            hit[bi[overlap], j[overlap]] = True
     return hit
 
 

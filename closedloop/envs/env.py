@@ -78,7 +78,9 @@ class EnvCore:
     """B scenarios from reset to the end of the log; see the module docstring.
 
     ``start``: a batch (reset here) or a state to go on from. ``track_events=False`` skips
-    events and rewards (plain rollouts that only want trajectories)."""
+    events and rewards (plain rollouts that only want trajectories); ``events_for=
+    "exposed"`` computes the events of the exposed agents only (the others report none),
+    which is all an ego env rewards and much cheaper with one exposed agent among many."""
 
     def __init__(
         self,
@@ -90,6 +92,7 @@ class EnvCore:
         generator: torch.Generator | None = None,
         differentiable: bool | None = None,
         track_events: bool = True,
+        events_for: str = "all",
     ):
         self.config, self.dynamics = config, config.dynamics
         if isinstance(start, SimState):
@@ -121,7 +124,11 @@ class EnvCore:
 
             self.others = as_policy(others)
             self.others.reset(state, self.dynamics, generator)
-        self.tracker = EventTracker(self.state) if track_events else None
+        if events_for not in ("all", "exposed"):
+            raise ValueError(f"events_for must be 'all' or 'exposed', not {events_for!r}")
+        self.tracker = None
+        if track_events:
+            self.tracker = EventTracker(self.state, self.exposed if events_for == "exposed" else None)
         self.observer = Observer(config.observation)
 
     @property

@@ -86,6 +86,29 @@ class StopLines:
         return distance
 
 
+def agent_slots(agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot indices ``[B, Q]`` of the agents of mask ``agents`` ``[B, N]`` (Q: the most
+    in a scenario; shorter rows repeat their first slot) and which are real ``[B, Q]``."""
+    count = agents.sum(1)
+    Q = max(int(count.max()), 1)
+    order = torch.sort(agents.int(), dim=1, descending=True, stable=True).indices[:, :Q]
+    slot_ok = torch.arange(Q, device=agents.device) < count[:, None]
+    return torch.where(slot_ok, order, order[:, :1]), slot_ok
+
+
+def take_agents(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[B, N, ...]`` of the agents ``slots`` ``[B, Q]``: ``[B, Q, ...]``."""
+    index = slots.view(*slots.shape, *([1] * (values.dim() - 2))).expand(*slots.shape, *values.shape[2:])
+    return values.gather(1, index)
+
+
+def scatter_agents(flags: torch.Tensor, slots: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-slot booleans ``[B, Q]`` back to ``[B, N]`` (False elsewhere; a slot listed twice
+    is True if either entry is)."""
+    out = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    return out.scatter_reduce_(1, slots, flags.to(torch.uint8), reduce="amax").bool()
+
+
 class EventTracker:
     """Computes the per-step events of a rollout, keeping its roadgraph neighbourhoods.
 
@@ -98,11 +121,19 @@ class EventTracker:
     agent follows a lane that could go or leaves them all.
     """
 
-    def __init__(self, state: SimState):
+    def __init__(self, state: SimState, agents: torch.Tensor | None = None):
+        """``agents``: a ``[B, N]`` mask of the agents whose events are wanted (the others
+        report none), or None for every agent. An ego env wants one agent of ~100: its
+        collisions are then tested against the others (N pairs, not N^2 / 2), and only its
+        box is measured against the road edges."""
         self.edges = RoadEdges(state.batch)
         self.stop_lines = StopLines(state)
         B, N = state.controlled.shape
-        self.pending = torch.zeros(B, N, self.stop_lines.valid.shape[1], dtype=torch.bool, device=state.pose.device)
+        self.slots = self.slot_ok = None
+        if agents is not None and not bool(agents.all()):
+            self.slots, self.slot_ok = agent_slots(agents)
+        Q = N if self.slots is None else self.slots.shape[1]
+        self.pending = torch.zeros(B, Q, self.stop_lines.valid.shape[1], dtype=torch.bool, device=state.pose.device)
         self._t: int | None = None
 
     def __call__(self, previous: SimState, state: SimState) -> dict[str, torch.Tensor]:
@@ -111,12 +142,26 @@ class EventTracker:
             self.pending.zero_()
         self._t = state.t
         valid = state.valid[:, :, state.t] & state.batch.agent_mask
-        offroad = self.edges.signed_distance(agent_corners(state)) > 0
-        red = torch.zeros_like(valid)
+        slots = self.slots
+        if slots is None:
+            corners, collision = agent_corners(state), collisions(state)
+        else:
+            pose, dims = take_agents(state.pose[:, :, state.t], slots), take_agents(state.dims, slots)
+            corners = box_corners(pose[..., 0], pose[..., 1], pose[..., 2], dims[..., 0], dims[..., 1])
+            collision = collisions(state, agents=slots)
+        offroad = self.edges.signed_distance(corners) > 0
+        red = torch.zeros_like(offroad)
         for t in range(previous.t + 1, state.t + 1):  # every step a chunked action covered
-            red |= self._red_light(state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2], t)
+            before, after = state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2]
+            if slots is not None:
+                before, after = take_agents(before, slots), take_agents(after, slots)
+            red |= self._red_light(before, after, t)
+        if slots is not None:  # back to [B, N]: False for the agents not asked about
+            collision, offroad, red = (
+                scatter_agents(x & self.slot_ok, slots, valid) for x in (collision, offroad, red)
+            )
         return {
-            "collision": collisions(state) & valid,
+            "collision": collision & valid,
             "offroad": offroad & valid,
             "red_light": red & valid,
             "distance_to_log": distance_to_log(state),

@@ -100,14 +100,20 @@ class _Face:
         self._rng = np.random.default_rng()
         self.core: EnvCore | None = None
 
-    def _start(self, seed: int | None, exposed: str) -> None:
+    def _start(self, seed: int | None, exposed: str, events_for: str = "all") -> None:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         scenario = self.scenarios[int(self._rng.integers(len(self.scenarios)))]
         batch = collate_scenarios([scenario]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(2**62)))
         self.core = EnvCore(
-            batch, self.config, controlled=exposed, exposed=exposed, others=self.others, generator=generator
+            batch,
+            self.config,
+            controlled=exposed,
+            exposed=exposed,
+            others=self.others,
+            generator=generator,
+            events_for=events_for,
         )
         self.scenario_id = scenario.scenario_id
         self.names = [str(int(i)) for i in batch.agent_id[0].tolist()]
@@ -303,7 +309,8 @@ class EgoEnv(_Face, gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._start(seed if seed is not None else int(self.np_random.integers(2**31)), "sdc")
+        # Only the SDC's events are rewarded and reported: the others' are not computed.
+        self._start(seed if seed is not None else int(self.np_random.integers(2**31)), "sdc", events_for="exposed")
         self._sdc = int(torch.nonzero(self.core.state.batch.is_sdc[0])[0])
         self._sdc_slot = torch.tensor([[self._sdc]], device=self.core.state.device)
         return self._observe_sdc(), {"log_next": self._log_next()[self._sdc]}
