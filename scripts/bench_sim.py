@@ -12,6 +12,13 @@ driving straight ahead, and is compared with the core at B = 1 on that same work
 The BatchedEnv rows time the trainers' env (core + observations + rewards, then also
 the guidance in ``info``: the log ahead and the expert action) at B = 1 and 64 on that
 straight-ahead workload.
+``--waymax`` instead times the workload of issue 16's comparison with Waymax (HEAD 48b33d7,
+jax 0.4.26 CPU, jit + scan + vmap): ``motion_data_one_example.tfrecord`` from
+``../shared/womd`` (128 objects, 73 controlled), every controlled object driven by the
+Expert (inverse bicycle to the log, computed in the loop) with the bicycle dynamics for 80
+steps, B copies of the scenario, with collision + off-road checks of every object each step
+or dynamics + expert only; object-steps/s count all 128 objects, as Waymax does.
+
 ``--threads-under-load`` instead measures what a busy machine does to torch's thread
 pool: the core at B = 1 and 8 (N = 128) with 1 and with 2 threads while one busy process
 per core runs beside it (the setting behind the simulating commands' ``--threads 1``
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,6 +125,70 @@ def face_rate(scenario, steps: int) -> tuple[float, int]:
     return agents * steps / (time.perf_counter() - start), agents
 
 
+WOMD_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "womd" / "motion_data_one_example.tfrecord"
+WAYMAX_OBJECT_STEPS = {  # Waymax on this 2-core machine (issue 16): (checks, B) -> object-steps/s
+    (True, 1): 4_314,
+    (True, 8): 5_372,
+    (False, 1): 5_955_479,
+    (False, 8): 2_715_401,
+}
+
+
+def waymax_rate(scenario, B: int, checks: bool, episodes: int, device: str) -> float:
+    """Object-steps/s of Expert + bicycle on B copies of ``scenario`` for ``episodes``
+    episodes of 80 steps, with or without collision + off-road checks each step."""
+    from closedloop.agents.baselines import Expert
+    from closedloop.envs.core import collisions
+    from closedloop.envs.events import agent_corners
+    from closedloop.envs.map_index import RoadEdges
+
+    batch = collate_scenarios([scenario] * B).to(device)
+    dynamics = make_dynamics("bicycle")
+    start = reset(batch)
+    expert = Expert()
+    expert.reset(start, dynamics)
+    edges = RoadEdges(batch)
+    objects = int(batch.agent_mask.sum())
+
+    def episode() -> None:
+        state = start
+        while not state.done:
+            state = step(state, expert.act(state), dynamics)
+            if checks:
+                collisions(state)
+                edges.signed_distance(agent_corners(state))
+
+    episode()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(episodes):
+        episode()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return objects * 80 * episodes / (time.perf_counter() - began)
+
+
+def waymax_rows(repeats: int, device: str) -> None:
+    """The issue-16 table: this code's rates and the Waymax figures beside them."""
+    from closedloop.data import read_scenarios
+
+    if not WOMD_EXAMPLE.exists():
+        raise SystemExit(f"{WOMD_EXAMPLE}: the real WOMD example is needed for --waymax")
+    (scenario,) = read_scenarios([WOMD_EXAMPLE])
+    rows = []
+    print(f"{'workload':<32}{'B':>5}{'object-steps/s':>16}{'Waymax':>12}{'ratio':>8}")
+    for checks in (True, False):
+        for B in (1, 8, 64):
+            rate = best_of(repeats, waymax_rate, scenario, B, checks, 1, device)
+            waymax = WAYMAX_OBJECT_STEPS.get((checks, B))
+            what = "collision + off-road each step" if checks else "dynamics + expert only"
+            ratio = f"{rate / waymax:.2f}x" if waymax else "-"
+            print(f"{what:<32}{B:>5}{rate:>16,.0f}{waymax or '-':>12}{ratio:>8}")
+            rows.append({"checks": checks, "B": B, "object_steps_per_s": round(rate), "waymax": waymax})
+    print(json.dumps({"waymax_workload": rows, "device": device, "threads": torch.get_num_threads()}))
+
+
 def _spin(stop) -> None:
     """Keep one core busy until ``stop`` is set (another job on the machine)."""
     while not stop.is_set():
@@ -157,10 +229,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--threads-under-load", action="store_true", help="1 vs 2 threads with every core busy")
+    parser.add_argument("--waymax", action="store_true", help="the issue-16 Waymax workload (real WOMD example)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    if args.waymax:
+        waymax_rows(args.repeats, args.device)
+        return
     if args.threads_under_load:
         threads_under_load(scenarios, args.steps, args.repeats)
         return
