@@ -236,3 +236,22 @@ def test_events_of_some_agents_equal_those_of_all_agents():
         seen = {key: seen[key] + int((full[key] & subset).sum()) for key in seen}
         state = nxt
     assert seen["collision"] > 0 and seen["offroad"] > 0  # the comparison covered both events
+
+
+def test_batched_env_events_for_the_exposed_agents():
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.vector import BatchedEnv
+
+    scenarios = list(generate_scenarios(2, seed=7, town="grid", agents=(20, 30)))
+    envs = [BatchedEnv(scenarios, batch_size=2, controlled="sdc", events_for=mode) for mode in ("all", "exposed")]
+    for env in envs:
+        env.reset(seed=0)
+    forward = torch.zeros(2, 128, 3)
+    forward[..., 0] = 1.5
+    for _ in range(20):
+        (_, r_all, *_, i_all), (_, r_sdc, *_, i_sdc) = (env.step(forward) for env in envs)
+        assert torch.equal(r_all, r_sdc)  # only the SDC is rewarded: the same rewards
+        for key in ("collision", "offroad"):
+            assert torch.equal(i_sdc[key], i_all[key] & i_all["controlled"])
+    with pytest.raises(ValueError, match="events_for"):
+        BatchedEnv(scenarios, events_for="some")

@@ -101,7 +101,10 @@ class ScenarioSource:
 class BatchedEnv:
     """See the module docstring. ``controlled`` picks the agents the caller acts for
     (``"wosac"``: every agent valid at step 10; ``"sdc"``; or a ``[B, N]`` mask);
-    ``others`` (a policy) drives the remaining valid agents, which otherwise follow the log."""
+    ``others`` (a policy) drives the remaining valid agents, which otherwise follow the log.
+    ``events_for="exposed"`` computes the events (and so the event terms of the rewards) of
+    the agents the caller acts for only; the others report none (cheaper when they are
+    few, e.g. the SDC)."""
 
     def __init__(
         self,
@@ -120,7 +123,11 @@ class BatchedEnv:
         differentiable: bool = False,
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
+        events_for: str = "all",
     ):
+        if events_for not in ("all", "exposed"):
+            raise ValueError(f"events_for must be 'all' or 'exposed', not {events_for!r}")
+        self.events_for = events_for
         self.source = ScenarioSource(scenarios, shuffle=shuffle)
         self.batch_size, self.max_agents = batch_size, max_agents
         self.dynamics = dynamics if isinstance(dynamics, Dynamics) else make_dynamics(dynamics, vocabulary)
@@ -164,6 +171,7 @@ class BatchedEnv:
             others=self.others,
             generator=policy_generator,
             differentiable=self.differentiable,
+            events_for=self.events_for,
         )
         # The same keys as every step's info: no events, nothing clipped, yet.
         none = torch.zeros_like(self.core.exposed)
