@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     from closedloop.trainers.loop import MODELS
 
     p = sub.add_parser(
-        "train", help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk) or RoaD (road)"
+        "train",
+        help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk) or RoaD (road), "
+        "PPO for the SDC (ppo)",
     )
     objectives = p.add_subparsers(dest="objective", required=True)
     p = objectives.add_parser(
@@ -68,6 +70,9 @@ def add_parser(sub) -> None:
         help="road: execute the nearest sample; sampling: the policy's own (ablation)",
     )
     p.add_argument("--freeze-encoder", action="store_true", help="freeze the map encoder and the token embeddings")
+    from closedloop.trainers.ppo import add_parser as add_ppo_parser
+
+    add_ppo_parser(objectives)  # PPO runs SB3's own loop, not the shared one: its flags are its own
 
 
 def _common_flags(p: argparse.ArgumentParser, models) -> None:
