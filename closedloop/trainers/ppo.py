@@ -79,6 +79,18 @@ def add_parser(objectives) -> None:
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--ent-coef", type=float, default=0.0)
     p.add_argument("--net-arch", default="64,64", help="hidden sizes of the policy and value MLPs (64,64)")
+    p.add_argument(
+        "--log-std-init",
+        type=float,
+        default=-1.0,
+        help="initial log std of the Gaussian in unit actions (-1: std 0.37; SB3's 0 clips much of the curvature)",
+    )
+    p.add_argument(
+        "--normalize-reward",
+        action="store_true",
+        help="scale rewards by a running std of the discounted return (SB3's VecNormalize, no observation "
+        "normalisation, so the planner needs no statistics)",
+    )
     defaults = RewardConfig(scale=0.1)
     for name in REWARD_FLAGS:
         p.add_argument(
@@ -166,12 +178,21 @@ def make_vec_env(kind: str, scenarios, settings: dict, seed: int):
 
         fns = [partial(_monitored_ego, scenarios, kwargs, settings["others"], seed + i) for i in range(n)]
         venv = DummyVecEnv(fns) if kind == "dummy" else SubprocVecEnv(fns)
-    return UnitActions(venv)
+    venv = UnitActions(venv)
+    if settings["normalize_reward"]:
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=settings["gamma"])
+    return venv
 
 
 def policy_kwargs(settings: dict) -> dict:
     arch = [int(x) for x in str(settings["net_arch"]).split(",")]
-    return {"net_arch": {"pi": arch, "vf": arch}, "activation_fn": torch.nn.Tanh}
+    return {
+        "net_arch": {"pi": arch, "vf": arch},
+        "activation_fn": torch.nn.Tanh,
+        "log_std_init": settings["log_std_init"],
+    }
 
 
 def weights_header(settings: dict, num_timesteps: int) -> dict:
@@ -180,6 +201,7 @@ def weights_header(settings: dict, num_timesteps: int) -> dict:
         "format": WEIGHTS_FORMAT,
         "dynamics": settings["dynamics"],
         "net_arch": settings["net_arch"],
+        "log_std_init": settings["log_std_init"],
         "observation": ObservationConfig().__dict__,
         "num_timesteps": num_timesteps,
         "seed": settings["seed"],
