@@ -1,6 +1,6 @@
 """Simulator throughput: agent-steps/s of the batched core and of the PettingZoo face.
 
-  python scripts/bench_sim.py [--steps 40] [--repeats 5] [--device cpu|cuda]
+  python scripts/bench_sim.py [--steps 40] [--repeats 5] [--device cpu|cuda] [--only ego]
 
 The core step measured is dynamics (delta_local) + collisions + off-road + red-light
 events, for B in {1, 8, 64} scenarios and N in {32, 128} agents per scenario (synthetic
@@ -12,6 +12,11 @@ driving straight ahead, and is compared with the core at B = 1 on that same work
 The BatchedEnv rows time the trainers' env (core + observations + rewards, then also
 the guidance in ``info``: the log ahead and the expert action) at B = 1 and 64 on that
 straight-ahead workload.
+The ego rows time what PPO steps (bicycle SDC, others following the log, observations,
+rewards, events; each ego accelerating gently): one ``EgoEnv``, the batched agent-slot
+vector env at B = 16 SDCs and SB3's ``DummyVecEnv`` of 16 ``EgoEnv``s, in env-steps/s
+(SDC steps; auto-resets included), with ratios against the single ``EgoEnv`` of the same
+run. ``--only ego`` runs just those.
 Prints a table and one JSON line.
 """
 
@@ -113,13 +118,58 @@ def face_rate(scenario, steps: int) -> tuple[float, int]:
     return agents * steps / (time.perf_counter() - start), agents
 
 
+def ego_rates(scenarios, steps: int, num_envs: int = 16) -> dict[str, float]:
+    """Env-steps/s of one EgoEnv, the batched vector env and a DummyVecEnv of EgoEnvs."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from closedloop.envs.faces import EgoEnv
+    from closedloop.envs.gym_vector import ego_vector_env
+
+    action = np.array([0.5, 0.0], np.float32)
+    single = EgoEnv(scenarios)
+    single.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        *_, terminated, truncated, _ = single.step(action)
+        if terminated or truncated:
+            single.reset()
+    rates = {"ego_env": steps / (time.perf_counter() - start)}
+
+    actions = np.tile(action, (num_envs, 1))
+    vector = ego_vector_env(scenarios, num_envs)
+    vector.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        vector.step(actions)
+    rates[f"vector_b{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
+
+    dummy = DummyVecEnv([lambda: EgoEnv(scenarios) for _ in range(num_envs)])
+    dummy.seed(0)
+    dummy.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        dummy.step(actions)
+    rates[f"dummy_vec_env_{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5, help="runs per cell; the best is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=("all", "ego"), default="all", help="ego: only the PPO env rows")
     args = parser.parse_args()
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    ego = {}
+    for _ in range(args.repeats):
+        for name, rate in ego_rates(scenarios, args.steps).items():
+            ego[name] = max(ego.get(name, 0.0), rate)
+    for name, rate in ego.items():
+        print(f"{name:<20}{rate:>10,.0f} env-steps/s{rate / ego['ego_env']:>8.1f}x EgoEnv")
+    if args.only == "ego":
+        print(json.dumps({"ego_env_steps_per_s": {k: round(v) for k, v in ego.items()}}))
+        return
     rows = []
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -155,6 +205,7 @@ def main() -> None:
                 "pettingzoo_agent_steps_per_s": round(face),
                 "pettingzoo_agents": agents,
                 "core_b1_n128": round(core_one),
+                "ego_env_steps_per_s": {k: round(v) for k, v in ego.items()},
             }
         )
     )

@@ -224,6 +224,21 @@ def test_ppo_learns_on_the_batched_env_and_evaluation_counts_env_events(scenario
     assert result["mean_return"] == pytest.approx(np.mean(total), rel=1e-5)
 
 
+def test_dummy_vec_env_of_ego_envs_reports_the_same_episodes(scenarios):
+    """``--vec-env dummy``: SB3's DummyVecEnv of monitored EgoEnvs, in unit actions too."""
+    from closedloop.trainers.ppo import make_vec_env
+
+    env = make_vec_env("dummy", scenarios, _settings(), seed=0)
+    assert env.num_envs == 4 and env.action_space.high.tolist() == [1, 1]
+    env.seed(0)
+    env.reset()
+    episodes = []
+    for _ in range(81):
+        _, _, dones, infos = env.step(np.tile([0.5, 0.0], (4, 1)))
+        episodes += [info["episode"] for info, done in zip(infos, dones) if done]
+    assert len(episodes) >= 4 and all(0 < e["l"] <= 80 for e in episodes)
+
+
 def _settings() -> dict:
     from closedloop.trainers.ppo import _parser
 

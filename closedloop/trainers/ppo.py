@@ -291,7 +291,6 @@ def train_ppo(settings: dict, resume: bool = False) -> Path:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / CONFIG_FILE, "w") as handle:
         json.dump({**settings, "command": ["closedloop", *sys.argv[1:]]}, handle, indent=2)
-    torch.manual_seed(settings["seed"])
     found = latest_checkpoint(run_dir) if resume else None
     seed = settings["seed"] + (found[1] if found else 0)  # a resumed run draws fresh scenario orders
     env = make_vec_env(settings["vec_env"], scenarios, settings, seed)
