@@ -208,20 +208,24 @@ def test_ppo_learns_on_the_batched_env_and_evaluation_counts_env_events(scenario
     model.learn(320)
     assert model.num_timesteps == 320 and len(model.ep_info_buffer) >= 4
 
-    result = evaluate_ego(scenarios, lambda obs: np.tile(PUSH, (len(obs), 1)), settings, batch=3)
-    collided, total = [], []
-    for s in scenarios:
-        env = EgoEnv([s], reward=reward_config(settings))
-        env.reset(seed=0)
-        done, hit, ret = False, False, 0.0
-        while not done:
-            _, r, te, tr, info = env.step(PUSH)
-            hit, ret, done = hit or info["collision"] > 0, ret + r, te or tr
-        collided.append(hit)
-        total.append(ret)
-    assert result["episodes"] == 4
-    assert result["collision_rate"] == pytest.approx(np.mean(collided))
-    assert result["mean_return"] == pytest.approx(np.mean(total), rel=1e-5)
+    for terminate in (False, True):  # with termination, ghost steps must not count
+        settings["terminate_on_collision"] = terminate
+        result = evaluate_ego(scenarios, lambda obs: np.tile(PUSH, (len(obs), 1)), settings, batch=3)
+        collided, offroad, total = [], [], []
+        for s in scenarios:
+            env = EgoEnv([s], reward=reward_config(settings), terminate_on_collision=terminate)
+            env.reset(seed=0)
+            done, hit, off, ret = False, False, False, 0.0
+            while not done:
+                _, r, te, tr, info = env.step(PUSH)
+                hit, off, ret, done = hit or info["collision"] > 0, off or info["offroad"] > 0, ret + r, te or tr
+            collided.append(hit)
+            offroad.append(off)
+            total.append(ret)
+        assert result["episodes"] == 4
+        assert result["collision_rate"] == pytest.approx(np.mean(collided))
+        assert result["offroad_rate"] == pytest.approx(np.mean(offroad))
+        assert result["mean_return"] == pytest.approx(np.mean(total), rel=1e-5)
 
 
 def test_dummy_vec_env_of_ego_envs_reports_the_same_episodes(scenarios):

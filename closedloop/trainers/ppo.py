@@ -99,6 +99,14 @@ def add_parser(objectives) -> None:
             default=getattr(defaults, name),
             help=f"RewardConfig.{name} (default {getattr(defaults, name)})",
         )
+    p.add_argument(
+        "--terminate-on-collision",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="end the SDC's episode at its first collision, as EgoEnv does (default: no, the paper's reward over "
+        "the whole log). With it the distance-to-log penalty stops at the crash, so PPO learns to crash early "
+        "unless --reward-collision outweighs the penalty still to come",
+    )
     p.add_argument("--terminate-on-offroad", action="store_true", help="end the SDC's episode when it leaves the road")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="env steps between checkpoints")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
@@ -142,7 +150,7 @@ def env_settings(settings: dict) -> dict:
     return {
         "dynamics": settings["dynamics"],
         "reward": reward_config(settings),
-        "terminate_on_collision": True,
+        "terminate_on_collision": settings["terminate_on_collision"],
         "terminate_on_offroad": settings["terminate_on_offroad"],
     }
 
