@@ -1,13 +1,13 @@
 """Shared-parameter PPO over every agent of the scenarios (Stable-Baselines3).
 
   OMP_NUM_THREADS=1 python scripts/ppo_multiagent.py --data DIR [--timesteps 20000]
-      [--num-scenarios 2] [--max-agents 64] [--out out/ppo_multiagent]
+      [--num-scenarios 2] [--max-agents 96] [--out out/ppo_multiagent]
 
 One policy drives every agent valid at the current step; each agent is one SB3 env, so
 PPO sees ``num_scenarios x max_agents`` envs per step (agent slots, padded; see
 :mod:`closedloop.envs.gym_vector`) and updates one set of weights from all of them. The
-reward is the ego env's (distance to the log and collisions, scaled by 0.1), per agent;
-agents that collide stop and their slot plays "ghost" steps until the log ends.
+reward is the ego env's (distance to the log and collisions, scaled by 0.1), per agent,
+over the whole log (no termination on collision); padding slots play "ghost" steps.
 
 Why not SuperSuit's ``pettingzoo_env_to_vec_env_v1`` on ``closedloop.envs.parallel_env``:
 its vector env fixes one env per name of ``possible_agents`` when it is built, and a
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, nargs="+", help="TFRecord files or directories")
     parser.add_argument("--timesteps", type=int, default=20_000, help="agent-slot steps in total")
     parser.add_argument("--num-scenarios", type=int, default=2, help="scenarios simulated together")
-    parser.add_argument("--max-agents", type=int, default=64, help="agent slots per scenario (padding)")
+    parser.add_argument("--max-agents", type=int, default=96, help="agent slots per scenario (padding)")
     parser.add_argument("--n-steps", type=int, default=16, help="steps per slot between updates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/ppo_multiagent")
@@ -48,7 +48,11 @@ def main() -> None:
     from stable_baselines3 import PPO
 
     scenarios = list(read_scenarios(args.data))
-    venv = agents_vector_env(scenarios, num_scenarios=args.num_scenarios, max_agents=args.max_agents)
+    # No termination on collision: it would stop the distance penalty at the crash (see the
+    # README's PPO section: the ego PPO learned to crash with it).
+    venv = agents_vector_env(
+        scenarios, num_scenarios=args.num_scenarios, max_agents=args.max_agents, terminate_on_collision=False
+    )
     env = UnitActions(SB3VecEnv(venv))
     model = PPO(
         "MlpPolicy",
