@@ -269,7 +269,7 @@ def test_train_ppo_cli_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
     common = ["--num-envs", "4", "--n-steps", "40", "--batch-size", "80", "--n-epochs", "1", "--quiet"]
     run("train", "ppo", "--data", data_dir, "--out", out, "--timesteps", 160, "--checkpoint-every", 80, *common,
-        "--eval-data", data_dir, "--reward-progress", "0.01")  # fmt: skip
+        "--eval-data", data_dir, "--reward-progress", "0.01", "--normalize-reward")  # fmt: skip
     for name in ("init.zip", "init.safetensors", "model.zip", "policy.safetensors", "config.json", "eval.json"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").glob("*.zip")) == ["step_160.zip", "step_80.zip"]
@@ -278,6 +278,12 @@ def test_train_ppo_cli_end_to_end(tmp_path, data_dir):
     assert {"ppo", "init", "constant_velocity"} <= set(result)
     assert json.loads((out / "config.json").read_text())["reward_progress"] == 0.01
 
+    from closedloop.safetensors_io import read_safetensors
+
+    header = read_safetensors(
+        out / "checkpoints" / "step_160.safetensors", "ppo", ValueError, 1 << 30, "closedloop-ppo-policy-v1"
+    )[1]
+    assert header["return_rms"]["count"] > 1  # --normalize-reward's statistics travel with the checkpoint
     proc = run("train", "ppo", "--resume", out, "--timesteps", 320, "--quiet")
     assert "320 env steps" in proc.stdout and (out / "checkpoints" / "step_320.zip").is_file()
 

@@ -18,7 +18,10 @@ Run directory::
 SB3's ``.zip`` holds the weights as ``torch.save`` files (loaded ``weights_only``) and
 the rest of the model (spaces, schedules, buffers) as cloudpickle inside ``data``.
 Nothing here unpickles: ``--resume`` rebuilds the model from ``config.json`` and loads
-only the weights and optimizer state (SB3's ``set_parameters``), and the planner
+only the weights and optimizer state (SB3's ``set_parameters``; ``--normalize-reward``'s
+running return statistics come from the checkpoint's safetensors header; the scenario
+order and sampling restart from ``seed + step``, so a resumed run is not bit-identical to
+an uninterrupted one), and the planner
 (``ppo:RUN_DIR``, :mod:`closedloop.agents.planners.ppo`) reads ``policy.safetensors``.
 
 The learner acts in ``[-1, 1]`` per action dimension (:class:`~closedloop.wrappers.sb3.
@@ -230,7 +233,21 @@ def save_policy(model, archive: Path, weights: Path, settings: dict) -> None:
 
     model.save(archive)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
-    write_safetensors(weights, tensors, weights_header(settings, model.num_timesteps))
+    header = weights_header(settings, model.num_timesteps)
+    rms = getattr(model.get_env(), "ret_rms", None)  # --normalize-reward: resume needs its running std
+    if rms is not None:
+        header["return_rms"] = {"mean": float(rms.mean), "var": float(rms.var), "count": float(rms.count)}
+    write_safetensors(weights, tensors, header)
+
+
+def restore_return_rms(env, weights: Path) -> None:
+    """Put back ``--normalize-reward``'s running return statistics saved with a checkpoint."""
+    from closedloop.agents.planners.ppo import MAX_BYTES
+    from closedloop.safetensors_io import read_safetensors
+
+    saved = read_safetensors(weights, "a PPO checkpoint", ValueError, MAX_BYTES, WEIGHTS_FORMAT)[1].get("return_rms")
+    if saved is not None and hasattr(env, "ret_rms"):
+        env.ret_rms.mean, env.ret_rms.var, env.ret_rms.count = saved["mean"], saved["var"], saved["count"]
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
@@ -328,6 +345,7 @@ def train_ppo(settings: dict, resume: bool = False) -> Path:
     if found:
         model.set_parameters(str(found[0].with_suffix(".zip")), exact_match=True, device=settings["device"])
         model.num_timesteps = found[1]
+        restore_return_rms(env, found[0].with_suffix(".safetensors"))
     else:
         save_policy(model, run_dir / "init.zip", run_dir / "init.safetensors", settings)
 
