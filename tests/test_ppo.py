@@ -113,6 +113,18 @@ def test_vector_env_agrees_with_ego_env_step_by_step(scenarios):
     assert infos["reset"].all() and not (terminated | truncated | infos["ghost"]).any() and (rewards == 0).all()
 
 
+def test_vector_env_reset_is_seeded_and_returns_fresh_arrays(scenarios):
+    """Gymnasium's env-checker properties that apply to a vector env."""
+    first, second = (ego_vector_env(scenarios * 2, num_envs=4) for _ in range(2))
+    (obs_a, info_a), (obs_b, info_b) = first.reset(seed=3), second.reset(seed=3)
+    assert list(info_a["scenario_id"]) == list(info_b["scenario_id"])
+    np.testing.assert_array_equal(obs_a, obs_b)
+    obs_a[:] = 0  # the caller's copy: the env's next observations are unaffected
+    step_a, step_b = first.step(np.zeros((4, 2), np.float32))[0], second.step(np.zeros((4, 2), np.float32))[0]
+    np.testing.assert_array_equal(step_a, step_b)
+    assert first.action_space.shape == (4, 2) and first.action_space.sample().shape == (4, 2)
+
+
 def test_vector_env_rejects_bad_actions(scenarios):
     venv = ego_vector_env(scenarios, num_envs=4, shuffle=False)
     venv.reset(seed=0)

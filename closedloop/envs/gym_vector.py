@@ -211,7 +211,8 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         return values.reshape(self.num_envs, *values.shape[2:]).cpu().numpy()
 
     def _numpy(self, obs: torch.Tensor) -> np.ndarray:
-        return self._flat(obs).astype(np.float32, copy=False)
+        """A copy: the caller may write into it without touching the ghosts' kept observations."""
+        return self._flat(obs).astype(np.float32, copy=True)
 
     def _infos(self, values: dict[str, np.ndarray], ghost: np.ndarray, reset: bool) -> dict:
         """Gymnasium's vector infos: one array per key and a ``_key`` mask (all set)."""
