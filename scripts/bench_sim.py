@@ -1,6 +1,6 @@
 """Simulator throughput: agent-steps/s of the batched core and of the PettingZoo face.
 
-  python scripts/bench_sim.py [--steps 40] [--repeats 5] [--device cpu|cuda]
+  python scripts/bench_sim.py [--steps 40] [--repeats 5] [--device cpu|cuda] [--only ego]
 
 The core step measured is dynamics (delta_local) + collisions + off-road + red-light
 events, for B in {1, 8, 64} scenarios and N in {32, 128} agents per scenario (synthetic
@@ -23,6 +23,12 @@ or dynamics + expert only; object-steps/s count all 128 objects, as Waymax does.
 pool: the core at B = 1 and 8 (N = 128) with 1 and with 2 threads while one busy process
 per core runs beside it (the setting behind the simulating commands' ``--threads 1``
 default).
+
+The ego rows time what PPO steps (bicycle SDC, others following the log, observations,
+rewards, events; each ego accelerating gently): one ``EgoEnv``, the batched agent-slot
+vector env at B = 16 SDCs and SB3's ``DummyVecEnv`` of 16 ``EgoEnv``s, in env-steps/s
+(SDC steps; auto-resets included), with ratios against the single ``EgoEnv`` of the same
+run. ``--only ego`` runs just those.
 Prints a table and one JSON line.
 """
 
@@ -222,6 +228,41 @@ def threads_under_load(scenarios, steps: int, repeats: int) -> None:
     print(json.dumps({"threads_under_load": rows}))
 
 
+def ego_rates(scenarios, steps: int, num_envs: int = 16) -> dict[str, float]:
+    """Env-steps/s of one EgoEnv, the batched vector env and a DummyVecEnv of EgoEnvs."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from closedloop.envs.faces import EgoEnv
+    from closedloop.envs.gym_vector import ego_vector_env
+
+    action = np.array([0.5, 0.0], np.float32)
+    single = EgoEnv(scenarios)
+    single.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        *_, terminated, truncated, _ = single.step(action)
+        if terminated or truncated:
+            single.reset()
+    rates = {"ego_env": steps / (time.perf_counter() - start)}
+
+    actions = np.tile(action, (num_envs, 1))
+    vector = ego_vector_env(scenarios, num_envs)
+    vector.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        vector.step(actions)
+    rates[f"vector_b{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
+
+    dummy = DummyVecEnv([lambda: EgoEnv(scenarios) for _ in range(num_envs)])
+    dummy.seed(0)
+    dummy.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        dummy.step(actions)
+    rates[f"dummy_vec_env_{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -230,6 +271,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--threads-under-load", action="store_true", help="1 vs 2 threads with every core busy")
     parser.add_argument("--waymax", action="store_true", help="the issue-16 Waymax workload (real WOMD example)")
+    parser.add_argument("--only", choices=("all", "ego"), default="all", help="ego: only the PPO env rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,6 +281,15 @@ def main() -> None:
         return
     if args.threads_under_load:
         threads_under_load(scenarios, args.steps, args.repeats)
+        return
+    ego = {}
+    for _ in range(args.repeats):
+        for name, rate in ego_rates(scenarios, args.steps).items():
+            ego[name] = max(ego.get(name, 0.0), rate)
+    for name, rate in ego.items():
+        print(f"{name:<20}{rate:>10,.0f} env-steps/s{rate / ego['ego_env']:>8.1f}x EgoEnv")
+    if args.only == "ego":
+        print(json.dumps({"ego_env_steps_per_s": {k: round(v) for k, v in ego.items()}}))
         return
     rows = []
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
@@ -275,6 +326,7 @@ def main() -> None:
                 "pettingzoo_agent_steps_per_s": round(face),
                 "pettingzoo_agents": agents,
                 "core_b1_n128": round(core_one),
+                "ego_env_steps_per_s": {k: round(v) for k, v in ego.items()},
             }
         )
     )

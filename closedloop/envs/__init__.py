@@ -8,6 +8,7 @@ from closedloop.envs.dynamics import DYNAMICS, make_dynamics
 from closedloop.envs.env import EnvConfig, EnvCore, Guidance, Transition
 from closedloop.envs.errors import SimulationError
 from closedloop.envs.faces import ClosedLoopParallelEnv, EgoEnv, ego_env, parallel_env, register
+from closedloop.envs.gym_vector import AgentVectorEnv, agents_vector_env, ego_vector_env
 from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
 from closedloop.envs.vector import BatchedEnv
@@ -16,6 +17,7 @@ register()
 
 __all__ = [
     "DYNAMICS",
+    "AgentVectorEnv",
     "BatchedEnv",
     "ClosedLoopParallelEnv",
     "EgoEnv",
@@ -23,6 +25,8 @@ __all__ = [
     "EnvCore",
     "Guidance",
     "ObservationConfig",
+    "agents_vector_env",
+    "ego_vector_env",
     "RewardConfig",
     "SimState",
     "SimulationError",

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a policy: behaviour cloning (bc), closed-loop fine-tuning with CAT-K (catk), RoaD (road) "
-        "or REINFORCE (reinforce)",
+        "or REINFORCE (reinforce), PPO for the SDC (ppo)",
     )
     objectives = p.add_subparsers(dest="objective", required=True)
     p = objectives.add_parser(
@@ -89,6 +89,9 @@ def add_parser(sub) -> None:
         default=0.0,
         help="weight of KL(policy || the --init policy) per decision (default 0: off, as in the paper)",
     )
+    from closedloop.trainers.ppo import add_parser as add_ppo_parser
+
+    add_ppo_parser(objectives)  # PPO runs SB3's own loop, not the shared one: its flags are its own
 
 
 def add_reward_flags(p: argparse.ArgumentParser, collision: float = 1.0) -> None:

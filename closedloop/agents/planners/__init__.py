@@ -12,8 +12,9 @@
   PettingZoo face, with frames.
 
 :func:`load_planners` resolves command-line specs: ``random_shooting`` (all 64),
-``rs_J{j}_D{d}`` (one), ``module:attr``, ``path/to/file.py:attr`` or the name of an entry
-point in the group ``closedloop.planners``.
+``rs_J{j}_D{d}`` (one), ``ppo:RUN_DIR`` (a ``closedloop train ppo`` policy,
+:mod:`~closedloop.agents.planners.ppo`), ``module:attr``, ``path/to/file.py:attr`` or the
+name of an entry point in the group ``closedloop.planners``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ ENTRY_POINT_GROUP = "closedloop.planners"
 
 def load_planner(spec: str) -> UserPlanner:
     """A third-party planner from ``module:attr``, ``path/to/file.py:attr`` or an entry
-    point of ``closedloop.planners``, named by its spec."""
+    point of ``closedloop.planners``, or a ``closedloop train ppo`` policy
+    (``ppo:RUN_DIR`` or ``ppo:FILE.safetensors``), named by its spec."""
     from closedloop.plugins import load_object
 
+    if spec.startswith("ppo:"):
+        from closedloop.agents.planners.ppo import PPOPlanner
+
+        return UserPlanner(spec, PPOPlanner(spec[len("ppo:") :]))
     return UserPlanner(spec, load_object(spec, group=ENTRY_POINT_GROUP))
 
 
