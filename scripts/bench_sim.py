@@ -28,7 +28,7 @@ The ego rows time what PPO steps (bicycle SDC, others following the log, observa
 rewards, events; each ego accelerating gently): one ``EgoEnv``, the batched agent-slot
 vector env at B = 16 SDCs and SB3's ``DummyVecEnv`` of 16 ``EgoEnv``s, in env-steps/s
 (SDC steps; auto-resets included), with ratios against the single ``EgoEnv`` of the same
-run. ``--only ego`` runs just those.
+run. They run (alone) with ``--only ego``, which needs Stable-Baselines3.
 Prints a table and one JSON line.
 """
 
@@ -189,6 +189,7 @@ def waymax_rows(repeats: int, device: str) -> None:
             rate = best_of(repeats, waymax_rate, scenario, B, checks, 1, device)
             waymax = WAYMAX_OBJECT_STEPS.get((checks, B))
             what = "collision + off-road each step" if checks else "dynamics + expert only"
+            waymax = waymax if device == "cpu" else None  # Waymax's figures are CPU ones
             ratio = f"{rate / waymax:.2f}x" if waymax else "-"
             print(f"{what:<32}{B:>5}{rate:>16,.0f}{waymax or '-':>12}{ratio:>8}")
             rows.append({"checks": checks, "B": B, "object_steps_per_s": round(rate), "waymax": waymax})
@@ -282,13 +283,13 @@ def main() -> None:
     if args.threads_under_load:
         threads_under_load(scenarios, args.steps, args.repeats)
         return
-    ego = {}
-    for _ in range(args.repeats):
-        for name, rate in ego_rates(scenarios, args.steps).items():
-            ego[name] = max(ego.get(name, 0.0), rate)
-    for name, rate in ego.items():
-        print(f"{name:<20}{rate:>10,.0f} env-steps/s{rate / ego['ego_env']:>8.1f}x EgoEnv")
     if args.only == "ego":
+        ego = {}
+        for _ in range(args.repeats):
+            for name, rate in ego_rates(scenarios, args.steps).items():
+                ego[name] = max(ego.get(name, 0.0), rate)
+        for name, rate in ego.items():
+            print(f"{name:<20}{rate:>10,.0f} env-steps/s{rate / ego['ego_env']:>8.1f}x EgoEnv")
         print(json.dumps({"ego_env_steps_per_s": {k: round(v) for k, v in ego.items()}}))
         return
     rows = []

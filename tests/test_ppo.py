@@ -256,10 +256,12 @@ def test_dummy_vec_env_of_ego_envs_reports_the_same_episodes(scenarios):
 
 
 def _settings() -> dict:
-    from closedloop.trainers.ppo import _parser
+    """A fresh run's settings, as ``closedloop train ppo --num-envs 4`` makes them."""
+    from closedloop.cli import build_parser
+    from closedloop.trainers.ppo import settings_from_args
 
-    args = vars(_parser().parse_args(["ppo", "--num-envs", "4"]))
-    return {k: v for k, v in args.items() if k != "func"}
+    args = ["train", "ppo", "--data", "unused", "--out", "unused", "--num-envs", "4"]
+    return settings_from_args(build_parser().parse_args(args))
 
 
 def test_multiagent_vector_env_pads_slots_with_ghosts(scenarios):
@@ -329,3 +331,17 @@ def test_multiagent_script_trains_a_few_hundred_steps(tmp_path, data_dir):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ma" / "model.zip").is_file() and "agent-steps" in proc.stdout
+
+
+def test_resume_overrides_may_set_a_flag_back_to_its_default(tmp_path):
+    from closedloop.cli import build_parser
+    from closedloop.trainers.ppo import settings_from_args
+
+    fresh = settings_from_args(build_parser().parse_args(["train", "ppo", "--data", "d", "--out", str(tmp_path)]))
+    assert fresh["timesteps"] == 100_000 and fresh["threads"] == 1 and fresh["device"] == "cpu"
+    saved = {**fresh, "timesteps": 200_000, "threads": 2, "device": "cuda", "lr": 1e-3}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    args = ["train", "ppo", "--resume", str(tmp_path), "--timesteps", "100000", "--threads", "1"]
+    resumed = settings_from_args(build_parser().parse_args(args))
+    assert resumed["timesteps"] == 100_000 and resumed["threads"] == 1  # given: back to the default value
+    assert resumed["device"] == "cuda" and resumed["lr"] == 1e-3  # not given: the run's own

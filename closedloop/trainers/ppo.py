@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -46,8 +47,11 @@ from closedloop.envs.rewards import RewardConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FORMAT = "closedloop-ppo-policy-v1"
 REWARD_FLAGS = ("distance_to_log", "collision", "offroad", "red_light", "progress", "action", "scale")
-# Flags that may change when a run is resumed; the others come from config.json.
+# Flags that may change when a run is resumed; the others come from config.json. They
+# default to None in the parser, so a resumed run can tell a given flag from an absent one
+# (and set one back to its default value); a fresh run takes these defaults.
 RESUME_OVERRIDES = ("timesteps", "device", "threads", "checkpoint_every", "eval_data", "eval_scenarios", "quiet")
+FRESH_DEFAULTS = {"timesteps": 100_000, "device": "cpu", "threads": 1, "eval_scenarios": 32}
 
 
 def add_parser(objectives) -> None:
@@ -63,7 +67,7 @@ def add_parser(objectives) -> None:
     p.add_argument("--data", nargs="+", help="TFRecord files, directories or globs")
     p.add_argument("--out", help="the run directory")
     p.add_argument("--dynamics", choices=("bicycle", "delta_local", "delta_global"), default="bicycle")
-    p.add_argument("--timesteps", type=positive_int, default=100_000, help="environment steps in total")
+    p.add_argument("--timesteps", type=positive_int, default=None, help="environment steps in total (100000)")
     p.add_argument("--others", default="log", help="sim agents: log (replay, default), cv, idm, or a --policy spec")
     p.add_argument("--num-envs", type=positive_int, default=16, help="SDCs (scenarios) stepped together (16)")
     p.add_argument(
@@ -74,11 +78,11 @@ def add_parser(objectives) -> None:
         "SubprocVecEnv of EgoEnv",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="the learner's torch device (the simulator runs on CPU)")
+    p.add_argument("--device", default=None, help="the learner's torch device (cpu; the simulator runs on CPU)")
     p.add_argument(
         "--threads",
         type=positive_int,
-        default=1,
+        default=None,
         help="torch CPU threads (1: the simulator's tensors are small; on the shared 2-core machine two threads "
         "stepped the envs 35x slower than one)",
     )
@@ -121,7 +125,7 @@ def add_parser(objectives) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="env steps between checkpoints")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--eval-data", nargs="+", help="held-out scenarios: write RUN_DIR/eval.json at the end")
-    p.add_argument("--eval-scenarios", type=positive_int, default=32, help="held-out scenarios evaluated (32)")
+    p.add_argument("--eval-scenarios", type=positive_int, default=None, help="held-out scenarios evaluated (32)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_ppo)
 
@@ -135,20 +139,13 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no {CONFIG_FILE} (not a train ppo run directory)")
         settings = json.loads(path.read_text())
-        defaults = vars(_parser().parse_args(["ppo"]))
-        settings.update({k: given[k] for k in RESUME_OVERRIDES if given[k] != defaults.get(k)})
+        settings.update({k: given[k] for k in RESUME_OVERRIDES if given[k] not in (None, False)})
         settings["out"] = str(args.resume)
         return settings
     missing = [flag for flag in ("data", "out") if not given[flag]]
     if missing:
         raise ValueError(f"train ppo needs {' and '.join('--' + m for m in missing)} (or --resume RUN_DIR)")
-    return given
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    return parser
+    return {**given, **{k: v for k, v in FRESH_DEFAULTS.items() if given[k] is None}}
 
 
 def reward_config(settings: dict) -> RewardConfig:
@@ -231,7 +228,9 @@ def save_policy(model, archive: Path, weights: Path, settings: dict) -> None:
     policy's tensors as safetensors, for the planner)."""
     from closedloop.safetensors_io import write_safetensors
 
-    model.save(archive)
+    partial_archive = archive.with_name(f".{archive.stem}.partial.zip")  # SB3 writes in place: rename when whole
+    model.save(partial_archive)
+    os.replace(partial_archive, archive)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
     header = weights_header(settings, model.num_timesteps)
     rms = getattr(model.get_env(), "ret_rms", None)  # --normalize-reward: resume needs its running std
@@ -251,8 +250,14 @@ def restore_return_rms(env, weights: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    """``(checkpoint without suffix, its step)`` of the highest step in ``run_dir``."""
-    found = [(int(p.stem.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*.zip")]
+    """``(checkpoint without suffix, its step)`` of the highest complete step in ``run_dir``
+    (both files: the safetensors is written last, so a crash mid-save leaves the earlier
+    checkpoint in charge)."""
+    found = [
+        (int(p.stem.split("_")[1]), p)
+        for p in (run_dir / "checkpoints").glob("step_*.zip")
+        if p.with_suffix(".safetensors").is_file()
+    ]
     if not found:
         return None
     step, path = max(found)

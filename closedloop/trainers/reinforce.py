@@ -168,7 +168,10 @@ class Reinforce:
         """Log-probabilities ``[B, N, D, V]`` of every token at every decision, with gradient:
         one teacher-forced pass over the rollout at the sampling temperature."""
         roads = map_tokens(batch, max_tokens=MAX_MAP_TOKENS)
-        logits = model(rollout.tokens, rollout.poses, rollout.valid, batch.agent_type, roads, steps=rollout.steps)
+        table = self.vocabulary.table().to(rollout.tokens.device)  # the rollout's (TokenPolicy passes it too)
+        logits = model(
+            rollout.tokens, rollout.poses, rollout.valid, batch.agent_type, roads, steps=rollout.steps, vocabulary=table
+        )
         allowed = model_logit_mask(model, self.sizes.to(logits.device), batch.agent_type)[:, :, None]
         history = rollout.tokens.shape[2] - rollout.rewards.shape[2]
         logits = logits[:, :, history:].float().masked_fill(~allowed, float("-inf"))

@@ -42,17 +42,20 @@ class PPOPlanner:
             from stable_baselines3.common.policies import ActorCriticPolicy
         except ImportError as err:
             raise ImportError("the PPO planner needs Stable-Baselines3: pip install 'closedloop[rl]'") from err
-        self.dynamics = make_dynamics(header["dynamics"])
-        bounds = action_space(self.dynamics)
+        try:
+            self.dynamics = make_dynamics(header["dynamics"])
+            bounds = action_space(self.dynamics)
+            size = ObservationConfig(**header["observation"]).size
+            self.policy = ActorCriticPolicy(
+                gymnasium.spaces.Box(-np.inf, np.inf, (size,), np.float32),
+                gymnasium.spaces.Box(-1.0, 1.0, bounds.shape, np.float32),
+                lambda _: 0.0,
+                **policy_kwargs(header),
+            )
+            self.policy.load_state_dict(tensors, strict=True)
+        except (KeyError, TypeError, RuntimeError) as err:  # a header or tensors of another kind
+            raise ValueError(f"{path}: not a policy written by closedloop train ppo: {err!r}") from None
         self.low, self.high = bounds.low, bounds.high
-        size = ObservationConfig(**header["observation"]).size
-        self.policy = ActorCriticPolicy(
-            gymnasium.spaces.Box(-np.inf, np.inf, (size,), np.float32),
-            gymnasium.spaces.Box(-1.0, 1.0, bounds.shape, np.float32),
-            lambda _: 0.0,
-            **policy_kwargs(header),
-        )
-        self.policy.load_state_dict(tensors, strict=True)
         self.policy.eval()
         self.path, self.num_timesteps = path, int(header["num_timesteps"])
 
