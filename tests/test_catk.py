@@ -159,6 +159,7 @@ def test_catk_loss_has_gradients_and_leaves_the_mode(vocabulary, batch):
     assert model.head_weight.grad is not None and model.head_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_train_catk_from_a_bc_run_then_resume(tmp_path):
     data = tmp_path / "data"
     run("generate", "--out", data, "--num-scenarios", 2, "--seed", 4, "--agents", "4:6", "--quiet")

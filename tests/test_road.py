@@ -189,6 +189,7 @@ def test_train_road_refreshed_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(last[name], again[name]) for name in last)
 
 
+@pytest.mark.slow
 def test_train_road_command_line(tmp_path):
     data = tmp_path / "data"
     run("generate", "--out", data, "--num-scenarios", 2, "--seed", 4, "--agents", "4:6", "--quiet")

@@ -102,6 +102,7 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(synthetic, tmp_path):
     assert summary["step"] == latest["step"]
 
 
+@pytest.mark.slow
 def test_real_womd_scenarios_overfit(scenario_file, large_scenario_file, tmp_path):
     """The command line that trains on synthetic data trains on the real files: the loss falls."""
     run_dir = tmp_path / "real"
