@@ -255,3 +255,16 @@ def test_batched_env_events_for_the_exposed_agents():
             assert torch.equal(i_sdc[key], i_all[key] & i_all["controlled"])
     with pytest.raises(ValueError, match="events_for"):
         BatchedEnv(scenarios, events_for="some")
+
+
+def test_lane_point_indices_equal_a_dense_search():
+    from closedloop.envs.events import lane_point_indices
+
+    generator = torch.Generator().manual_seed(3)
+    road_id = torch.randint(0, 40, (3, 500), generator=generator)
+    road_mask = torch.rand(3, 500, generator=generator) < 0.9
+    lane_id = torch.randint(-1, 45, (3, 7), generator=generator)  # some lanes with no point
+    same_lane = (road_id[:, None, :] == lane_id[:, :, None]) & road_mask[:, None, :]
+    P = road_id.shape[1]
+    expected = torch.where(same_lane, torch.arange(P), P).sort(-1).values[..., : int(same_lane.sum(-1).max())]
+    assert torch.equal(lane_point_indices(road_id, road_mask, lane_id), expected)

@@ -33,14 +33,19 @@ class StopLines:
 
     def __init__(self, state: SimState):
         b = state.batch
-        same_lane = (b.road_id[:, None, :] == b.light_lane_id[:, :, None]) & b.road_mask[:, None, :]
-        d = torch.linalg.norm(b.road_xyz[:, None, :, :2] - b.light_stop_point[:, :, None, :2], dim=-1)
-        nearest = d.masked_fill(~same_lane, float("inf")).argmin(-1)  # [B, L]
+        order = lane_point_indices(b.road_id, b.road_mask, b.light_lane_id)  # [B, L, M]
+        P = b.road_id.shape[1]
+        on_lane = order < P
+        B, L, M = order.shape
+        index = order.clamp_max(P - 1).flatten(1)[..., None]
+        lane_xy = b.road_xyz[..., :2].gather(1, index.expand(-1, -1, 2)).view(B, L, M, 2)
+        d = torch.linalg.norm(lane_xy - b.light_stop_point[:, :, None, :2], dim=-1).masked_fill(~on_lane, float("inf"))
+        nearest = order.gather(-1, d.argmin(-1, keepdim=True))[..., 0].clamp_max(P - 1)  # [B, L]
         direction = torch.gather(b.road_dir[..., :2], 1, nearest[..., None].expand(-1, -1, 2))
         norm = torch.linalg.norm(direction, dim=-1, keepdim=True)
         self.direction = direction = direction / norm.clamp_min(1e-6)
         self.point = b.light_stop_point[..., :2]
-        self.valid = b.light_mask & same_lane.any(-1) & (norm[..., 0] > 1e-6)
+        self.valid = b.light_mask & on_lane.any(-1) & (norm[..., 0] > 1e-6)
         self.state = b.light_state  # [B, L, T]
         # Along-lane and lateral coordinates relative to each stop line are one product:
         # position @ axes - offsets, with axes [B, 2, 2L] (lane directions, then normals).
@@ -48,19 +53,11 @@ class StopLines:
         axes = torch.cat([direction, normal], dim=1)  # [B, 2L, 2]
         self.axes = axes.transpose(1, 2).contiguous()
         self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
-        L = self.valid.shape[1]
         pair = (
             self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
         )
         self.siblings = pair & (torch.cdist(self.point, self.point) < SIBLING_RADIUS)  # [B, L, L]
-        # Each light's lane as points [B, L, M, 2], padding far away.
-        P = same_lane.shape[-1]
-        order = torch.where(same_lane, torch.arange(P, device=same_lane.device), P).sort(-1).values
-        order = order[..., : max(int(same_lane.sum(-1).max()), 1)]
-        points = torch.gather(
-            b.road_xyz[:, None, :, :2].expand(-1, L, -1, -1), 2, order.clamp_max(P - 1)[..., None].expand(-1, -1, -1, 2)
-        )
-        self.lane_points = points.masked_fill((order >= P)[..., None], FAR)
+        self.lane_points = lane_xy.masked_fill(~on_lane[..., None], FAR)  # each light's lane, padding far away
 
     def red(self, t: int) -> torch.Tensor:
         """Lights ``[B, L]`` that say stop at step ``t``."""
@@ -84,6 +81,25 @@ class StopLines:
         distance = torch.full(lights.shape, float("inf"), device=positions.device)
         distance[agent, light] = torch.linalg.norm(lane - positions[agent, None], dim=-1).amin(-1)
         return distance
+
+
+def lane_point_indices(road_id: torch.Tensor, road_mask: torch.Tensor, lane_id: torch.Tensor) -> torch.Tensor:
+    """The roadgraph points ``[B, L, M]`` of each lane ``lane_id`` ``[B, L]`` among the
+    points ``road_id`` / ``road_mask`` ``[B, P]``, in increasing index order, padded with
+    ``P`` to the longest lane. One sort of each scenario's point ids and a binary search per
+    lane: a dense ``[B, L, P]`` comparison cost most of an env reset at B = 16."""
+    P = road_id.shape[1]
+    never = torch.iinfo(torch.long).min  # masked points match no lane
+    ids = torch.where(road_mask, road_id.long(), never)
+    sorted_ids, perm = ids.sort(dim=-1, stable=True)
+    lanes = lane_id.long().contiguous()
+    first = torch.searchsorted(sorted_ids, lanes, side="left")
+    count = torch.searchsorted(sorted_ids, lanes, side="right") - first
+    M = max(int(count.max()), 1) if count.numel() else 1
+    step = torch.arange(M, device=road_id.device)
+    position = (first[..., None] + step).clamp_max(P - 1)  # [B, L, M]
+    points = perm.gather(1, position.flatten(1)).view(*position.shape)
+    return torch.where(step < count[..., None], points, P)
 
 
 def agent_slots(agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
