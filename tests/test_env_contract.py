@@ -581,3 +581,38 @@ def test_reward_values():
     expected = 0.1 * (torch.tensor([-2.0, -2.0 - 5.0, -4.0 - 3.0]) + 0.1 * travelled - 0.5 * action_size)
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(RewardConfig()(transition)[0], torch.tensor([-1.0, -1.0, -4.0]))  # the paper's default
+
+
+def test_observations_of_some_agents_equal_their_rows_of_all_agents():
+    """Observing a few agent slots (an ego env's SDCs) searches the roadgraph for those
+    agents only: the answer must be their rows of the every-slot observation, step after
+    step as the per-slot caches age, and whichever agents the slots hold."""
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.env import EnvConfig, EnvCore
+    from closedloop.envs.observation import Observer
+
+    batch = collate_scenarios(list(generate_scenarios(2, seed=9, town="grid", agents=(20, 30))))
+    core = EnvCore(batch, EnvConfig(make_dynamics("delta_local")), track_events=False)
+    config = ObservationConfig()
+    every, some = Observer(config), Observer(config)
+    forward = torch.zeros(*core.state.controlled.shape, 3)
+    forward[..., 0] = 1.0  # 10 m/s: the slots' kept road points go stale and are searched again
+    for k in range(12):
+        valid = core.state.valid_now
+        ranked = torch.sort(valid.int(), dim=1, descending=True, stable=True).indices  # valid slots first
+        agents = ranked[:, [k % 5, 5 + k % 3]]  # other agents in the slots every step
+        assert valid.gather(1, agents).all()
+        full = every(core.state)
+        part = some(core.state, agents)
+        rows = full.gather(1, agents[..., None].expand(-1, -1, full.shape[-1]))
+        road = slice(8 + 9 * config.num_agents, 8 + 9 * (config.num_agents + config.num_road_points))
+        rest = torch.ones(full.shape[-1], dtype=torch.bool)
+        rest[road] = False
+        assert torch.equal(part[..., rest], rows[..., rest])
+        # Road points: the same positions in the same order; points at the same spot (a lane's
+        # end and the next one's start) may come in either order, so their rows are compared as sets.
+        mine, theirs = part[..., road].unflatten(-1, (-1, 9)), rows[..., road].unflatten(-1, (-1, 9))
+        assert torch.equal(mine[..., :2], theirs[..., :2])
+        for a, b in zip(mine.flatten(0, 1), theirs.flatten(0, 1)):
+            assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+        core.step(forward)

@@ -81,9 +81,21 @@ class Observer:
 
     def __init__(self, config: ObservationConfig = ObservationConfig()):
         self.config = config
-        self._road: NearestPoints | None = None
+        # Nearest-point indexes of the batch, one per query shape: every slot ([B, N]), or
+        # the Q agents asked for ([B, Q]: an ego env searches for its SDC only).
+        self._road: dict[tuple[int, ...], NearestPoints] = {}
         self._road_batch = None  # the batch _road indexes
         self._road_table: torch.Tensor | None = None
+
+    def _road_index(self, b, shape: tuple[int, ...]) -> NearestPoints:
+        """The nearest-point index of batch ``b`` for queries of ``shape`` (its per-slot
+        caches stay exact whichever agent a slot holds: see :class:`NearestPoints`)."""
+        if shape not in self._road:
+            cfg = self.config
+            self._road[shape] = NearestPoints(
+                b.road_xyz[..., :2], b.road_mask, cfg.road_candidates, polyline_id=b.road_id
+            )
+        return self._road[shape]
 
     def __call__(
         self, state: SimState, agents: torch.Tensor | None = None, observed: torch.Tensor | None = None
@@ -97,6 +109,7 @@ class Observer:
         valid = state.valid_now
         B, N = valid.shape
         blank_unobserved = agents is None and observed is not None
+        subset = agents is not None
         if agents is not None:
             observed = torch.zeros_like(valid).scatter_(1, agents, True)
         else:
@@ -154,13 +167,13 @@ class Observer:
         nearby = _pad(nearby, cfg.num_agents)
 
         # Nearest roadgraph points (exact: see NearestPoints).
-        if self._road is None or self._road_batch is not b:
-            self._road = NearestPoints(b.road_xyz[..., :2], b.road_mask, cfg.road_candidates, polyline_id=b.road_id)
-            self._road_table = _road_table(b)
-            self._road_batch = b
+        if self._road_batch is not b:
+            self._road, self._road_table, self._road_batch = {}, _road_table(b), b
         m = min(cfg.num_road_points, b.road_xyz.shape[1])
-        pts, road_distance = self._road(pose[..., :2], m, active=valid & observed)
-        pts, road_distance = _take(pts, agents), _take(road_distance, agents)  # [B, Q, m]
+        if subset:  # search for the asked agents only
+            pts, road_distance = self._road_index(b, tuple(agents.shape))(me[..., :2], m, active=_take(valid, agents))
+        else:
+            pts, road_distance = self._road_index(b, tuple(valid.shape))(pose[..., :2], m, active=valid & observed)
         table = self._road_table
         point = torch.gather(table, 1, pts.reshape(B, -1, 1).expand(-1, -1, table.shape[-1])).view(*pts.shape, -1)
         px, py = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
