@@ -167,6 +167,7 @@ def test_gmm_ego_bc_trains_and_rolls_out(synthetic, tmp_path):
 # ---- checkpoints as files
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_give_errors_naming_the_file(synthetic, tmp_path):
     run_dir = train(_config(synthetic / "train.tfrecord", tmp_path / "run", steps=1))
     weights = read_latest(run_dir)["weights"]
@@ -206,6 +207,7 @@ def test_damaged_checkpoints_give_errors_naming_the_file(synthetic, tmp_path):
 # ---- the command line
 
 
+@pytest.mark.slow
 def test_train_bc_command_then_rollout_and_evaluate_the_checkpoint(synthetic, tmp_path):
     run_dir = tmp_path / "cli_run"
     proc = run(
