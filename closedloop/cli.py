@@ -731,9 +731,9 @@ def threads_flag(p: argparse.ArgumentParser, default: int | None = SIMULATION_TH
     """``--threads N``: torch's intra-op threads for the command.
 
     Simulation is hundreds of small tensor operations per step, where a second thread
-    saves little on an idle machine and, on a busy one, makes each operation wait for a
-    core: on 2 cores with two other jobs running, a B=1 rollout ran 3-10x slower with 2
-    threads than with 1 (``scripts/bench_sim.py --threads-under-load``). So the commands that
+    gains 1.2-1.5x on an idle machine and, on a busy one, makes each operation wait for a
+    core: with both cores of the 2-core machine kept busy, the simulator at B=1 ran 98x
+    slower with 2 threads than with 1 (``scripts/bench_sim.py --threads-under-load``). So the commands that
     simulate default to 1 thread; the shared-loop trainers (large matrix products) keep
     torch's default (``train ppo``, which mostly steps the simulator, defaults to 1)."""
     what = f"default {default}" if default else "default: torch's, one per core"
