@@ -255,6 +255,10 @@ def test_batched_env_events_for_the_exposed_agents():
             assert torch.equal(i_sdc[key], i_all[key] & i_all["controlled"])
     with pytest.raises(ValueError, match="events_for"):
         BatchedEnv(scenarios, events_for="some")
+    from closedloop.envs.env import EnvConfig, EnvCore
+
+    with pytest.raises(ValueError, match="events_for"):
+        EnvCore(collate_scenarios(scenarios), EnvConfig(envs[0].dynamics), events_for="some")
 
 
 def test_lane_point_indices_equal_a_dense_search():

@@ -117,6 +117,17 @@ def test_bad_settings_are_refused(vocabulary):
         Reinforce(vocabulary, RewardConfig(), temperature=0.0)
     with pytest.raises(ValueError, match="reference"):
         Reinforce(vocabulary, RewardConfig(), kl_weight=1.0)
+    from closedloop.trainers.loop import TrainConfig, make_objective
+
+    gmm = TrainConfig(data=["x"], out="y", model="gmm-ego", objective="reinforce")
+    with pytest.raises(ValueError, match="train ppo"):  # the SDC's GMM policy: PPO, not this
+        make_objective(gmm, None)
+    config = TrainConfig(data=["x"], out="y", objective="reinforce", collision_weight=10.0, offroad_weight=2.0)
+    objective = make_objective(config, vocabulary)
+    assert objective.reward.collision == -10.0 and objective.reward.offroad == -2.0  # penalties
+    assert objective.reward.distance_to_log == -1.0 and objective.temperature == 1.0
+    with pytest.raises(ValueError, match="kl-weight"):
+        make_objective(TrainConfig(data=["x"], out="y", objective="reinforce", kl_weight=0.1), vocabulary)
 
 
 @pytest.mark.slow
