@@ -327,7 +327,6 @@ def main() -> None:
                 "pettingzoo_agent_steps_per_s": round(face),
                 "pettingzoo_agents": agents,
                 "core_b1_n128": round(core_one),
-                "ego_env_steps_per_s": {k: round(v) for k, v in ego.items()},
             }
         )
     )

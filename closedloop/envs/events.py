@@ -46,7 +46,10 @@ class StopLines:
         self.direction = direction = direction / norm.clamp_min(1e-6)
         self.point = b.light_stop_point[..., :2]
         self.valid = b.light_mask & on_lane.any(-1) & (norm[..., 0] > 1e-6)
-        self.state = b.light_state  # [B, L, T]
+        # Which lights say stop at each step, and whether any does (one synchronisation
+        # here instead of one per step).
+        self.stop = light_forbids_crossing(b.light_state) & self.valid[..., None]  # [B, L, T]
+        self.any_stop = self.stop.any(1).any(0).tolist()  # [T]
         # Along-lane and lateral coordinates relative to each stop line are one product:
         # position @ axes - offsets, with axes [B, 2, 2L] (lane directions, then normals).
         normal = torch.stack([-direction[..., 1], direction[..., 0]], -1)
@@ -61,8 +64,7 @@ class StopLines:
 
     def red(self, t: int) -> torch.Tensor:
         """Lights ``[B, L]`` that say stop at step ``t``."""
-        state = self.state[:, :, t]
-        return light_forbids_crossing(state) & self.valid
+        return self.stop[:, :, t]
 
     def crossings(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Whether each agent's centre went from behind to past each stop line between
@@ -118,11 +120,13 @@ def take_agents(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index)
 
 
-def scatter_agents(flags: torch.Tensor, slots: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-slot booleans ``[B, Q]`` back to ``[B, N]`` (False elsewhere; a slot listed twice
-    is True if either entry is)."""
-    out = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
-    return out.scatter_reduce_(1, slots, flags.to(torch.uint8), reduce="amax").bool()
+def scatter_agents(flags: torch.Tensor, slots: torch.Tensor, num_agents: int) -> torch.Tensor:
+    """Per-slot booleans ``[B, Q, ...]`` back to ``[B, N, ...]`` (False elsewhere; a slot
+    listed twice is True if either entry is)."""
+    B, Q, *rest = flags.shape
+    out = torch.zeros(B, num_agents, *rest, dtype=torch.uint8, device=flags.device)
+    index = slots.view(B, Q, *([1] * len(rest))).expand_as(flags)
+    return out.scatter_reduce_(1, index, flags.to(torch.uint8), reduce="amax").bool()
 
 
 class EventTracker:
@@ -150,12 +154,14 @@ class EventTracker:
             self.slots, self.slot_ok = agent_slots(agents)
         Q = N if self.slots is None else self.slots.shape[1]
         self.pending = torch.zeros(B, Q, self.stop_lines.valid.shape[1], dtype=torch.bool, device=state.pose.device)
+        self._maybe_pending = False  # False: no crossing pending (known without a synchronisation)
         self._t: int | None = None
 
     def __call__(self, previous: SimState, state: SimState) -> dict[str, torch.Tensor]:
         """Events ``[B, N]`` at ``state.t`` (after a step from ``previous``)."""
-        if previous.t != self._t:  # a new rollout: forget pending crossings
+        if previous.t != self._t and self._maybe_pending:  # a new rollout: forget pending crossings
             self.pending.zero_()
+            self._maybe_pending = False
         self._t = state.t
         valid = state.valid[:, :, state.t] & state.batch.agent_mask
         slots = self.slots
@@ -173,9 +179,8 @@ class EventTracker:
                 before, after = take_agents(before, slots), take_agents(after, slots)
             red |= self._red_light(before, after, t)
         if slots is not None:  # back to [B, N]: False for the agents not asked about
-            collision, offroad, red = (
-                scatter_agents(x & self.slot_ok, slots, valid) for x in (collision, offroad, red)
-            )
+            flags = torch.stack([collision, offroad, red], -1) & self.slot_ok[..., None]
+            collision, offroad, red = scatter_agents(flags, slots, valid.shape[1]).unbind(-1)
         return {
             "collision": collision & valid,
             "offroad": offroad & valid,
@@ -186,13 +191,17 @@ class EventTracker:
     def _red_light(self, before: torch.Tensor, after: torch.Tensor, t: int) -> torch.Tensor:
         lines = self.stop_lines
         violation = torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
-        red = lines.red(t)
-        if bool(red.any()):
+        if lines.any_stop[t]:
+            red = lines.red(t)
             on_red = lines.crossings(before, after) & red[:, None]
             sibling_may_go = (lines.siblings & ~red[:, None, :]).any(-1)  # [B, L]
             violation |= (on_red & ~sibling_may_go[:, None]).any(-1)
             self.pending |= on_red & sibling_may_go[:, None]
+            self._maybe_pending = True
+        if not self._maybe_pending:
+            return violation
         b, n = torch.nonzero(self.pending.any(-1), as_tuple=True)
+        self._maybe_pending = bool(b.numel())
         if b.numel():
             pending = self.pending[b, n]  # [M, L]
             siblings = lines.siblings[b]  # [M, L, L]

@@ -11,6 +11,7 @@ simulated world trajectories in the ``closedloop rollout`` layout.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import gymnasium
@@ -19,7 +20,7 @@ import torch
 from pettingzoo import ParallelEnv
 
 from closedloop.agents.policy import as_policy
-from closedloop.data.batch import collate_scenarios
+from closedloop.data.batch import ScenarioBatch, collate_scenarios
 from closedloop.data.scenario import Scenario
 from closedloop.envs.core import SimState, global_trajectories
 from closedloop.envs.dynamics import Dynamics, make_dynamics
@@ -27,6 +28,8 @@ from closedloop.envs.env import EnvConfig, EnvCore
 from closedloop.envs.errors import SimulationError
 from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
+
+CACHED_BATCHES = 64  # collated scenarios an env keeps for the episodes that draw them again
 
 
 def action_space(dynamics: Dynamics) -> gymnasium.Space:
@@ -99,12 +102,19 @@ class _Face:
         self.device = device
         self._rng = np.random.default_rng()
         self.core: EnvCore | None = None
+        # Collated scenarios, newest last: an episode never writes into its batch, so a
+        # scenario drawn again reuses its batch (collating costs as much as ~20 steps).
+        self._batches: OrderedDict[int, ScenarioBatch] = OrderedDict()
 
     def _start(self, seed: int | None, exposed: str, events_for: str = "all") -> None:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
-        scenario = self.scenarios[int(self._rng.integers(len(self.scenarios)))]
-        batch = collate_scenarios([scenario]).to(self.device)
+        index = int(self._rng.integers(len(self.scenarios)))
+        scenario = self.scenarios[index]
+        batch = self._batches.pop(index, None) or collate_scenarios([scenario]).to(self.device)
+        self._batches[index] = batch
+        if len(self._batches) > CACHED_BATCHES:
+            self._batches.popitem(last=False)
         generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(2**62)))
         self.core = EnvCore(
             batch,

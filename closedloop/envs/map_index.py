@@ -191,7 +191,14 @@ class RoadEdges:
     more of them mean fewer refreshes where road edges are dense, and more work per step.
     """
 
-    def __init__(self, batch: ScenarioBatch, chunk: int = 8, chunks_per_agent: int = 8):
+    def __init__(
+        self,
+        batch: ScenarioBatch,
+        chunk: int = 8,
+        chunks_per_agent: int = 16,
+        group: int = 4,
+        groups_per_agent: int = 16,
+    ):
         is_edge = is_road_edge(batch.road_type)
         seg_len = torch.linalg.norm(batch.road_dir[..., :2], dim=-1)
         valid = is_edge & batch.road_mask & (seg_len > 1e-6)
@@ -212,13 +219,16 @@ class RoadEdges:
         new_run = torch.ones_like(seg_valid)
         new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1)
         self.features = self._with_neighbours(segment, new_run, pos)
-        self._build_chunks(new_run, chunk)
-        self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1])
+        self._build_chunks(new_run, chunk, group)
+        self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1] - 1)
+        self.groups_per_agent = min(max(groups_per_agent, -(-chunks_per_agent // group)), self.group_table.shape[1])
         self.candidates: torch.Tensor | None = None  # [B, N, 5, K] segment columns SX..INV_LEN2
         self.candidate_index: torch.Tensor | None = None  # [B, N, K] rows of ``features``
         self.anchor: torch.Tensor | None = None  # [B, N, 2] where each agent was last refreshed
         self.left_out: torch.Tensor | None = None  # [B, N] the bound L of that refresh
         self.refreshed = 0  # agent refreshes so far (each agent's first included)
+        self.exhaustive = 0  # agent measurements against every edge so far
+        self._every: torch.Tensor | None = None  # [B, 5, E] every segment, for those
 
     @staticmethod
     def _with_neighbours(segment: torch.Tensor, new_run: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -254,16 +264,36 @@ class RoadEdges:
             -1,
         ).contiguous()
 
-    def _build_chunks(self, new_run: torch.Tensor, chunk: int) -> None:
-        """Chunk table ``[B, C, chunk]`` of segment rows (-1: none), centres and radii."""
-        self.chunk_table = chunk_table(new_run, self.features[..., OK] > 0, chunk)
+    def _build_chunks(self, new_run: torch.Tensor, chunk: int, group: int) -> None:
+        """Chunk table ``[B, C, chunk]`` of segment rows (-1: none) with the chunks' circles,
+        and groups of ``group`` consecutive chunks (neighbours along the polylines) with
+        circles around their chunks' circles. Each table ends with one empty entry (index
+        ``C``, a point far away) that padding points to."""
+        table = chunk_table(new_run, self.features[..., OK] > 0, chunk)
+        B, C, _ = table.shape
+        self.chunk_table = torch.cat([table, table.new_full((B, 1, chunk), -1)], 1)  # [B, C + 1, chunk]
         has = self.chunk_table >= 0
-        self.chunk_valid = has.any(-1)
-        seg = _take(self.features, self.chunk_table.clamp_min(0))  # [B, C, chunk, F]
-        ends = torch.cat(
-            [seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2
-        )  # both ends: [B, C, 2 chunk, 2]
-        self.chunk_centre, self.chunk_radius = bounding_circles(ends, torch.cat([has, has], -1))
+        seg = _take(self.features, self.chunk_table.clamp_min(0))  # [B, C + 1, chunk, F]
+        ends = torch.cat([seg[..., SX:GX], seg[..., SX:GX] + seg[..., GX:INV_LEN2]], -2)  # [B, C + 1, 2 chunk, 2]
+        centre, radius = bounding_circles(ends, torch.cat([has, has], -1))
+        valid = has.any(-1)
+        # Empty chunks sit far away with radius 0: they rank last without a mask.
+        self.chunk_centre = centre.masked_fill(~valid[..., None], FAR)
+        self.chunk_radius = radius.masked_fill(~valid, 0.0)
+        G = -(-C // group)
+        members = torch.arange(G * group, device=table.device).view(G, group).clamp_max(C)  # C: the empty chunk
+        self.group_table = members.expand(B, G, group)  # [B, G, group] chunk indices
+        member_centre = self.chunk_centre[:, members]  # [B, G, group, 2]
+        member_radius = self.chunk_radius[:, members]
+        present = valid[:, members]
+        ok = present[..., None].expand_as(member_centre)
+        lo = (member_centre - member_radius[..., None]).masked_fill(~ok, BIG).amin(2)
+        hi = (member_centre + member_radius[..., None]).masked_fill(~ok, -BIG).amax(2)
+        group_centre = (lo + hi) / 2
+        reach = torch.linalg.norm(member_centre - group_centre[:, :, None], dim=-1) + member_radius
+        group_valid = present.any(-1)
+        self.group_centre = group_centre.masked_fill(~group_valid[..., None], FAR)
+        self.group_radius = reach.masked_fill(~present, 0.0).amax(-1).masked_fill(~group_valid, 0.0)
 
     def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
         """Signed distance (positive off the road) from points to the road-edge segments
@@ -271,7 +301,8 @@ class RoadEdges:
         is a vertex, the side comes from both segments meeting there (off the road if
         either says so at a left turn, if both do at a right one), as WOSAC's reference
         does."""
-        f = self.features[rows, index].unflatten(-1, (3, 6))  # [..., 3, 6]: own, prior, next
+        row = rows * self.features.shape[1] + index  # one row lookup: cheaper than 2-D indexing
+        f = self.features.view(-1, 3, 6).index_select(0, row.reshape(-1)).view(*row.shape, 3, 6)
         dx, dy = px[..., None] - f[..., SX], py[..., None] - f[..., SY]
         off = (dx * f[..., GY]).addcmul_(dy, f[..., GX], value=-1) > 0  # right of each segment
         own, before, after = off.unbind(-1)
@@ -290,14 +321,26 @@ class RoadEdges:
 
     def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
         """Candidate columns ``[M, 5, K]``, their rows ``[M, K]`` and the left-out bound
-        ``[M]`` for M agents at ``positions`` ``[M, 2]`` in scenarios ``rows`` ``[M]``."""
-        lower = torch.linalg.norm(positions[:, None] - self.chunk_centre[rows], dim=-1) - self.chunk_radius[rows]
-        lower = lower.masked_fill(~self.chunk_valid[rows], BIG)
+        ``[M]`` for M agents at ``positions`` ``[M, 2]`` in scenarios ``rows`` ``[M]``.
+
+        Groups are ranked first, then the chunks of the ``groups_per_agent`` nearest groups;
+        a chunk left out is either in a group left out (no nearer than that group's lower
+        bound) or ranked after the kept chunks, so the bound is the smaller of the two."""
+        g = self.groups_per_agent
+        lower = torch.linalg.norm(positions[:, None] - self.group_centre[rows], dim=-1) - self.group_radius[rows]
+        ranked = lower.topk(min(g + 1, lower.shape[-1]), dim=-1, largest=False)
+        group_bound = ranked.values[:, g] if ranked.values.shape[-1] > g else torch.full_like(lower[:, 0], BIG)
+        chunks = self.group_table[rows[:, None], ranked.indices[:, :g]].flatten(1)  # [M, g * group]
+        r = rows[:, None]
+        centre, radius = self.chunk_centre[r, chunks], self.chunk_radius[r, chunks]
+        lower = torch.linalg.norm(positions[:, None] - centre, dim=-1) - radius
         k = self.chunks_per_agent
         ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
         left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
-        index = self.chunk_table[rows[:, None], ranked.indices[:, :k]].flatten(1)  # [M, K], -1: none
-        columns = self.features[rows[:, None], index.clamp_min(0), : INV_LEN2 + 1]  # [M, K, 5]
+        left_out = torch.minimum(left_out, group_bound)
+        chosen = chunks.gather(1, ranked.indices[:, :k])
+        index = self.chunk_table[r, chosen].flatten(1)  # [M, K], -1: none
+        columns = self.features[r, index.clamp_min(0), : INV_LEN2 + 1]  # [M, K, 5]
         # Empty slots become a point segment far away, so no mask is needed per step.
         columns = torch.where((index >= 0)[..., None], columns, columns.new_tensor([FAR, FAR, 0.0, 0.0, 0.0]))
         return columns.transpose(1, 2).contiguous(), index.clamp_min(0), left_out
@@ -316,30 +359,17 @@ class RoadEdges:
             self.refreshed += B * N
             return
         b, n = torch.nonzero(agents, as_tuple=True)
-        if not b.numel():
-            return
+        if b.numel():
+            self._rebuild(b, n, positions)
+
+    def _rebuild(self, b: torch.Tensor, n: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rebuild the neighbourhoods of agents ``n`` of scenarios ``b`` at ``positions``."""
         columns, index, left_out = self._neighbourhoods(b, positions[b, n])
         self.candidates[b, n] = columns
         self.candidate_index[b, n] = index
         self.left_out[b, n] = left_out
         self.anchor[b, n] = positions[b, n]
         self.refreshed += int(b.numel())
-
-    def _centre_distance(
-        self, rows: torch.Tensor, centre: torch.Tensor, slots: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Signed distance ``[M]`` from box centres ``[M, 2]`` of agents ``slots`` (flat
-        ``b * N + n``; all when None) in scenarios ``rows`` to their nearest candidate
-        (BIG for none)."""
-        K = self.candidate_index.shape[-1]
-        candidates = self.candidates.view(-1, *self.candidates.shape[2:])  # [B * N, 5, K]
-        index = self.candidate_index.view(-1, K)
-        if slots is not None:
-            candidates, index = candidates[slots], index[slots]
-        d2 = _point_segment_sq(centre[:, 0:1], centre[:, 1:2], candidates)
-        best, nearest = d2.min(-1)
-        index = index.gather(-1, nearest[:, None])[:, 0]
-        return self._signed(rows, index, centre[:, 0], centre[:, 1]).masked_fill(best >= (FAR / 2) ** 2, BIG)
 
     def signed_distance(self, corners: torch.Tensor) -> torch.Tensor:
         """Largest signed distance ``[B, N]`` of box corners ``[B, N, 4, 2]`` to the road
@@ -357,48 +387,113 @@ class RoadEdges:
         if self.candidates is None:
             self.refresh(centre)
         B, N = reach.shape
+        if B * N <= DENSE_AGENTS:
+            return self._whole_batch(centre, corners, reach)
+        return self._selected(centre, corners, reach)
+
+    def _whole_batch(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+        """Small batches: the centre and the four corners of every box in one pass (fewer,
+        larger operations than selecting the boxes near an edge)."""
+        rows = torch.arange(centre.shape[0], device=centre.device)[:, None]
+        points = torch.cat([centre[:, :, None], corners], 2)  # [B, N, 5, 2]
+        signed = self._measure(rows, self.candidates, self.candidate_index, points)
+        stale, moved = self._stale(centre, reach, signed[..., 0].abs())
+        if bool(stale.any()):
+            unsure = self._settle(stale, moved, centre, reach, signed, points)
+            if bool(unsure.any()):
+                b, n = torch.nonzero(unsure, as_tuple=True)
+                signed[b, n] = self._every_edge(b, points[b, n])
+        return _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
+
+    def _selected(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+        """Large batches: every centre, then the corners of the boxes near an edge only."""
+        B, N = reach.shape
         rows = torch.arange(B, device=centre.device).repeat_interleave(N)
-        centre_signed = self._centre_distance(rows, centre.reshape(-1, 2)).view(B, N)
-        distance = centre_signed.abs()
-        # A box away from the edges needs the centre's nearest segment, a box near one its
-        # corners' (each within distance + 2 reach of the centre); a left-out segment is at
-        # least left_out - moved from the centre.
+        candidates, index = self.candidates.flatten(0, 1), self.candidate_index.flatten(0, 1)
+        centre_signed = self._measure(rows, candidates, index, centre.reshape(-1, 1, 2))[:, 0].view(B, N)
+        stale, moved = self._stale(centre, reach, centre_signed.abs())
+        unsure = None
+        if bool(stale.any()):
+            unsure = self._settle(stale, moved, centre, reach, centre_signed[..., None], centre[:, :, None])
+            if bool(unsure.any()):
+                b, n = torch.nonzero(unsure, as_tuple=True)
+                centre_signed[b, n] = self._every_edge(b, centre[b, n, None])[:, 0]
+            else:
+                unsure = None
+        exact = torch.zeros_like(centre_signed)
+        near = centre_signed.abs() <= reach  # boxes that may reach an edge
+        b, n = torch.nonzero(near if unsure is None else near & ~unsure, as_tuple=True)
+        if b.numel():
+            slot = b * N + n
+            exact[b, n] = self._measure(b, candidates[slot], index[slot], corners[b, n]).amax(-1)
+        if unsure is not None:
+            b, n = torch.nonzero(near & unsure, as_tuple=True)
+            exact[b, n] = self._every_edge(b, corners[b, n]).amax(-1)
+        return _combine(centre_signed, exact, reach)
+
+    def _stale(
+        self, centre: torch.Tensor, reach: torch.Tensor, distance: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Agents ``[B, N]`` whose neighbourhood cannot vouch for the segments they need,
+        and how far each has moved since its neighbourhood was built. A box away from the
+        edges needs the centre's nearest segment, a box near one its corners' (each within
+        distance + 2 reach of the centre); a left-out segment is at least
+        ``left_out - moved`` from the centre."""
         moved = torch.linalg.norm(centre - self.anchor, dim=-1)
         needed = torch.where(distance > reach, distance, distance + 2 * reach)
-        stale = (needed > self.left_out - moved) & (moved > 0) & (distance < BIG)
-        # Small batches do whole-batch work: cheaper there than selecting agents.
-        dense = B * N <= DENSE_AGENTS
-        if bool(stale.any()):
-            if dense:
-                self.refresh(centre)
-                centre_signed = self._centre_distance(rows, centre.reshape(-1, 2)).view(B, N)
-            else:
-                self.refresh(centre, stale)
-                b, n = torch.nonzero(stale, as_tuple=True)
-                centre_signed[b, n] = self._centre_distance(b, centre[b, n], slots=b * N + n)
-            distance = centre_signed.abs()
-        signed = centre_signed - torch.sign(centre_signed) * reach
-        near = distance <= reach  # the box may reach an edge: measure every corner
-        if dense:
-            exact = self._corner_distance(rows.view(B, N, 1), self.candidates, self.candidate_index, corners)
-            signed = torch.where(near, exact, signed)
-        else:
-            b, n = torch.nonzero(near, as_tuple=True)
-            if b.numel():
-                signed[b, n] = self._corner_distance(
-                    b[:, None], self.candidates[b, n], self.candidate_index[b, n], corners[b, n]
-                )
-        return signed.masked_fill(distance >= BIG, -BIG)
+        return (needed > self.left_out - moved) & (distance < BIG), moved
 
-    def _corner_distance(
-        self, rows: torch.Tensor, candidates: torch.Tensor, candidate_index: torch.Tensor, corners: torch.Tensor
+    def _settle(
+        self,
+        stale: torch.Tensor,
+        moved: torch.Tensor,
+        centre: torch.Tensor,
+        reach: torch.Tensor,
+        values: torch.Tensor,
+        points: torch.Tensor,
     ) -> torch.Tensor:
-        """Exact largest signed corner distance ``[...]`` of boxes ``corners`` ``[..., 4, 2]``
-        against their ``candidates`` ``[..., 5, K]`` (rows of ``features``:
-        ``candidate_index`` ``[..., K]``) in scenarios ``rows``."""
-        d2 = _point_segment_sq(corners[..., 0:1], corners[..., 1:2], candidates.unsqueeze(-3))  # [..., 4, K]
-        index = candidate_index.unsqueeze(-2).expand_as(d2).gather(-1, d2.argmin(-1, keepdim=True))[..., 0]
-        return self._signed(rows, index, corners[..., 0], corners[..., 1]).amax(-1)
+        """Rebuild the neighbourhoods of the stale agents that moved and measure their
+        ``points`` ``[B, N, P, 2]`` again into ``values`` ``[B, N, P]`` (the centre first).
+        Returns the agents still stale: what they need lies beyond any neighbourhood of
+        ``chunks_per_agent`` chunks, so the caller measures them against every edge."""
+        b, n = torch.nonzero(stale & (moved > 0), as_tuple=True)
+        if b.numel():
+            self._rebuild(b, n, centre)
+            values[b, n] = self._measure(b, self.candidates[b, n], self.candidate_index[b, n], points[b, n])
+        return self._stale(centre, reach, values[..., 0].abs())[0]
+
+    def _every_edge(self, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Signed distance ``[M, P]`` of ``points`` ``[M, P, 2]`` in scenarios ``rows`` to
+        their nearest road edge, searching every edge (the rare boxes no neighbourhood can
+        vouch for)."""
+        if self._every is None:
+            columns = self.features[..., : INV_LEN2 + 1].masked_fill((self.features[..., OK] == 0)[..., None], 0.0)
+            columns[..., SX:GX] = columns[..., SX:GX].masked_fill((self.features[..., OK] == 0)[..., None], FAR)
+            self._every = columns.transpose(1, 2).contiguous()  # [B, 5, E]
+        E = self._every.shape[-1]
+        self.exhaustive += int(rows.numel())
+        index = torch.arange(E, device=points.device).expand(rows.shape[0], E)
+        return self._measure(rows, self._every[rows], index, points)
+
+    def _measure(
+        self, rows: torch.Tensor, candidates: torch.Tensor, candidate_index: torch.Tensor, points: torch.Tensor
+    ) -> torch.Tensor:
+        """Signed distance ``[..., P]`` of ``points`` ``[..., P, 2]`` to their nearest
+        candidate segment (``candidates`` ``[..., 5, K]``, rows of ``features``
+        ``candidate_index`` ``[..., K]``) in scenarios ``rows`` ``[...]``; BIG for none."""
+        d2 = _point_segment_sq(points[..., 0:1], points[..., 1:2], candidates.unsqueeze(-3))  # [..., P, K]
+        best, nearest = d2.min(-1)
+        index = candidate_index.gather(-1, nearest)
+        signed = self._signed(rows[..., None], index, points[..., 0], points[..., 1])
+        return signed.masked_fill(best >= (FAR / 2) ** 2, BIG)
+
+
+def _combine(centre_signed: torch.Tensor, exact: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """The exact corner value for boxes within ``reach`` of an edge, else the centre's
+    value shrunk by ``reach``; ``-BIG`` (on the road) where the scenario has no edge."""
+    distance = centre_signed.abs()
+    bound = centre_signed - torch.sign(centre_signed) * reach
+    return torch.where(distance <= reach, exact, bound).masked_fill(distance >= BIG, -BIG)
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

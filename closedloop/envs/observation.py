@@ -64,11 +64,6 @@ class ObservationConfig:
         )
 
 
-def _to_frame(dx: torch.Tensor, dy: torch.Tensor, yaw: torch.Tensor):
-    c, s = torch.cos(yaw), torch.sin(yaw)
-    return dx * c + dy * s, -dx * s + dy * c
-
-
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values [B, N, ...]`` at agent indices ``index [B, Q]``: ``[B, Q, ...]``."""
     return values.gather(
@@ -86,6 +81,7 @@ class Observer:
         self._road: dict[tuple[int, ...], NearestPoints] = {}
         self._road_batch = None  # the batch _road indexes
         self._road_table: torch.Tensor | None = None
+        self._light_colours: torch.Tensor | None = None  # [B, L, T, 3] red, yellow, green
 
     def _road_index(self, b, shape: tuple[int, ...]) -> NearestPoints:
         """The nearest-point index of batch ``b`` for queries of ``shape`` (its per-slot
@@ -103,122 +99,118 @@ class Observer:
         """Observations ``[B, Q, size]`` of agents ``agents`` ``[B, Q]`` (slot indices; the
         same number per scenario), or ``[B, N, size]`` of every slot by default, where
         ``observed`` ``[B, N]`` may limit the work to some slots (the others get zeros).
-        Only the observed agents' roadgraph neighbourhoods are searched."""
-        cfg, b, t = self.config, state.batch, state.t
+        Only the observed agents' roadgraph neighbourhoods are searched.
+
+        Written as few, large operations (an ego env observes one agent per step, where
+        each operation's fixed cost dominates): every vector that turns into the agent's
+        frame is rotated in one pass, and each block is scaled by one multiplication."""
+        cfg, b = self.config, state.batch
         pose = state.current
         valid = state.valid_now
         B, N = valid.shape
         blank_unobserved = agents is None and observed is not None
         subset = agents is not None
-        if agents is not None:
-            observed = torch.zeros_like(valid).scatter_(1, agents, True)
-        else:
+        if agents is None:
             agents = torch.arange(N, device=pose.device).expand(B, N)
             observed = torch.ones_like(valid) if observed is None else observed
+        if self._road_batch is not b:
+            self._road, self._road_batch = {}, b
+            self._road_table, self._light_colours = _road_table(b), _light_colours(b)
         me = _take(pose, agents)  # [B, Q, 5]
-        x, y, yaw, vx, vy = me.unbind(-1)
-        dims = state.dims
-        fwd, lat = _to_frame(vx, vy, yaw)
-        kind = _take(b.agent_type, agents)
-        my_dims = _take(dims, agents)
-        own = torch.stack(
-            [
-                torch.hypot(vx, vy) / SPEED_SCALE,
-                fwd / SPEED_SCALE,
-                lat / SPEED_SCALE,
-                my_dims[..., 0] / LENGTH_SCALE,
-                my_dims[..., 1] / WIDTH_SCALE,
-                (kind == TYPE_VEHICLE).float(),
-                (kind == TYPE_PEDESTRIAN).float(),
-                (kind == TYPE_CYCLIST).float(),
-            ],
-            -1,
-        )
+        Q = agents.shape[1]
+        xy, yaw = me[..., :2], me[..., 2]
 
         # Nearest other agents.
         k = min(cfg.num_agents, max(N - 1, 1))
-        d = torch.cdist(me[..., :2].float(), pose[..., :2].float())  # [B, Q, N]
+        d = torch.linalg.vector_norm(pose[:, None, :, :2] - xy[:, :, None], dim=-1)  # [B, Q, N]
         itself = agents[..., None] == torch.arange(N, device=pose.device)
         d = d.masked_fill(~valid[:, None, :] | itself, float("inf"))
         near = d.topk(k, dim=-1, largest=False)
-        other = _take(pose, near.indices.flatten(1)).view(B, -1, k, 5)
-        other_dims = _take(dims, near.indices.flatten(1)).view(B, -1, k, 3)
-        ox, oy = _to_frame(other[..., 0] - x[..., None], other[..., 1] - y[..., None], yaw[..., None])
-        ovx, ovy = _to_frame(other[..., 3] - vx[..., None], other[..., 4] - vy[..., None], yaw[..., None])
-        dh = other[..., 2] - yaw[..., None]
-        ok = torch.isfinite(near.values).float()
-        nearby = (
-            torch.stack(
-                [
-                    ox / POSITION_SCALE,
-                    oy / POSITION_SCALE,
-                    torch.cos(dh),
-                    torch.sin(dh),
-                    ovx / SPEED_SCALE,
-                    ovy / SPEED_SCALE,
-                    other_dims[..., 0] / LENGTH_SCALE,
-                    other_dims[..., 1] / WIDTH_SCALE,
-                    ok,
-                ],
-                -1,
-            )
-            * ok[..., None]
-        )
-        nearby = _pad(nearby, cfg.num_agents)
+        other = _take(pose, near.indices.flatten(1)).view(B, Q, k, 5)
+        other_dims = _take(state.dims, near.indices.flatten(1)).view(B, Q, k, 3)
 
         # Nearest roadgraph points (exact: see NearestPoints).
-        if self._road_batch is not b:
-            self._road, self._road_table, self._road_batch = {}, _road_table(b), b
         m = min(cfg.num_road_points, b.road_xyz.shape[1])
         if subset:  # search for the asked agents only
-            pts, road_distance = self._road_index(b, tuple(agents.shape))(me[..., :2], m, active=_take(valid, agents))
+            pts, road_distance = self._road_index(b, tuple(agents.shape))(xy, m, active=_take(valid, agents))
         else:
             pts, road_distance = self._road_index(b, tuple(valid.shape))(pose[..., :2], m, active=valid & observed)
         table = self._road_table
-        point = torch.gather(table, 1, pts.reshape(B, -1, 1).expand(-1, -1, table.shape[-1])).view(*pts.shape, -1)
-        px, py = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
-        dx, dy = _to_frame(point[..., 2], point[..., 3], yaw[..., None])
-        ok = (road_distance < FAR / 2).float()
-        road = (
-            torch.cat(
-                [torch.stack([px / POSITION_SCALE, py / POSITION_SCALE, dx, dy], -1), point[..., 4:], ok[..., None]], -1
-            )
-            * ok[..., None]
+        point = torch.gather(table, 1, pts.reshape(B, -1, 1).expand(-1, -1, table.shape[-1])).view(B, Q, m, -1)
+
+        # Nearest traffic lights (their stop points).
+        L = b.light_lane_id.shape[1]
+        nl = min(cfg.num_lights, L)
+        if nl:
+            stop = b.light_stop_point[..., :2]
+            ld = torch.linalg.vector_norm(stop[:, None] - xy[:, :, None], dim=-1)  # [B, Q, L]
+            ld = ld.masked_fill(~b.light_mask[:, None], float("inf"))
+            pick = ld.topk(nl, dim=-1, largest=False)
+            light_xy = _take(stop, pick.indices.flatten(1)).view(B, Q, nl, 2)
+        else:
+            light_xy = pose.new_zeros(B, Q, 0, 2)
+
+        # Every vector the agent sees, in its frame at once: its velocity; the others'
+        # offsets and velocities relative to its own; road point offsets and directions;
+        # stop point offsets.
+        centre = xy[:, :, None]
+        vectors = torch.cat(
+            [
+                me[:, :, None, 3:5],
+                other[..., :2] - centre,
+                other[..., 3:5] - me[:, :, None, 3:5],
+                point[..., :2] - centre,
+                point[..., 2:4],
+                light_xy - centre,
+            ],
+            2,
         )
+        cos, sin = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]
+        vx, vy = vectors[..., 0], vectors[..., 1]
+        turned = torch.stack([vx * cos + vy * sin, vy * cos - vx * sin], -1)
+        velocity, rel_xy, rel_v, road_xy, road_dir, light_rel = turned.split([1, k, k, m, m, nl], dim=2)
+
+        kind = _take(b.agent_type, agents)
+        kinds = kind[..., None] == torch.tensor([TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST], device=kind.device)
+        own = torch.cat(
+            [me[..., 3:5].norm(dim=-1, keepdim=True), velocity[:, :, 0], _take(state.dims, agents)[..., :2], kinds], -1
+        ) * _OWN_SCALE.to(pose.device)
+
+        dh = other[..., 2] - yaw[..., None]
+        present = torch.isfinite(near.values)[..., None]
+        nearby = torch.cat(
+            [rel_xy, torch.cos(dh)[..., None], torch.sin(dh)[..., None], rel_v, other_dims[..., :2], present], -1
+        ) * _AGENT_SCALE.to(pose.device)
+        nearby = _pad(nearby.masked_fill(~present, 0.0), cfg.num_agents)
+
+        present = (road_distance < FAR / 2)[..., None]
+        road = torch.cat([road_xy / POSITION_SCALE, road_dir, point[..., 4:], present], -1).masked_fill(~present, 0.0)
         road = _pad(road, cfg.num_road_points)
 
-        # Nearest traffic lights (their stop points) and their state now.
-        L = b.light_lane_id.shape[1]
-        Q = agents.shape[1]
         lights = torch.zeros(B, Q, cfg.num_lights, LIGHT_FEATURES, device=pose.device)
-        if L and cfg.num_lights:
-            stop = b.light_stop_point[..., :2]
-            ld = torch.cdist(me[..., :2].float(), stop.float()).masked_fill(~b.light_mask[:, None], float("inf"))
-            nl = min(cfg.num_lights, L)
-            pick = ld.topk(nl, dim=-1, largest=False)
-            li = pick.indices  # [B, Q, nl]
-            point = _take(stop, li.flatten(1)).view(B, Q, nl, 2)
-            sx, sy = _to_frame(point[..., 0] - x[..., None], point[..., 1] - y[..., None], yaw[..., None])
-            st = _take(b.light_state[:, :, t], li.flatten(1)).view(B, Q, nl)
-            ok = torch.isfinite(pick.values).float()
-            lights[:, :, :nl] = (
-                torch.stack(
-                    [
-                        sx / POSITION_SCALE,
-                        sy / POSITION_SCALE,
-                        light_is_red(st).float(),
-                        light_is_yellow(st).float(),
-                        light_is_green(st).float(),
-                        ok,
-                    ],
-                    -1,
-                )
-                * ok[..., None]
-            )
+        if nl:
+            colour = _take(self._light_colours[:, :, state.t], pick.indices.flatten(1)).view(B, Q, nl, 3)
+            present = torch.isfinite(pick.values)[..., None]
+            lights[:, :, :nl] = torch.cat([light_rel / POSITION_SCALE, colour, present], -1).masked_fill(~present, 0.0)
         obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1).float()
         if blank_unobserved:
             obs = obs * observed[..., None]
         return obs.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_OWN_SCALE = torch.tensor(
+    [1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / LENGTH_SCALE, 1 / WIDTH_SCALE, 1.0, 1.0, 1.0]
+)
+_AGENT_SCALE = torch.tensor(
+    [1 / POSITION_SCALE, 1 / POSITION_SCALE, 1.0, 1.0, 1 / SPEED_SCALE, 1 / SPEED_SCALE]
+    + [1 / LENGTH_SCALE, 1 / WIDTH_SCALE, 1.0]
+)
+
+
+def _light_colours(b) -> torch.Tensor:
+    """Whether each light is red, yellow or green at each step ``[B, L, T, 3]`` (floats)."""
+    state = b.light_state
+    return torch.stack([light_is_red(state), light_is_yellow(state), light_is_green(state)], -1).float()
 
 
 def _road_table(b) -> torch.Tensor:
