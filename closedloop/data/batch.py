@@ -133,27 +133,33 @@ def select_agents(
 
 
 def _road_points(scenario: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Roadgraph points, direction vectors, types and feature ids for one scenario."""
-    pts, dirs, types, ids = [], [], [], []
-    splits = scenario.map_point_splits
-    for i, (kind, subtype, fid) in enumerate(
-        zip(scenario.map_kind.tolist(), scenario.map_subtype.tolist(), scenario.map_id.tolist())
-    ):
-        poly = scenario.map_points[splits[i] : splits[i + 1]]
-        if len(poly) == 0:
-            continue
-        if kind in POLYGON_KINDS and len(poly) > 1:
-            poly = np.concatenate([poly, poly[:1]])
-        d = np.zeros_like(poly)
-        d[:-1] = poly[1:] - poly[:-1]
-        code = road_type_code(kind, subtype)
-        pts.append(poly)
-        dirs.append(d)
-        types.append(np.full(len(poly), code, dtype=np.int64))
-        ids.append(np.full(len(poly), fid, dtype=np.int64))
-    if not pts:
+    """Roadgraph points, direction vectors (to the next point of the feature; zero at its
+    last point), types and feature ids for one scenario: the features' points in order,
+    polygons closed by repeating their first point. One gather for all features (a loop
+    over features cost ~2 ms a scenario, a tenth of an ego episode)."""
+    splits = np.asarray(scenario.map_point_splits, dtype=np.int64)
+    kind = np.asarray(scenario.map_kind, dtype=np.int64)
+    length = splits[1:] - splits[:-1]
+    closed = np.isin(kind, list(POLYGON_KINDS)) & (length > 1)
+    count = length + closed  # points each feature contributes
+    total = int(count.sum())
+    if total == 0:
         return np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(pts), np.concatenate(dirs), np.concatenate(types), np.concatenate(ids)
+    feature = np.repeat(np.arange(len(count)), count)
+    start = np.cumsum(count) - count
+    offset = np.arange(total) - start[feature]
+    source = splits[:-1][feature] + offset
+    source = np.where(offset == length[feature], splits[:-1][feature], source)  # a polygon's closing point
+    points = np.asarray(scenario.map_points)[source]
+    directions = np.zeros_like(points)
+    directions[:-1] = points[1:] - points[:-1]
+    directions[offset == count[feature] - 1] = 0.0  # each feature's last point
+    codes = np.array(
+        [road_type_code(k, sub) for k, sub in zip(kind.tolist(), np.asarray(scenario.map_subtype).tolist())],
+        dtype=np.int64,
+    )
+    ids = np.asarray(scenario.map_id, dtype=np.int64)
+    return points, directions, codes[feature], ids[feature]
 
 
 def _lights(scenario: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -114,7 +114,7 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         """Draw B scenarios (``seed`` reseeds the scenario order and the ``others`` policy)
         and return the first observations ``[num_envs, D]`` and infos."""
         super().reset(seed=seed)
-        self.env.reset(seed=seed)
+        self.env.restart(seed=seed)  # observed below, at the envs' slots only
         self._restart_next = False
         state = self.core.state
         B, N = state.controlled.shape

@@ -154,6 +154,18 @@ class BatchedEnv:
         """Draw B scenarios and return their first observations ``[B, N, D]`` and info.
         ``seed`` reseeds the env's generator (scenario order and the ``others`` policy's
         sampling) and starts a new epoch."""
+        self.restart(seed)
+        core = self.core
+        # The same keys as every step's info: no events, nothing clipped, yet.
+        none = torch.zeros_like(core.exposed)
+        events = {key: none for key in ("collision", "offroad", "red_light", "clipped")}
+        events["distance_to_log"] = torch.full(none.shape, float("nan"), device=none.device)
+        info = {**events, "reset": True, "scenario_id": core.state.batch.scenario_id, "t": core.state.t}
+        return core.observe(), self._info(info)
+
+    def restart(self, seed: int | None = None) -> None:
+        """:meth:`reset` without the observations and info: draw B scenarios and start
+        their episodes (for wrappers that observe only some agents)."""
         if seed is not None:
             self.generator.manual_seed(seed)
             self.source.restart()
@@ -173,12 +185,6 @@ class BatchedEnv:
             differentiable=self.differentiable,
             events_for=self.events_for,
         )
-        # The same keys as every step's info: no events, nothing clipped, yet.
-        none = torch.zeros_like(self.core.exposed)
-        events = {key: none for key in ("collision", "offroad", "red_light", "clipped")}
-        events["distance_to_log"] = torch.full(none.shape, float("nan"), device=none.device)
-        info = {**events, "reset": True, "scenario_id": batch.scenario_id, "t": self.core.state.t}
-        return self.core.observe(), self._info(info)
 
     def _info(self, info: dict) -> dict:
         core = self.core
