@@ -80,7 +80,10 @@ class EnvCore:
     ``start``: a batch (reset here) or a state to go on from. ``track_events=False`` skips
     events and rewards (plain rollouts that only want trajectories); ``events_for=
     "exposed"`` computes the events of the exposed agents only (the others report none),
-    which is all an ego env rewards and much cheaper with one exposed agent among many."""
+    which is all an ego env rewards and much cheaper with one exposed agent among many.
+    ``maps_from``: an earlier core on the same batch whose roadgraph indexes (event
+    tracker, observer) this one may reuse, saving their set-up (faces pass the previous
+    episode's core when a scenario is drawn again)."""
 
     def __init__(
         self,
@@ -93,6 +96,7 @@ class EnvCore:
         differentiable: bool | None = None,
         track_events: bool = True,
         events_for: str = "all",
+        maps_from: EnvCore | None = None,
     ):
         self.config, self.dynamics = config, config.dynamics
         if isinstance(start, SimState):
@@ -124,12 +128,33 @@ class EnvCore:
 
             self.others = as_policy(others)
             self.others.reset(state, self.dynamics, generator)
+        self._track_events = track_events
         if events_for not in ("all", "exposed"):
             raise ValueError(f"events_for must be 'all' or 'exposed', not {events_for!r}")
         self.tracker = None
-        if track_events:
-            self.tracker = EventTracker(self.state, self.exposed if events_for == "exposed" else None)
-        self.observer = Observer(config.observation)
+        events_of = self.exposed if events_for == "exposed" else None
+        self._events_key = (events_for, events_of)
+        if maps_from is not None and maps_from._reusable_for(self):
+            # The same scenarios and event agents: keep the previous episode's roadgraph
+            # indexes (they stay exact whatever rollout they served before).
+            self.tracker, self.observer = maps_from.tracker, maps_from.observer
+        else:
+            if track_events:
+                self.tracker = EventTracker(self.state, events_of)
+            self.observer = Observer(config.observation)
+
+    def _reusable_for(self, other: EnvCore) -> bool:
+        """Whether ``other`` (a new episode) may take over this core's event tracker and
+        observer: same batch, observation config and event agents."""
+        mine, theirs = self._events_key, other._events_key
+        return (
+            self.state.batch is other.state.batch
+            and self.config.observation == other.config.observation
+            and (self.tracker is None) == (other._track_events is False)
+            and mine[0] == theirs[0]
+            and (mine[1] is None) == (theirs[1] is None)
+            and (mine[1] is None or torch.equal(mine[1], theirs[1]))
+        )
 
     @property
     def done(self) -> bool:

@@ -156,6 +156,8 @@ class EventTracker:
         self.pending = torch.zeros(B, Q, self.stop_lines.valid.shape[1], dtype=torch.bool, device=state.pose.device)
         self._maybe_pending = False  # False: no crossing pending (known without a synchronisation)
         self._t: int | None = None
+        self._dims_of: torch.Tensor | None = None  # the dims tensor _slot_dims was taken from
+        self._slot_dims: torch.Tensor | None = None
 
     def __call__(self, previous: SimState, state: SimState) -> dict[str, torch.Tensor]:
         """Events ``[B, N]`` at ``state.t`` (after a step from ``previous``)."""
@@ -166,18 +168,19 @@ class EventTracker:
         valid = state.valid[:, :, state.t] & state.batch.agent_mask
         slots = self.slots
         if slots is None:
+            path = state.pose[:, :, previous.t :, :2]  # [B, N, k + 1, 2]
             corners, collision = agent_corners(state), collisions(state)
-        else:
-            pose, dims = take_agents(state.pose[:, :, state.t], slots), take_agents(state.dims, slots)
+        else:  # the asked agents' poses over the step, in one gather
+            path = take_agents(state.pose[:, :, previous.t :], slots)  # [B, Q, k + 1, 5]
+            if self._dims_of is not state.dims:
+                self._dims_of, self._slot_dims = state.dims, take_agents(state.dims, slots)
+            pose, dims = path[:, :, -1], self._slot_dims
             corners = box_corners(pose[..., 0], pose[..., 1], pose[..., 2], dims[..., 0], dims[..., 1])
             collision = collisions(state, agents=slots)
         offroad = self.edges.signed_distance(corners) > 0
         red = torch.zeros_like(offroad)
-        for t in range(previous.t + 1, state.t + 1):  # every step a chunked action covered
-            before, after = state.pose[:, :, t - 1, :2], state.pose[:, :, t, :2]
-            if slots is not None:
-                before, after = take_agents(before, slots), take_agents(after, slots)
-            red |= self._red_light(before, after, t)
+        for i, t in enumerate(range(previous.t + 1, state.t + 1)):  # every step a chunked action covered
+            red |= self._red_light(path[:, :, i, :2], path[:, :, i + 1, :2], t)
         if slots is not None:  # back to [B, N]: False for the agents not asked about
             flags = torch.stack([collision, offroad, red], -1) & self.slot_ok[..., None]
             collision, offroad, red = scatter_agents(flags, slots, valid.shape[1]).unbind(-1)

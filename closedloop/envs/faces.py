@@ -20,7 +20,7 @@ import torch
 from pettingzoo import ParallelEnv
 
 from closedloop.agents.policy import as_policy
-from closedloop.data.batch import ScenarioBatch, collate_scenarios
+from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
 from closedloop.envs.core import SimState, global_trajectories
 from closedloop.envs.dynamics import Dynamics, make_dynamics
@@ -29,7 +29,7 @@ from closedloop.envs.errors import SimulationError
 from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
 
-CACHED_BATCHES = 64  # collated scenarios an env keeps for the episodes that draw them again
+CACHED_CORES = 8  # scenarios whose batch and roadgraph indexes an env keeps for later episodes
 
 
 def action_space(dynamics: Dynamics) -> gymnasium.Space:
@@ -102,19 +102,18 @@ class _Face:
         self.device = device
         self._rng = np.random.default_rng()
         self.core: EnvCore | None = None
-        # Collated scenarios, newest last: an episode never writes into its batch, so a
-        # scenario drawn again reuses its batch (collating costs as much as ~20 steps).
-        self._batches: OrderedDict[int, ScenarioBatch] = OrderedDict()
+        # The latest episode's core of each scenario drawn, newest last: an episode never
+        # writes into its batch, so a scenario drawn again reuses the batch and the core's
+        # roadgraph indexes (collating and indexing cost as much as ~40 steps).
+        self._cores: OrderedDict[int, EnvCore] = OrderedDict()
 
     def _start(self, seed: int | None, exposed: str, events_for: str = "all") -> None:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         index = int(self._rng.integers(len(self.scenarios)))
         scenario = self.scenarios[index]
-        batch = self._batches.pop(index, None) or collate_scenarios([scenario]).to(self.device)
-        self._batches[index] = batch
-        if len(self._batches) > CACHED_BATCHES:
-            self._batches.popitem(last=False)
+        previous = self._cores.pop(index, None)
+        batch = previous.state.batch if previous is not None else collate_scenarios([scenario]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(2**62)))
         self.core = EnvCore(
             batch,
@@ -124,7 +123,11 @@ class _Face:
             others=self.others,
             generator=generator,
             events_for=events_for,
+            maps_from=previous,
         )
+        self._cores[index] = self.core
+        if len(self._cores) > CACHED_CORES:
+            self._cores.popitem(last=False)
         self.scenario_id = scenario.scenario_id
         self.names = [str(int(i)) for i in batch.agent_id[0].tolist()]
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -136,8 +139,16 @@ class _Face:
             raise SimulationError("call reset() first")
         return self.core.state
 
-    def _log_next(self) -> np.ndarray:
-        return self.core.guidance(expert=False).log_next[0, :, 0].cpu().numpy()
+    def _log_next(self, slot: int | None = None) -> np.ndarray:
+        """The logged next state ``[N, 5]`` of every agent, or ``[5]`` of agent ``slot``
+        (NaN where the log has none or the episode has ended)."""
+        state = self.core.state
+        nxt = state.t + 1
+        if slot is None:
+            return self.core.guidance(expert=False).log_next[0, :, 0].cpu().numpy()
+        if nxt >= state.num_steps or not bool(state.batch.agent_valid[0, slot, nxt]):
+            return np.full(5, np.nan, np.float32)
+        return state.log_states(nxt, nxt + 1)[0, slot, 0].cpu().numpy()
 
     def trajectories(self) -> tuple[np.ndarray, np.ndarray]:
         """``(object_ids [A], trajectories [A, S, 4])``: world x, y, z, heading of every
@@ -323,7 +334,7 @@ class EgoEnv(_Face, gymnasium.Env):
         self._start(seed if seed is not None else int(self.np_random.integers(2**31)), "sdc", events_for="exposed")
         self._sdc = int(torch.nonzero(self.core.state.batch.is_sdc[0])[0])
         self._sdc_slot = torch.tensor([[self._sdc]], device=self.core.state.device)
-        return self._observe_sdc(), {"log_next": self._log_next()[self._sdc]}
+        return self._observe_sdc(), {"log_next": self._log_next(self._sdc)}
 
     def step(self, action):
         if self.core is None:
@@ -336,7 +347,7 @@ class EgoEnv(_Face, gymnasium.Env):
         transition = self.core.step(torch.from_numpy(actions))
         sdc = self._sdc
         info = {
-            "log_next": self._log_next()[sdc],
+            "log_next": self._log_next(sdc),
             "clipped": bool(transition.clipped[0, sdc]),
             **{k: float(v[0, sdc]) for k, v in transition.events.items()},
         }

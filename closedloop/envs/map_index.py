@@ -24,6 +24,7 @@ import torch
 
 from closedloop.constants import is_road_edge
 from closedloop.data.batch import ScenarioBatch
+from closedloop.envs.compiled import kernel
 
 BIG = 1e9
 DENSE_AGENTS = 256  # agent slots up to which signed_distance works on the whole batch
@@ -297,27 +298,8 @@ class RoadEdges:
 
     def _signed(self, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
         """Signed distance (positive off the road) from points to the road-edge segments
-        ``index`` of scenarios ``rows`` (broadcast together). Where a point's nearest spot
-        is a vertex, the side comes from both segments meeting there (off the road if
-        either says so at a left turn, if both do at a right one), as WOSAC's reference
-        does."""
-        row = rows * self.features.shape[1] + index  # one row lookup: cheaper than 2-D indexing
-        f = self.features.view(-1, 3, 6).index_select(0, row.reshape(-1)).view(*row.shape, 3, 6)
-        dx, dy = px[..., None] - f[..., SX], py[..., None] - f[..., SY]
-        off = (dx * f[..., GY]).addcmul_(dy, f[..., GX], value=-1) > 0  # right of each segment
-        own, before, after = off.unbind(-1)
-        gx, gy = f[..., 0, GX], f[..., 0, GY]
-        t = (dx[..., 0] * gx).addcmul_(dy[..., 0], gy).mul_(f[..., 0, INV_LEN2])
-        tc = t.clamp(0, 1)
-        distance = torch.hypot(dx[..., 0] - gx * tc, dy[..., 0] - gy * tc)
-        at_start = torch.where(f[..., 1, LEFT_AT_START - PRIOR] > 0, own | before, own & before)
-        at_end = torch.where(f[..., 2, LEFT_AT_END - NEXT] > 0, own | after, own & after)
-        off_road = torch.where(
-            (t < 0) & (f[..., 1, HAS_PRIOR - PRIOR] > 0),
-            at_start,
-            torch.where((t > 1) & (f[..., 2, HAS_NEXT - NEXT] > 0), at_end, own),
-        )
-        return torch.where(off_road, distance, -distance)
+        ``index`` of scenarios ``rows`` (broadcast together); see :func:`_signed`."""
+        return _signed(self.features, rows, index, px, py)
 
     def _neighbourhoods(self, rows: torch.Tensor, positions: torch.Tensor):
         """Candidate columns ``[M, 5, K]``, their rows ``[M, K]`` and the left-out bound
@@ -481,11 +463,49 @@ class RoadEdges:
         """Signed distance ``[..., P]`` of ``points`` ``[..., P, 2]`` to their nearest
         candidate segment (``candidates`` ``[..., 5, K]``, rows of ``features``
         ``candidate_index`` ``[..., K]``) in scenarios ``rows`` ``[...]``; BIG for none."""
-        d2 = _point_segment_sq(points[..., 0:1], points[..., 1:2], candidates.unsqueeze(-3))  # [..., P, K]
-        best, nearest = d2.min(-1)
-        index = candidate_index.gather(-1, nearest)
-        signed = self._signed(rows[..., None], index, points[..., 0], points[..., 1])
-        return signed.masked_fill(best >= (FAR / 2) ** 2, BIG)
+        return _measure(self.features, rows, candidates, candidate_index, points)
+
+
+@kernel
+def _measure(
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_index: torch.Tensor,
+    points: torch.Tensor,
+) -> torch.Tensor:
+    """:meth:`RoadEdges._measure` as a pure function (a compiled kernel when compiling)."""
+    d2 = _point_segment_sq(points[..., 0:1], points[..., 1:2], candidates.unsqueeze(-3))  # [..., P, K]
+    best, nearest = d2.min(-1)
+    index = candidate_index.gather(-1, nearest)
+    signed = _signed(features, rows[..., None], index, points[..., 0], points[..., 1])
+    return signed.masked_fill(best >= (FAR / 2) ** 2, BIG)
+
+
+def _signed(
+    features: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, px: torch.Tensor, py: torch.Tensor
+) -> torch.Tensor:
+    """Signed distance (positive off the road) from points to the road-edge segments
+    ``index`` of scenarios ``rows`` (broadcast together; rows of ``features``). Where a
+    point's nearest spot is a vertex, the side comes from both segments meeting there (off
+    the road if either says so at a left turn, if both do at a right one), as WOSAC's
+    reference does."""
+    row = rows * features.shape[1] + index  # one row lookup: cheaper than 2-D indexing
+    f = features.view(-1, 3, 6).index_select(0, row.reshape(-1)).view(*row.shape, 3, 6)
+    # Columns [..., 3] over the own, prior and next segment (see the column constants).
+    sx, sy, gx, gy, fifth, sixth = f.unbind(-1)
+    inv_len2, has_prior, has_next = fifth.unbind(-1)
+    left_at_start, left_at_end = sixth[..., 1], sixth[..., 2]
+    dx, dy = px[..., None] - sx, py[..., None] - sy
+    own, before, after = ((dx * gy).addcmul_(dy, gx, value=-1) > 0).unbind(-1)  # right of each segment
+    dx, dy, gx, gy = dx[..., 0], dy[..., 0], gx[..., 0], gy[..., 0]
+    t = (dx * gx).addcmul_(dy, gy).mul_(inv_len2)
+    tc = t.clamp(0, 1)
+    distance = torch.hypot(dx - gx * tc, dy - gy * tc)
+    at_start = torch.where(left_at_start > 0, own | before, own & before)
+    at_end = torch.where(left_at_end > 0, own | after, own & after)
+    off_road = torch.where((t < 0) & (has_prior > 0), at_start, torch.where((t > 1) & (has_next > 0), at_end, own))
+    return torch.where(off_road, distance, -distance)
 
 
 def _combine(centre_signed: torch.Tensor, exact: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from closedloop.constants import (
     light_is_red,
     light_is_yellow,
 )
+from closedloop.envs.compiled import kernel
 from closedloop.envs.core import SimState
 from closedloop.envs.map_index import FAR, NearestPoints
 
@@ -99,105 +100,154 @@ class Observer:
         """Observations ``[B, Q, size]`` of agents ``agents`` ``[B, Q]`` (slot indices; the
         same number per scenario), or ``[B, N, size]`` of every slot by default, where
         ``observed`` ``[B, N]`` may limit the work to some slots (the others get zeros).
-        Only the observed agents' roadgraph neighbourhoods are searched.
-
-        Written as few, large operations (an ego env observes one agent per step, where
-        each operation's fixed cost dominates): every vector that turns into the agent's
-        frame is rotated in one pass, and each block is scaled by one multiplication."""
+        Only the observed agents' roadgraph neighbourhoods are searched (here, eagerly: the
+        search branches on the data); the features are one pure kernel (:func:`_features`,
+        compiled when compiling: see :mod:`closedloop.envs.compiled`)."""
         cfg, b = self.config, state.batch
         pose = state.current
         valid = state.valid_now
         B, N = valid.shape
-        blank_unobserved = agents is None and observed is not None
-        subset = agents is not None
-        if agents is None:
-            agents = torch.arange(N, device=pose.device).expand(B, N)
-            observed = torch.ones_like(valid) if observed is None else observed
         if self._road_batch is not b:
             self._road, self._road_batch = {}, b
             self._road_table, self._light_colours = _road_table(b), _light_colours(b)
-        me = _take(pose, agents)  # [B, Q, 5]
-        Q = agents.shape[1]
-        xy, yaw = me[..., :2], me[..., 2]
-
-        # Nearest other agents.
-        k = min(cfg.num_agents, max(N - 1, 1))
-        d = torch.linalg.vector_norm(pose[:, None, :, :2] - xy[:, :, None], dim=-1)  # [B, Q, N]
-        itself = agents[..., None] == torch.arange(N, device=pose.device)
-        d = d.masked_fill(~valid[:, None, :] | itself, float("inf"))
-        near = d.topk(k, dim=-1, largest=False)
-        other = _take(pose, near.indices.flatten(1)).view(B, Q, k, 5)
-        other_dims = _take(state.dims, near.indices.flatten(1)).view(B, Q, k, 3)
-
         # Nearest roadgraph points (exact: see NearestPoints).
         m = min(cfg.num_road_points, b.road_xyz.shape[1])
-        if subset:  # search for the asked agents only
+        blank = None
+        if agents is not None:  # search for the asked agents only
+            xy = _take(pose[..., :2], agents)
             pts, road_distance = self._road_index(b, tuple(agents.shape))(xy, m, active=_take(valid, agents))
         else:
-            pts, road_distance = self._road_index(b, tuple(valid.shape))(pose[..., :2], m, active=valid & observed)
-        table = self._road_table
-        point = torch.gather(table, 1, pts.reshape(B, -1, 1).expand(-1, -1, table.shape[-1])).view(B, Q, m, -1)
-
-        # Nearest traffic lights (their stop points).
-        L = b.light_lane_id.shape[1]
-        nl = min(cfg.num_lights, L)
-        if nl:
-            stop = b.light_stop_point[..., :2]
-            ld = torch.linalg.vector_norm(stop[:, None] - xy[:, :, None], dim=-1)  # [B, Q, L]
-            ld = ld.masked_fill(~b.light_mask[:, None], float("inf"))
-            pick = ld.topk(nl, dim=-1, largest=False)
-            light_xy = _take(stop, pick.indices.flatten(1)).view(B, Q, nl, 2)
-        else:
-            light_xy = pose.new_zeros(B, Q, 0, 2)
-
-        # Every vector the agent sees, in its frame at once: its velocity; the others'
-        # offsets and velocities relative to its own; road point offsets and directions;
-        # stop point offsets.
-        centre = xy[:, :, None]
-        vectors = torch.cat(
-            [
-                me[:, :, None, 3:5],
-                other[..., :2] - centre,
-                other[..., 3:5] - me[:, :, None, 3:5],
-                point[..., :2] - centre,
-                point[..., 2:4],
-                light_xy - centre,
-            ],
-            2,
+            agents, blank = torch.arange(N, device=pose.device).expand(B, N), observed
+            active = valid if observed is None else valid & observed
+            pts, road_distance = self._road_index(b, tuple(valid.shape))(pose[..., :2], m, active=active)
+        # The kernel has no transcendental functions or square roots: compiled ones round
+        # differently from eager ones in the last bit.
+        derived = torch.stack([torch.cos(pose[..., 2]), torch.sin(pose[..., 2]), pose[..., 3:5].norm(dim=-1)], -1)
+        obs = _features(
+            cfg,
+            pose,
+            derived,
+            state.dims,
+            b.agent_type,
+            valid,
+            agents,
+            self._road_table,
+            pts,
+            road_distance,
+            b.light_stop_point,
+            b.light_mask,
+            self._light_colours[:, :, state.t],
         )
-        cos, sin = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]
-        vx, vy = vectors[..., 0], vectors[..., 1]
-        turned = torch.stack([vx * cos + vy * sin, vy * cos - vx * sin], -1)
-        velocity, rel_xy, rel_v, road_xy, road_dir, light_rel = turned.split([1, k, k, m, m, nl], dim=2)
-
-        kind = _take(b.agent_type, agents)
-        kinds = kind[..., None] == torch.tensor([TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST], device=kind.device)
-        own = torch.cat(
-            [me[..., 3:5].norm(dim=-1, keepdim=True), velocity[:, :, 0], _take(state.dims, agents)[..., :2], kinds], -1
-        ) * _OWN_SCALE.to(pose.device)
-
-        dh = other[..., 2] - yaw[..., None]
-        present = torch.isfinite(near.values)[..., None]
-        nearby = torch.cat(
-            [rel_xy, torch.cos(dh)[..., None], torch.sin(dh)[..., None], rel_v, other_dims[..., :2], present], -1
-        ) * _AGENT_SCALE.to(pose.device)
-        nearby = _pad(nearby.masked_fill(~present, 0.0), cfg.num_agents)
-
-        present = (road_distance < FAR / 2)[..., None]
-        road = torch.cat([road_xy / POSITION_SCALE, road_dir, point[..., 4:], present], -1).masked_fill(~present, 0.0)
-        road = _pad(road, cfg.num_road_points)
-
-        lights = torch.zeros(B, Q, cfg.num_lights, LIGHT_FEATURES, device=pose.device)
-        if nl:
-            colour = _take(self._light_colours[:, :, state.t], pick.indices.flatten(1)).view(B, Q, nl, 3)
-            present = torch.isfinite(pick.values)[..., None]
-            lights[:, :, :nl] = torch.cat([light_rel / POSITION_SCALE, colour, present], -1).masked_fill(~present, 0.0)
-        obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1).float()
-        if blank_unobserved:
-            obs = obs * observed[..., None]
-        return obs.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        if blank is not None:
+            obs = obs * blank[..., None]
+        return obs
 
 
+@kernel
+def _features(
+    cfg: ObservationConfig,
+    pose: torch.Tensor,
+    derived: torch.Tensor,
+    dims: torch.Tensor,
+    agent_type: torch.Tensor,
+    valid: torch.Tensor,
+    agents: torch.Tensor,
+    road_table: torch.Tensor,
+    road_points: torch.Tensor,
+    road_distance: torch.Tensor,
+    light_stop_point: torch.Tensor,
+    light_mask: torch.Tensor,
+    light_colours: torch.Tensor,
+) -> torch.Tensor:
+    """The observation features ``[B, Q, size]`` of agents ``agents`` ``[B, Q]`` given the
+    current poses ``[B, N, 5]`` with each heading's cosine and sine and each speed ``[B, N, 3]``,
+    boxes, types and validity, the indices and distances of their nearest roadgraph points
+    ``[B, Q, m]`` and the lights' colours now ``[B, L, 3]``. Arithmetic only (relative
+    headings by the angle-difference identities), so that compiled and eager agree to the
+    bit.
+
+    Written as few, large operations (an ego env observes one agent per step, where each
+    operation's fixed cost dominates when eager): every vector that turns into the
+    agent's frame is rotated in one pass, and each block is scaled by one multiplication."""
+    B, N = valid.shape
+    Q = agents.shape[1]
+    # Per agent: x, y, heading, vx, vy, length, width, type (small integers, exact as
+    # floats), cos and sin of the heading, speed.
+    table = torch.cat([pose, dims[..., :2], agent_type[..., None].to(pose.dtype), derived], -1)
+    me = _take(table, agents)  # [B, Q, 11]
+    xy = me[..., :2]
+
+    # Nearest other agents.
+    k = min(cfg.num_agents, max(N - 1, 1))
+    offset = pose[:, None, :, :2] - xy[:, :, None]
+    d = offset[..., 0] * offset[..., 0] + offset[..., 1] * offset[..., 1]  # squared distances [B, Q, N]
+    itself = agents[..., None] == torch.arange(N, device=pose.device)
+    d = d.masked_fill(~valid[:, None, :] | itself, float("inf"))
+    near = d.topk(k, dim=-1, largest=False)
+    other = _take(table, near.indices.flatten(1)).view(B, Q, k, -1)
+
+    # The roadgraph points' rows: x, y, unit direction, kinds.
+    m = road_points.shape[-1]
+    point = torch.gather(road_table, 1, road_points.reshape(B, -1, 1).expand(-1, -1, road_table.shape[-1]))
+    point = point.view(B, Q, m, -1)
+
+    # Nearest traffic lights (their stop points).
+    nl = min(cfg.num_lights, light_mask.shape[1])
+    if nl:
+        stop = light_stop_point[..., :2]
+        offset = stop[:, None] - xy[:, :, None]
+        ld = offset[..., 0] * offset[..., 0] + offset[..., 1] * offset[..., 1]  # squared distances [B, Q, L]
+        pick = ld.masked_fill(~light_mask[:, None], float("inf")).topk(nl, dim=-1, largest=False)
+        light_xy = _take(stop, pick.indices.flatten(1)).view(B, Q, nl, 2)
+    else:
+        light_xy = pose.new_zeros(B, Q, 0, 2)
+
+    # Every vector the agent sees, in its frame at once: its velocity; the others'
+    # offsets and velocities relative to its own; road point offsets and directions;
+    # stop point offsets.
+    centre = xy[:, :, None]
+    vectors = torch.cat(
+        [
+            me[:, :, None, 3:5],
+            other[..., :2] - centre,
+            other[..., 3:5] - me[:, :, None, 3:5],
+            point[..., :2] - centre,
+            point[..., 2:4],
+            light_xy - centre,
+        ],
+        2,
+    )
+    cos, sin = me[..., 8:9], me[..., 9:10]
+    vx, vy = vectors[..., 0], vectors[..., 1]
+    turned = torch.stack([vx * cos + vy * sin, vy * cos - vx * sin], -1)
+    velocity, rel_xy, rel_v, road_xy, road_dir, light_rel = turned.split([1, k, k, m, m, nl], dim=2)
+
+    kinds = me[..., 7:8] == _KINDS.to(pose.device)
+    own = torch.cat([me[..., 10:11], velocity[:, :, 0], me[..., 5:7], kinds], -1)
+    own = own * _OWN_SCALE.to(pose.device)
+
+    # cos and sin of (their heading - mine)
+    cos_dh = (other[..., 8] * cos + other[..., 9] * sin)[..., None]
+    sin_dh = (other[..., 9] * cos - other[..., 8] * sin)[..., None]
+    present = torch.isfinite(near.values)[..., None]
+    nearby = torch.cat([rel_xy, cos_dh, sin_dh, rel_v, other[..., 5:7], present], -1) * _AGENT_SCALE.to(pose.device)
+    nearby = _pad(nearby.masked_fill(~present, 0.0), cfg.num_agents)
+
+    present = (road_distance < FAR / 2)[..., None]
+    road = torch.cat([road_xy / POSITION_SCALE, road_dir, point[..., 4:], present], -1).masked_fill(~present, 0.0)
+    road = _pad(road, cfg.num_road_points)
+
+    lights = pose.new_zeros(B, Q, cfg.num_lights, LIGHT_FEATURES)
+    if nl:
+        colour = _take(light_colours, pick.indices.flatten(1)).view(B, Q, nl, 3)
+        present = torch.isfinite(pick.values)[..., None]
+        light = torch.cat([light_rel / POSITION_SCALE, colour, present], -1).masked_fill(~present, 0.0)
+        lights = _pad(light, cfg.num_lights)
+    obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1).float()
+    return obs.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_KINDS = torch.tensor([TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST], dtype=torch.float32)
 _OWN_SCALE = torch.tensor(
     [1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / LENGTH_SCALE, 1 / WIDTH_SCALE, 1.0, 1.0, 1.0]
 )

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from closedloop.envs.compiled import set_compile
 from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.rewards import RewardConfig
 
@@ -50,8 +51,18 @@ REWARD_FLAGS = ("distance_to_log", "collision", "offroad", "red_light", "progres
 # Flags that may change when a run is resumed; the others come from config.json. They
 # default to None in the parser, so a resumed run can tell a given flag from an absent one
 # (and set one back to its default value); a fresh run takes these defaults.
-RESUME_OVERRIDES = ("timesteps", "device", "threads", "checkpoint_every", "eval_data", "eval_scenarios", "quiet")
-FRESH_DEFAULTS = {"timesteps": 100_000, "device": "cpu", "threads": 1, "eval_scenarios": 32}
+RESUME_OVERRIDES = (
+    "timesteps",
+    "device",
+    "threads",
+    "compile",
+    "checkpoint_every",
+    "eval_data",
+    "eval_scenarios",
+    "quiet",
+)
+FRESH_DEFAULTS = {"timesteps": 100_000, "device": "cpu", "threads": 1, "compile": "auto", "eval_scenarios": 32}
+COMPILE_PAYS_FROM = 50_000  # env steps from which --compile auto compiles (compiling costs ~10 s; see compiled.py)
 
 
 def add_parser(objectives) -> None:
@@ -85,6 +96,13 @@ def add_parser(objectives) -> None:
         default=None,
         help="torch CPU threads (1: the simulator's tensors are small; on the shared 2-core machine two threads "
         "stepped the envs 35x slower than one)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="torch.compile the simulator's observation and off-road kernels (auto: on from "
+        f"{COMPILE_PAYS_FROM} timesteps, where the ~10 s of compiling pays; see closedloop.envs.compiled)",
     )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--n-steps", type=positive_int, default=80, help="steps per env between updates (80)")
@@ -314,6 +332,11 @@ def evaluate_run(run_dir: Path, scenarios, settings: dict) -> dict:
     return result
 
 
+def compile_wanted(mode: str, timesteps: int) -> bool:
+    """Whether ``--compile mode`` compiles a run of ``timesteps`` env steps."""
+    return mode == "on" or (mode == "auto" and timesteps >= COMPILE_PAYS_FROM)
+
+
 def train_ppo(settings: dict, resume: bool = False) -> Path:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -323,6 +346,7 @@ def train_ppo(settings: dict, resume: bool = False) -> Path:
 
     run_dir = Path(settings["out"])
     torch.set_num_threads(settings.get("threads", 1))
+    set_compile(compile_wanted(settings.get("compile", "auto"), settings["timesteps"]))
     scenarios = list(read_scenarios(settings["data"]))
     if not scenarios:
         raise ValueError(f"no scenarios in {' '.join(settings['data'])}")

@@ -1,0 +1,142 @@
+"""Compiled kernels (closedloop.envs.compiled): the same results as eager, and a fallback
+that keeps a run going where the compiler fails."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from closedloop.envs import compiled
+from closedloop.envs.compiled import Kernel, compile_enabled, set_compile
+
+
+@pytest.fixture
+def compile_switch():
+    """Restore the process's compile setting (and its environment variable) afterwards."""
+    before = compile_enabled()
+    yield set_compile
+    set_compile(before)
+
+
+def _ego_episode(scenarios, steps: int) -> list[tuple]:
+    from closedloop.envs.faces import EgoEnv
+
+    env = EgoEnv(scenarios)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    record = [(obs,)]
+    for _ in range(steps):
+        action = rng.uniform([-2.0, -0.1], [2.0, 0.1]).astype(np.float32)
+        obs, reward, terminated, truncated, info = env.step(action)
+        record.append((obs, reward, terminated, truncated, sorted(info.items(), key=lambda kv: kv[0])))
+        if terminated or truncated:
+            obs, _ = env.reset()
+            record.append((obs,))
+    return record
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and np.isnan(a):
+        return isinstance(b, float) and np.isnan(b)
+    return a == b
+
+
+@pytest.mark.slow
+def test_compiled_ego_env_and_offroad_equal_the_eager_ones(compile_switch, real_scenarios):
+    """Compiling takes ~10 s: this runs in CI (slow). An ego env's observations, rewards and
+    infos are bit for bit the eager ones (the observation kernel does arithmetic only); the
+    off-road distances of a real WOMD rollout agree to the last bits (the compiled hypot
+    rounds differently) and say off-road for the same boxes."""
+    from closedloop.agents.baselines import Expert
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.core import reset, step
+    from closedloop.envs.dynamics import make_dynamics
+    from closedloop.envs.events import agent_corners
+    from closedloop.envs.map_index import RoadEdges
+
+    scenarios = list(generate_scenarios(3, seed=4, town="grid", agents=(30, 50)))
+    batch = collate_scenarios(list(real_scenarios.values())[:2])
+    dynamics = make_dynamics("bicycle")
+
+    def offroad() -> list[torch.Tensor]:
+        state = reset(batch)
+        expert, edges, values = Expert(), RoadEdges(batch), []
+        expert.reset(state, dynamics)
+        for _ in range(30):
+            state = step(state, expert.act(state), dynamics)
+            values.append(edges.signed_distance(agent_corners(state)))
+        return values
+
+    compile_switch(False)
+    eager_episode, eager_offroad = _ego_episode(scenarios, 60), offroad()
+    compile_switch(True)
+    compiled_episode, compiled_offroad = _ego_episode(scenarios, 60), offroad()
+    assert _same(eager_episode, compiled_episode)
+    for eager, compiled_values in zip(eager_offroad, compiled_offroad):
+        assert torch.allclose(eager, compiled_values, rtol=1e-6, atol=1e-5)
+        assert torch.equal(eager > 0, compiled_values > 0)
+
+
+def test_a_kernel_runs_eagerly_when_the_compiler_fails(compile_switch, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
+    compile_switch(True)
+    double = Kernel(lambda x: x * 2)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: eager from now on
+        assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_a_kernel_reports_the_callers_error_not_the_compiler(compile_switch, monkeypatch):
+    def failing_compile(fn, **kwargs):
+        return fn  # "compiled" runs the function itself: its errors are the input's fault
+
+    monkeypatch.setattr(compiled.torch, "compile", failing_compile)
+    compile_switch(True)
+
+    def strict(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 1:
+            raise ValueError(f"expected a vector, got shape {list(x.shape)}")
+        return x + 1
+
+    kernel = Kernel(strict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="expected a vector"):
+            kernel(torch.zeros(2, 2))
+        assert torch.equal(kernel(torch.zeros(2)), torch.ones(2))  # still compiled, no fallback warning
+    assert not kernel._failed
+
+
+def test_set_compile_reaches_worker_processes(compile_switch):
+    import os
+
+    compile_switch(True)
+    assert compile_enabled() and os.environ["CLOSEDLOOP_COMPILE"] == "1"
+    compile_switch(False)
+    assert not compile_enabled() and os.environ["CLOSEDLOOP_COMPILE"] == "0"
+
+
+@pytest.mark.parametrize(
+    "mode, timesteps, expected",
+    [("auto", 2_000, False), ("auto", 100_000, True), ("on", 10, True), ("off", 10**6, False)],
+)
+def test_train_ppo_compiles_where_it_pays(mode, timesteps, expected):
+    from closedloop.trainers.ppo import compile_wanted
+
+    assert compile_wanted(mode, timesteps) is expected
