@@ -28,7 +28,11 @@ The ego rows time what PPO steps (bicycle SDC, others following the log, observa
 rewards, events; each ego accelerating gently): one ``EgoEnv``, the batched agent-slot
 vector env at B = 16 SDCs and SB3's ``DummyVecEnv`` of 16 ``EgoEnv``s, in env-steps/s
 (SDC steps; auto-resets included), with ratios against the single ``EgoEnv`` of the same
-run. They run (alone) with ``--only ego``, which needs Stable-Baselines3.
+run. They run (alone) with ``--only ego``, which needs Stable-Baselines3; each env steps
+``--ego-steps`` times after 50 untimed warm-up steps, over 8 scenarios (each drawn again
+and again: an env keeps the roadgraph indexes of the scenarios it drew last).
+``--compile`` switches on the compiled kernels (``closedloop.envs.compiled``); their
+compiling happens in the warm-up, untimed (the README states its cost).
 Prints a table and one JSON line.
 """
 
@@ -46,6 +50,7 @@ import torch
 from closedloop.agents.baselines import LogReplay
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.synthetic import generate_scenarios
+from closedloop.envs.compiled import compile_enabled, set_compile
 from closedloop.envs.core import reset, step
 from closedloop.envs.dynamics import make_dynamics
 from closedloop.envs.events import EventTracker
@@ -193,7 +198,16 @@ def waymax_rows(repeats: int, device: str) -> None:
             ratio = f"{rate / waymax:.2f}x" if waymax else "-"
             print(f"{what:<32}{B:>5}{rate:>16,.0f}{waymax or '-':>12}{ratio:>8}")
             rows.append({"checks": checks, "B": B, "object_steps_per_s": round(rate), "waymax": waymax})
-    print(json.dumps({"waymax_workload": rows, "device": device, "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "waymax_workload": rows,
+                "device": device,
+                "threads": torch.get_num_threads(),
+                "compile": compile_enabled(),
+            }
+        )
+    )
 
 
 def _spin(stop) -> None:
@@ -239,29 +253,34 @@ def ego_rates(scenarios, steps: int, num_envs: int = 16) -> dict[str, float]:
     action = np.array([0.5, 0.0], np.float32)
     single = EgoEnv(scenarios)
     single.reset(seed=0)
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step_single() -> None:
         *_, terminated, truncated, _ = single.step(action)
         if terminated or truncated:
             single.reset()
-    rates = {"ego_env": steps / (time.perf_counter() - start)}
+
+    rates = {"ego_env": timed(step_single, steps)}
 
     actions = np.tile(action, (num_envs, 1))
     vector = ego_vector_env(scenarios, num_envs)
     vector.reset(seed=0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        vector.step(actions)
-    rates[f"vector_b{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
+    rates[f"vector_b{num_envs}"] = num_envs * timed(lambda: vector.step(actions), steps)
 
     dummy = DummyVecEnv([lambda: EgoEnv(scenarios) for _ in range(num_envs)])
     dummy.seed(0)
     dummy.reset()
+    rates[f"dummy_vec_env_{num_envs}"] = num_envs * timed(lambda: dummy.step(actions), steps)
+    return rates
+
+
+def timed(step_once, steps: int, warm_up: int = 50) -> float:
+    """Calls per second of ``step_once`` over ``steps`` calls after ``warm_up`` untimed ones."""
+    for _ in range(warm_up):
+        step_once()
     start = time.perf_counter()
     for _ in range(steps):
-        dummy.step(actions)
-    rates[f"dummy_vec_env_{num_envs}"] = num_envs * steps / (time.perf_counter() - start)
-    return rates
+        step_once()
+    return steps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -273,9 +292,14 @@ def main() -> None:
     parser.add_argument("--threads-under-load", action="store_true", help="1 vs 2 threads with every core busy")
     parser.add_argument("--waymax", action="store_true", help="the issue-16 Waymax workload (real WOMD example)")
     parser.add_argument("--only", choices=("all", "ego"), default="all", help="ego: only the PPO env rows")
+    parser.add_argument("--ego-steps", type=int, default=1000, help="steps per ego row run (auto-resets included)")
+    parser.add_argument(
+        "--compile", action="store_true", help="compiled kernels (closedloop.envs.compiled; compile time not timed)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_compile(args.compile)
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
     if args.waymax:
         waymax_rows(args.repeats, args.device)
@@ -286,11 +310,11 @@ def main() -> None:
     if args.only == "ego":
         ego = {}
         for _ in range(args.repeats):
-            for name, rate in ego_rates(scenarios, args.steps).items():
+            for name, rate in ego_rates(scenarios, args.ego_steps).items():
                 ego[name] = max(ego.get(name, 0.0), rate)
         for name, rate in ego.items():
             print(f"{name:<20}{rate:>10,.0f} env-steps/s{rate / ego['ego_env']:>8.1f}x EgoEnv")
-        print(json.dumps({"ego_env_steps_per_s": {k: round(v) for k, v in ego.items()}}))
+        print(json.dumps({"ego_env_steps_per_s": {k: round(v) for k, v in ego.items()}, "compile": args.compile}))
         return
     rows = []
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
