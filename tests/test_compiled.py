@@ -85,6 +85,47 @@ def test_compiled_ego_env_and_offroad_equal_the_eager_ones(compile_switch, real_
         assert torch.equal(eager > 0, compiled_values > 0)
 
 
+def _vector_episode(scenarios, steps: int) -> list[tuple]:
+    from closedloop.envs.gym_vector import ego_vector_env
+
+    env = ego_vector_env(scenarios, 4)
+    obs, _ = env.reset(seed=5)
+    rng = np.random.default_rng(1)
+    record = [(obs,)]
+    for _ in range(steps):
+        actions = rng.uniform([-2.0, -0.1], [2.0, 0.1], (4, 2)).astype(np.float32)
+        obs, rewards, terminated, truncated, infos = env.step(actions)
+        events = [infos[key] for key in ("collision", "offroad", "red_light", "distance_to_log")]
+        record.append((obs, rewards, terminated, truncated, events))
+    return record
+
+
+@pytest.mark.slow
+def test_compiled_vector_env_and_collisions_equal_the_eager_ones(compile_switch):
+    """The vector env (several scenarios, padded agent slots) and the compiled every-pair
+    collision test of a few agents against the eager selected-pairs one, on boxes that
+    overlap a lot."""
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.core import collisions, reset
+    from scenes import make_scenario
+
+    scenarios = list(generate_scenarios(4, seed=6, town="grid", agents=(30, 50)))
+    rng = np.random.default_rng(2)
+    xy, heading = rng.uniform(0, 40, (120, 2)), rng.uniform(-np.pi, np.pi, 120)
+    size = rng.uniform([0.5, 0.5, 1.5], [7.0, 2.8, 1.5], (120, 3))
+    boxes = [{"xy": xy[i], "heading": heading[i], "size": tuple(size[i])} for i in range(120)]
+    state = reset(collate_scenarios([make_scenario(boxes)]))
+    slots = torch.arange(0, state.controlled.shape[1], 3)[None]
+
+    compile_switch(False)
+    eager_episode, eager_hits = _vector_episode(scenarios, 30), collisions(state, agents=slots)
+    compile_switch(True)
+    compiled_episode, compiled_hits = _vector_episode(scenarios, 30), collisions(state, agents=slots)
+    assert _same(eager_episode, compiled_episode)
+    assert torch.equal(eager_hits, compiled_hits) and 5 < int(eager_hits.sum()) < slots.shape[1]
+
+
 def test_a_kernel_runs_eagerly_when_the_compiler_fails(compile_switch, monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args, **kw):
