@@ -15,7 +15,11 @@ roadgraph per step), and remembers the smallest lower bound ``L`` among the chun
 left out. An agent that has since moved by ``delta`` can have no left-out segment nearer
 than ``L - delta``: while its nearest candidate is nearer than that, the candidates hold
 the true nearest segment and the answer is exact. Agents for which this no longer holds
-are refreshed, alone, at the step where it fails.
+are refreshed, alone, at the step where it fails. To keep a refresh cheap where a map has
+hundreds of chunks, chunks come in *groups* of consecutive ones with circles of their own:
+a refresh ranks the groups, then only the chunks of the nearest groups, and ``L`` is the
+smaller of the two left-out bounds. An agent whose needs a refreshed neighbourhood still
+cannot vouch for (rare with the defaults) is measured against every road edge instead.
 """
 
 from __future__ import annotations
@@ -190,6 +194,8 @@ class RoadEdges:
 
     ``chunks_per_agent`` chunks of up to ``chunk`` segments make an agent's neighbourhood;
     more of them mean fewer refreshes where road edges are dense, and more work per step.
+    A refresh looks at the chunks of the ``groups_per_agent`` nearest groups of ``group``
+    chunks; fewer of them make refreshes cheaper and their bounds weaker.
     """
 
     def __init__(
