@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sim.py"
+PROFILE = SCRIPT.with_name("profile_envs.py")
 
 
 def _run(*args: str) -> dict:
@@ -42,3 +43,13 @@ def test_bench_sim_waymax_and_ego_rows(example_file):
     ego = _run("--only", "ego", "--ego-steps", "10")
     assert set(ego["ego_env_steps_per_s"]) == {"ego_env", "vector_b16", "dummy_vec_env_16"}
     assert ego["compile"] is False
+
+
+@pytest.mark.slow
+def test_profile_envs_reports_every_component():
+    done = subprocess.run(
+        [sys.executable, str(PROFILE), "--env", "vector", "--steps", "100"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for label in ("collate 16 scenarios", "vector env:", "off-road", "collisions", "observe", "resets (vector env)"):
+        assert label in done.stdout

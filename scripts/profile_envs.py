@@ -1,0 +1,141 @@
+"""Where an ego env's step goes: milliseconds per env step by component, and what a reset builds.
+
+  python scripts/profile_envs.py [--env ego|vector] [--steps 1000] [--compile]
+
+Steps one ``EgoEnv`` (or ``ego_vector_env`` at B = 16) on 8 synthetic grid scenarios of
+60-90 agents with the SDC accelerating gently (the workload of ``bench_sim.py --only ego``),
+timing each component by wrapping it (the wrappers add a little; components nest, so the
+rows do not sum to the total). Then times what a reset of 16 scenarios builds: collating
+them, the road-edge index, the roadgraph-point index and the stop lines. One thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import numpy as np
+import torch
+
+from closedloop.data.batch import collate_scenarios
+from closedloop.data.synthetic import generate_scenarios
+from closedloop.envs import core, env, events, faces, gym_vector, map_index, observation, rewards, vector
+from closedloop.envs.compiled import set_compile
+
+SPENT: collections.Counter[str] = collections.Counter()
+
+
+def timed_attribute(owner, name: str, label: str) -> None:
+    """Replace ``owner.name`` with a wrapper adding its wall time to ``SPENT[label]``."""
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            SPENT[label] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+COMPONENTS = [
+    (env.EnvCore, "step", "env core step (all below but observe)"),
+    (env, "step", "  simulator step"),
+    (env, "check_actions", "  action checks"),
+    (rewards.RewardConfig, "__call__", "  rewards"),
+    (events.EventTracker, "__call__", "  events"),
+    (map_index.RoadEdges, "signed_distance", "    off-road"),
+    (events, "collisions", "    collisions"),
+    (events.EventTracker, "_red_light", "    red light"),
+    (events, "box_corners", "    box corners"),
+    (events, "distance_to_log", "    distance to log"),
+    (observation.Observer, "__call__", "observe"),
+    (map_index.NearestPoints, "__call__", "  roadgraph points search"),
+    (faces.EgoEnv, "reset", "resets (EgoEnv)"),
+    (gym_vector.AgentVectorEnv, "reset", "resets (vector env)"),
+    (vector.BatchedEnv, "restart", "  new batch and core"),
+]
+
+
+def instrument() -> None:
+    for owner, name, label in COMPONENTS:
+        timed_attribute(owner, name, label)
+
+
+def profile_steps(kind: str, steps: int) -> None:
+    scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    action = np.array([0.5, 0.0], np.float32)
+    if kind == "ego":
+        ego = faces.EgoEnv(scenarios)
+        ego.reset(seed=0)
+
+        def step() -> None:
+            *_, terminated, truncated, _ = ego.step(action)
+            if terminated or truncated:
+                ego.reset()
+
+        per_step = 1
+    else:
+        envs = gym_vector.ego_vector_env(scenarios, 16)
+        envs.reset(seed=0)
+        actions = np.tile(action, (16, 1))
+
+        def step() -> None:
+            envs.step(actions)
+
+        per_step = 16
+    for _ in range(100):  # warm-up (and compiling, with --compile)
+        step()
+    SPENT.clear()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    total = time.perf_counter() - start
+    print(f"{kind} env: {total / steps * 1e3:.3f} ms per call ({per_step * steps / total:,.0f} env-steps/s)")
+    for *_, label in COMPONENTS:
+        if label in SPENT:
+            print(f"  {label:<40}{SPENT[label] / steps * 1e3:8.3f} ms")
+
+
+def profile_reset_builders(repeats: int = 5) -> None:
+    scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
+    chosen = [scenarios[i % 8] for i in range(16)]
+    batch = collate_scenarios(chosen, max_agents=128, pad_agents=True)
+    state = core.reset(batch)
+    builders = {
+        "collate 16 scenarios": lambda: collate_scenarios(chosen, max_agents=128, pad_agents=True),
+        "road-edge index (RoadEdges)": lambda: map_index.RoadEdges(batch),
+        "roadgraph-point index (NearestPoints)": lambda: map_index.NearestPoints(
+            batch.road_xyz[..., :2],
+            batch.road_mask,
+            observation.ObservationConfig().road_candidates,
+            polyline_id=batch.road_id,
+        ),
+        "stop lines (StopLines)": lambda: events.StopLines(state),
+    }
+    print("a reset of 16 scenarios builds:")
+    for label, build in builders.items():
+        build()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            build()
+        print(f"  {label:<40}{(time.perf_counter() - start) / repeats * 1e3:8.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", choices=("ego", "vector"), default="ego")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--compile", action="store_true", help="compiled kernels (closedloop.envs.compiled)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    set_compile(args.compile)
+    profile_reset_builders()
+    instrument()
+    profile_steps(args.env, args.steps)
+
+
+if __name__ == "__main__":
+    main()
