@@ -5,8 +5,9 @@
 Steps one ``EgoEnv`` (or ``ego_vector_env`` at B = 16) on 8 synthetic grid scenarios of
 60-90 agents with the SDC accelerating gently (the workload of ``bench_sim.py --only ego``),
 timing each component by wrapping it (the wrappers add a little; components nest, so the
-rows do not sum to the total). Then times what a reset of 16 scenarios builds: collating
-them, the road-edge index, the roadgraph-point index and the stop lines. One thread.
+rows do not sum to the total). First it times what a reset of 16 scenarios builds
+(collating them, the road-edge index, the roadgraph-point index, the stop lines) and an
+``EgoEnv`` reset with and without the drawn scenario's kept batch and indexes. One thread.
 """
 
 from __future__ import annotations
@@ -122,6 +123,20 @@ def profile_reset_builders(repeats: int = 5) -> None:
         for _ in range(repeats):
             build()
         print(f"  {label:<40}{(time.perf_counter() - start) / repeats * 1e3:8.1f} ms")
+    # An EgoEnv reset when the drawn scenario's batch and indexes are kept, and when not.
+    for label, kept in (("EgoEnv reset, indexes kept", faces.CACHED_CORES), ("EgoEnv reset, built anew", 0)):
+        saved, faces.CACHED_CORES = faces.CACHED_CORES, kept
+        try:
+            ego = faces.EgoEnv(scenarios)
+            ego.reset(seed=0)
+            for _ in range(30):
+                ego.reset()
+            start = time.perf_counter()
+            for _ in range(100):
+                ego.reset()
+            print(f"{label:<42}{(time.perf_counter() - start) / 100 * 1e3:8.2f} ms")
+        finally:
+            faces.CACHED_CORES = saved
 
 
 def main() -> None:
