@@ -174,10 +174,39 @@ def test_set_compile_reaches_worker_processes(compile_switch):
 
 
 @pytest.mark.parametrize(
-    "mode, timesteps, expected",
-    [("auto", 2_000, False), ("auto", 100_000, True), ("on", 10, True), ("off", 10**6, False)],
+    "mode, timesteps, variable, expected",
+    [
+        ("auto", 2_000, None, False),
+        ("auto", 100_000, None, True),
+        ("auto", 2_000, "1", True),  # the environment's setting wins over the run length
+        ("auto", 100_000, "0", False),
+        ("on", 10, "0", True),
+        ("off", 10**6, "1", False),
+    ],
 )
-def test_train_ppo_compiles_where_it_pays(mode, timesteps, expected):
+def test_train_ppo_compiles_where_it_pays(monkeypatch, mode, timesteps, variable, expected):
     from closedloop.trainers.ppo import compile_wanted
 
+    if variable is None:
+        monkeypatch.delenv("CLOSEDLOOP_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("CLOSEDLOOP_COMPILE", variable)
     assert compile_wanted(mode, timesteps) is expected
+
+
+def test_a_failed_collision_kernel_leaves_the_eager_selection(compile_switch, monkeypatch):
+    """Once the every-pair collision kernel has fallen back to eager, collisions go back to
+    testing the near pairs only (cheaper eagerly); both give the same answer."""
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs import core
+
+    state = core.reset(collate_scenarios(list(generate_scenarios(1, seed=2, town="grid", agents=(30, 40)))))
+    slots = torch.arange(0, 20, 2)[None]
+    expected = core.collisions(state, agents=slots)
+    compile_switch(True)
+    monkeypatch.setattr(core._agents_collisions, "_failed", True)
+    calls = []
+    monkeypatch.setattr(core._agents_collisions, "fn", lambda *args: calls.append(args))
+    assert not core._agents_collisions.active
+    assert torch.equal(core.collisions(state, agents=slots), expected) and not calls

@@ -90,7 +90,8 @@ def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_sce
     columns = columns.transpose(1, 2)[:, None, None]
     rows = torch.arange(batch.batch_size)[:, None, None]
     checked = 0
-    for t in range(10, STEPS):
+    last = STEPS if not shape else 40  # the tiny neighbourhoods measure many boxes against every edge: slow
+    for t in range(10, last):
         corners = agent_corners(state, t)
         valid = state.valid[:, :, t] & batch.agent_mask
         got = edges.signed_distance(corners)  # every step, so neighbourhoods follow the agents
@@ -106,8 +107,8 @@ def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_sce
         assert torch.allclose(got[exact], brute[exact], atol=1e-4)
         assert torch.equal(got[valid] > 0, brute[valid] > 0)
         checked += int(exact.sum())
-    assert checked > 500
-    agent_steps = int(batch.agent_mask.sum()) * (STEPS - 10)
+    assert checked > (500 if not shape else 150)
+    agent_steps = int(batch.agent_mask.sum()) * (last - 10)
     if not shape:  # the default neighbourhoods are rebuilt only where needed, and rarely fall short
         assert edges.refreshed < 0.2 * agent_steps
         assert edges.exhaustive < 0.01 * agent_steps

@@ -149,3 +149,57 @@ def test_parallel_env_with_a_sim_agent_policy_for_the_others(real_scenarios):
     logged = batch.agent_valid[0, others, 20]
     assert error[logged].max() < 1e-3
     assert torch.linalg.norm(state.pose[0, sdc, 20, :2] - batch.agent_xyz[0, sdc, 20, :2]) > 1.0
+
+
+def test_ego_env_reusing_a_scenarios_indexes_runs_as_building_them_anew(monkeypatch):
+    """A scenario drawn again takes the previous episode's batch and roadgraph indexes
+    (event tracker with its pending red-light crossings, observer): its episodes must be
+    those of an env that builds everything at each reset."""
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs import faces
+
+    scenarios = list(generate_scenarios(2, seed=11, town="grid", agents=(20, 30)))
+
+    def episodes(kept: int) -> list:
+        monkeypatch.setattr(faces, "CACHED_CORES", kept)
+        env = ego_env(scenarios)
+        obs, _ = env.reset(seed=1)
+        rng, record, reused = np.random.default_rng(3), [obs], 0
+        for _ in range(150):
+            obs, reward, terminated, truncated, info = env.step(rng.uniform([0.0, -0.05], [3.0, 0.05]))
+            record += [obs, np.float64(reward), np.bool_(terminated)]
+            record += [np.asarray(info[k], np.float64) for k in sorted(info)]
+            if terminated or truncated:
+                before = env.core.tracker
+                env.reset()
+                reused += env.core.tracker is before
+        return record, reused
+
+    (kept, reused), (built, rebuilt) = episodes(8), episodes(0)
+    assert reused > 0 and rebuilt == 0
+    assert len(kept) == len(built)
+    assert all(np.array_equal(a, b, equal_nan=a.dtype.kind == "f") for a, b in zip(kept, built))
+
+
+def test_env_core_reuses_indexes_only_for_the_same_batch_and_agents(small_scenarios):
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.envs.dynamics import make_dynamics
+    from closedloop.envs.env import EnvConfig, EnvCore
+
+    batch = collate_scenarios(small_scenarios[:1])
+    config = EnvConfig(make_dynamics("bicycle"))
+    first = EnvCore(batch, config, controlled="sdc", exposed="sdc", events_for="exposed")
+    again = EnvCore(batch, config, controlled="sdc", exposed="sdc", events_for="exposed", maps_from=first)
+    assert again.tracker is first.tracker and again.observer is first.observer
+    every = EnvCore(batch, config, events_for="exposed", maps_from=first)  # every valid agent exposed
+    other_batch = EnvCore(
+        collate_scenarios(small_scenarios[:1]),
+        config,
+        controlled="sdc",
+        exposed="sdc",
+        events_for="exposed",
+        maps_from=first,
+    )
+    all_events = EnvCore(batch, config, controlled="sdc", exposed="sdc", maps_from=first)
+    for core in (every, other_batch, all_events):
+        assert core.tracker is not first.tracker and core.observer is not first.observer

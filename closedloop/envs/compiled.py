@@ -13,7 +13,11 @@ processes pay less), which pays only over thousands of steps. The dynamics are n
 compiled: a compiled bicycle model rounds differently from the eager one in the last bit,
 and in closed loop such differences grow into centimetres. The kernels' outputs are
 compared with the eager ones in the tests; where the compiler is unavailable (no C++
-toolchain, say) a kernel warns once and runs eagerly.
+toolchain, say) a kernel warns once and runs eagerly. Two limits of that fallback: it
+catches failures of the forward call only (through a differentiable rollout, the backward
+is compiled when it first runs, and a failure there surfaces in ``backward()``), and any
+error of the compiled call, out of memory included, switches its kernel to eager for good.
+Identity with eager is tested on CPU; on a GPU (Triton) it is not verified.
 """
 
 from __future__ import annotations
@@ -50,8 +54,13 @@ class Kernel:
         self._compiled: Callable[..., Any] | None = None
         self._failed = False
 
+    @property
+    def active(self) -> bool:
+        """Whether calls run compiled now (compilation on, and it has not failed)."""
+        return _enabled and not self._failed
+
     def __call__(self, *args, **kwargs):
-        if not _enabled or self._failed:
+        if not self.active:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=None)

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from closedloop.data.batch import ScenarioBatch
-from closedloop.envs.compiled import compile_enabled, kernel
+from closedloop.envs.compiled import kernel
 from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
 from closedloop.geometry import rectangles_overlap
@@ -315,7 +315,7 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     dims = state.dims
     valid = state.valid[:, :, t] & state.batch.agent_mask
     N = valid.shape[1]
-    if agents is not None and compile_enabled():
+    if agents is not None and _agents_collisions.active:
         return _agents_collisions(p, dims, valid, agents)
     # Invalid agents get a negative radius, so no pair with them passes the circle test.
     radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)

@@ -272,10 +272,10 @@ class RoadEdges:
         ).contiguous()
 
     def _build_chunks(self, new_run: torch.Tensor, chunk: int, group: int) -> None:
-        """Chunk table ``[B, C, chunk]`` of segment rows (-1: none) with the chunks' circles,
-        and groups of ``group`` consecutive chunks (neighbours along the polylines) with
-        circles around their chunks' circles. Each table ends with one empty entry (index
-        ``C``, a point far away) that padding points to."""
+        """Chunk table ``[B, C + 1, chunk]`` of segment rows (-1: none) with the chunks'
+        circles, and groups of ``group`` consecutive chunks (neighbours along the polylines)
+        with circles around their chunks' circles. The chunk table's last entry (index
+        ``C``) is empty, a point far away, and the groups' padding points to it."""
         table = chunk_table(new_run, self.features[..., OK] > 0, chunk)
         B, C, _ = table.shape
         self.chunk_table = torch.cat([table, table.new_full((B, 1, chunk), -1)], 1)  # [B, C + 1, chunk]
@@ -416,7 +416,8 @@ class RoadEdges:
             exact[b, n] = self._measure(b, candidates[slot], index[slot], corners[b, n]).amax(-1)
         if unsure is not None:
             b, n = torch.nonzero(near & unsure, as_tuple=True)
-            exact[b, n] = self._every_edge(b, corners[b, n]).amax(-1)
+            if b.numel():
+                exact[b, n] = self._every_edge(b, corners[b, n]).amax(-1)
         return _combine(centre_signed, exact, reach)
 
     def _stale(
@@ -442,8 +443,10 @@ class RoadEdges:
     ) -> torch.Tensor:
         """Rebuild the neighbourhoods of the stale agents that moved and measure their
         ``points`` ``[B, N, P, 2]`` again into ``values`` ``[B, N, P]`` (the centre first).
-        Returns the agents still stale: what they need lies beyond any neighbourhood of
-        ``chunks_per_agent`` chunks, so the caller measures them against every edge."""
+        Returns the agents still stale: those rebuilt whose needs lie beyond any
+        neighbourhood of ``chunks_per_agent`` chunks, and those that have not moved since
+        their neighbourhood was built (rebuilding it again would give the same); the caller
+        measures them against every edge."""
         b, n = torch.nonzero(stale & (moved > 0), as_tuple=True)
         if b.numel():
             self._rebuild(b, n, centre)

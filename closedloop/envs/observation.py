@@ -222,15 +222,37 @@ def _features(
     turned = torch.stack([vx * cos + vy * sin, vy * cos - vx * sin], -1)
     velocity, rel_xy, rel_v, road_xy, road_dir, light_rel = turned.split([1, k, k, m, m, nl], dim=2)
 
-    kinds = me[..., 7:8] == _KINDS.to(pose.device)
-    own = torch.cat([me[..., 10:11], velocity[:, :, 0], me[..., 5:7], kinds], -1)
-    own = own * _OWN_SCALE.to(pose.device)
+    # Scales and type codes as Python numbers: no host-to-device copies on a GPU.
+    kind = me[..., 7:8]
+    own = torch.cat(
+        [
+            me[..., 10:11] / SPEED_SCALE,
+            velocity[:, :, 0] / SPEED_SCALE,
+            me[..., 5:6] / LENGTH_SCALE,
+            me[..., 6:7] / WIDTH_SCALE,
+            kind == TYPE_VEHICLE,
+            kind == TYPE_PEDESTRIAN,
+            kind == TYPE_CYCLIST,
+        ],
+        -1,
+    )
 
     # cos and sin of (their heading - mine)
     cos_dh = (other[..., 8] * cos + other[..., 9] * sin)[..., None]
     sin_dh = (other[..., 9] * cos - other[..., 8] * sin)[..., None]
     present = torch.isfinite(near.values)[..., None]
-    nearby = torch.cat([rel_xy, cos_dh, sin_dh, rel_v, other[..., 5:7], present], -1) * _AGENT_SCALE.to(pose.device)
+    nearby = torch.cat(
+        [
+            rel_xy / POSITION_SCALE,
+            cos_dh,
+            sin_dh,
+            rel_v / SPEED_SCALE,
+            other[..., 5:6] / LENGTH_SCALE,
+            other[..., 6:7] / WIDTH_SCALE,
+            present,
+        ],
+        -1,
+    )
     nearby = _pad(nearby.masked_fill(~present, 0.0), cfg.num_agents)
 
     present = (road_distance < FAR / 2)[..., None]
@@ -245,16 +267,6 @@ def _features(
         lights = _pad(light, cfg.num_lights)
     obs = torch.cat([own, nearby.flatten(2), road.flatten(2), lights.flatten(2)], -1).float()
     return obs.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-
-
-_KINDS = torch.tensor([TYPE_VEHICLE, TYPE_PEDESTRIAN, TYPE_CYCLIST], dtype=torch.float32)
-_OWN_SCALE = torch.tensor(
-    [1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / SPEED_SCALE, 1 / LENGTH_SCALE, 1 / WIDTH_SCALE, 1.0, 1.0, 1.0]
-)
-_AGENT_SCALE = torch.tensor(
-    [1 / POSITION_SCALE, 1 / POSITION_SCALE, 1.0, 1.0, 1 / SPEED_SCALE, 1 / SPEED_SCALE]
-    + [1 / LENGTH_SCALE, 1 / WIDTH_SCALE, 1.0]
-)
 
 
 def _light_colours(b) -> torch.Tensor:

@@ -101,8 +101,9 @@ def add_parser(objectives) -> None:
         "--compile",
         choices=("auto", "on", "off"),
         default=None,
-        help="torch.compile the simulator's observation and off-road kernels (auto: on from "
-        f"{COMPILE_PAYS_FROM} timesteps, where the ~10 s of compiling pays; see closedloop.envs.compiled)",
+        help="torch.compile the simulator's observation, off-road and collision kernels (auto: as "
+        f"CLOSEDLOOP_COMPILE says where it is set, else on from {COMPILE_PAYS_FROM} timesteps, where the ~10 s "
+        "of compiling pays; see closedloop.envs.compiled)",
     )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--n-steps", type=positive_int, default=80, help="steps per env between updates (80)")
@@ -333,8 +334,12 @@ def evaluate_run(run_dir: Path, scenarios, settings: dict) -> dict:
 
 
 def compile_wanted(mode: str, timesteps: int) -> bool:
-    """Whether ``--compile mode`` compiles a run of ``timesteps`` env steps."""
-    return mode == "on" or (mode == "auto" and timesteps >= COMPILE_PAYS_FROM)
+    """Whether ``--compile mode`` compiles a run of ``timesteps`` env steps: ``auto``
+    follows ``CLOSEDLOOP_COMPILE`` where it is set, else compiles runs long enough to pay."""
+    if mode == "auto":
+        setting = os.environ.get("CLOSEDLOOP_COMPILE")
+        return setting == "1" if setting is not None else timesteps >= COMPILE_PAYS_FROM
+    return mode == "on"
 
 
 def train_ppo(settings: dict, resume: bool = False) -> Path:
