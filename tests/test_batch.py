@@ -71,3 +71,35 @@ def test_select_scenarios_picks_rows_with_repeats(real_scenarios):
     assert picked.scenario_id == [batch.scenario_id[1], batch.scenario_id[1], batch.scenario_id[0]]
     assert torch.equal(picked.agent_xyz[2], batch.agent_xyz[0]) and torch.equal(picked.road_xyz[0], batch.road_xyz[1])
     assert torch.equal(picked.origin[1], batch.origin[1]) and picked.current_time_index == batch.current_time_index
+
+
+def test_roadgraph_points_equal_a_loop_over_map_features(real_scenarios):
+    """The collated roadgraph (one gather for all features) against a plain loop over the
+    features: points in order, polygons closed by their first point, directions to the next
+    point (zero at a feature's last), type codes and feature ids."""
+    from closedloop.data.batch import _road_points
+    from closedloop.data.scenario import POLYGON_KINDS, road_type_code
+    from closedloop.data.synthetic import generate_scenarios
+
+    def by_feature(s):
+        points, directions, codes, ids = [], [], [], []
+        for i, (kind, subtype, fid) in enumerate(zip(s.map_kind, s.map_subtype, s.map_id)):
+            poly = s.map_points[s.map_point_splits[i] : s.map_point_splits[i + 1]]
+            if len(poly) == 0:
+                continue
+            if int(kind) in POLYGON_KINDS and len(poly) > 1:
+                poly = np.concatenate([poly, poly[:1]])
+            direction = np.zeros_like(poly)
+            direction[:-1] = poly[1:] - poly[:-1]
+            points.append(poly)
+            directions.append(direction)
+            codes += [road_type_code(int(kind), int(subtype))] * len(poly)
+            ids += [int(fid)] * len(poly)
+        return np.concatenate(points), np.concatenate(directions), np.array(codes), np.array(ids)
+
+    scenarios = list(real_scenarios.values()) + list(generate_scenarios(2, seed=3, town="cross"))
+    for scenario in scenarios:
+        got, expected = _road_points(scenario), by_feature(scenario)
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape and np.array_equal(a, b), scenario.scenario_id
+        assert got[2].dtype == np.int64 and got[3].dtype == np.int64

@@ -62,7 +62,7 @@ RESUME_OVERRIDES = (
     "quiet",
 )
 FRESH_DEFAULTS = {"timesteps": 100_000, "device": "cpu", "threads": 1, "compile": "auto", "eval_scenarios": 32}
-COMPILE_PAYS_FROM = 50_000  # env steps from which --compile auto compiles (compiling costs ~10 s; see compiled.py)
+COMPILE_PAYS_FROM = 50_000  # env steps from which --compile auto compiles (compiling costs ~8 s; see compiled.py)
 
 
 def add_parser(objectives) -> None:
@@ -102,7 +102,7 @@ def add_parser(objectives) -> None:
         choices=("auto", "on", "off"),
         default=None,
         help="torch.compile the simulator's observation, off-road and collision kernels (auto: as "
-        f"CLOSEDLOOP_COMPILE says where it is set, else on from {COMPILE_PAYS_FROM} timesteps, where the ~10 s "
+        f"CLOSEDLOOP_COMPILE says where it is set, else on from {COMPILE_PAYS_FROM} timesteps, where the ~8 s "
         "of compiling pays; see closedloop.envs.compiled)",
     )
     p.add_argument("--lr", type=float, default=3e-4)
