@@ -6,8 +6,10 @@ Steps one ``EgoEnv`` (or ``ego_vector_env`` at B = 16) on 8 synthetic grid scena
 60-90 agents with the SDC accelerating gently (the workload of ``bench_sim.py --only ego``),
 timing each component by wrapping it (the wrappers add a little; components nest, so the
 rows do not sum to the total). First it times what a reset of 16 scenarios builds
-(collating them, the road-edge index, the roadgraph-point index, the stop lines) and an
-``EgoEnv`` reset with and without the drawn scenario's kept batch and indexes. One thread.
+(collating them, the road-edge index, the roadgraph-point index, the stop lines; all four
+for scenarios prepared anew, and stacked from prepared scenarios as ``BatchedEnv`` does
+once it has drawn them: see ``closedloop.envs.prepared``) and an ``EgoEnv`` reset with
+and without the drawn scenario's kept batch and indexes. One thread.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.synthetic import generate_scenarios
-from closedloop.envs import core, env, events, faces, gym_vector, map_index, observation, rewards, vector
+from closedloop.envs import core, env, events, faces, gym_vector, map_index, observation, prepared, rewards, vector
 from closedloop.envs.compiled import set_compile
 
 SPENT: collections.Counter[str] = collections.Counter()
@@ -106,17 +108,21 @@ def profile_reset_builders(repeats: int = 5) -> None:
     scenarios = list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))
     chosen = [scenarios[i % 8] for i in range(16)]
     batch = collate_scenarios(chosen, max_agents=128, pad_agents=True)
-    state = core.reset(batch)
+    keep = observation.ObservationConfig().road_candidates
+    warm = prepared.PreparedScenarios(max_agents=128, keep=keep)
+    warm.batch(chosen)
     builders = {
         "collate 16 scenarios": lambda: collate_scenarios(chosen, max_agents=128, pad_agents=True),
         "road-edge index (RoadEdges)": lambda: map_index.RoadEdges(batch),
         "roadgraph-point index (NearestPoints)": lambda: map_index.NearestPoints(
             batch.road_xyz[..., :2],
             batch.road_mask,
-            observation.ObservationConfig().road_candidates,
+            keep,
             polyline_id=batch.road_id,
         ),
-        "stop lines (StopLines)": lambda: events.StopLines(state),
+        "stop lines (StopLines)": lambda: events.StopLines(batch),
+        "all four, prepared anew (cache empty)": lambda: prepared.PreparedScenarios(128, keep).batch(chosen),
+        "all four, stacked from prepared scenarios": lambda: warm.batch(chosen),
     }
     print("a reset of 16 scenarios builds:")
     for label, build in builders.items():

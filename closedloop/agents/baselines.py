@@ -86,7 +86,7 @@ class IDM(BasePolicy):
         own = own.masked_fill(~self._usable_lanes(state), float("inf"))
         parked = (speed < 1.0) & (own.min(-1).values > 2.0)
         self._desired = torch.where(parked, torch.zeros_like(speed), speed.clamp_min(self.min_desired_speed))
-        self._stop_lines = StopLines(state)
+        self._stop_lines = StopLines(state.batch)
         b = state.batch
         lanes = b.road_mask & is_drivable_lane(b.road_type)
         self._lanes = NearestPoints(b.road_xyz[..., :2], lanes, polyline_id=b.road_id)

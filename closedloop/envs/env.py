@@ -36,6 +36,7 @@ from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
 from closedloop.envs.events import EventTracker
 from closedloop.envs.observation import ObservationConfig, Observer
+from closedloop.envs.prepared import MapIndexes
 from closedloop.envs.rewards import RewardConfig
 
 
@@ -83,7 +84,9 @@ class EnvCore:
     which is all an ego env rewards and much cheaper with one exposed agent among many.
     ``maps_from``: an earlier core on the same batch whose roadgraph indexes (event
     tracker, observer) this one may reuse, saving their set-up (faces pass the previous
-    episode's core when a scenario is drawn again)."""
+    episode's core when a scenario is drawn again). ``maps``: the batch's roadgraph
+    indexes where the caller has them (stacked from prepared scenarios, say: see
+    :mod:`closedloop.envs.prepared`); the core keeps its neighbourhoods in them."""
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class EnvCore:
         track_events: bool = True,
         events_for: str = "all",
         maps_from: EnvCore | None = None,
+        maps: MapIndexes | None = None,
     ):
         self.config, self.dynamics = config, config.dynamics
         if isinstance(start, SimState):
@@ -134,14 +138,18 @@ class EnvCore:
         self.tracker = None
         events_of = self.exposed if events_for == "exposed" else None
         self._events_key = (events_for, events_of)
+        if maps is not None and maps.edges.features.shape[0] != state.batch.batch_size:
+            rows, wanted = maps.edges.features.shape[0], state.batch.batch_size
+            raise SimulationError(f"the roadgraph indexes are of {rows} scenarios, the batch of {wanted}")
         if maps_from is not None and maps_from._reusable_for(self):
             # The same scenarios and event agents: keep the previous episode's roadgraph
             # indexes (they stay exact whatever rollout they served before).
             self.tracker, self.observer = maps_from.tracker, maps_from.observer
         else:
             if track_events:
-                self.tracker = EventTracker(self.state, events_of)
-            self.observer = Observer(config.observation)
+                edges, stop_lines = (None, None) if maps is None else (maps.edges, maps.stop_lines)
+                self.tracker = EventTracker(self.state, events_of, edges, stop_lines)
+            self.observer = Observer(config.observation, maps)
 
     def _reusable_for(self, other: EnvCore) -> bool:
         """Whether ``other`` (a new episode) may take over this core's event tracker and

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from closedloop.constants import light_forbids_crossing
+from closedloop.data.batch import ScenarioBatch, cat_padded
 from closedloop.envs.core import SimState, collisions, distance_to_log
 from closedloop.envs.map_index import FAR, RoadEdges
 from closedloop.geometry import box_corners
@@ -31,8 +34,7 @@ class StopLines:
     tell later which of the siblings an agent went on to follow.
     """
 
-    def __init__(self, state: SimState):
-        b = state.batch
+    def __init__(self, b: ScenarioBatch):
         order = lane_point_indices(b.road_id, b.road_mask, b.light_lane_id)  # [B, L, M]
         P = b.road_id.shape[1]
         on_lane = order < P
@@ -43,24 +45,42 @@ class StopLines:
         nearest = order.gather(-1, d.argmin(-1, keepdim=True))[..., 0].clamp_max(P - 1)  # [B, L]
         direction = torch.gather(b.road_dir[..., :2], 1, nearest[..., None].expand(-1, -1, 2))
         norm = torch.linalg.norm(direction, dim=-1, keepdim=True)
-        self.direction = direction = direction / norm.clamp_min(1e-6)
+        self.direction = direction / norm.clamp_min(1e-6)
         self.point = b.light_stop_point[..., :2]
         self.valid = b.light_mask & on_lane.any(-1) & (norm[..., 0] > 1e-6)
-        # Which lights say stop at each step, and whether any does (one synchronisation
-        # here instead of one per step).
-        self.stop = light_forbids_crossing(b.light_state) & self.valid[..., None]  # [B, L, T]
-        self.any_stop = self.stop.any(1).any(0).tolist()  # [T]
-        # Along-lane and lateral coordinates relative to each stop line are one product:
-        # position @ axes - offsets, with axes [B, 2, 2L] (lane directions, then normals).
-        normal = torch.stack([-direction[..., 1], direction[..., 0]], -1)
-        axes = torch.cat([direction, normal], dim=1)  # [B, 2L, 2]
-        self.axes = axes.transpose(1, 2).contiguous()
-        self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
+        self.stop = light_forbids_crossing(b.light_state) & self.valid[..., None]  # [B, L, T] lights saying stop
         pair = (
             self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
         )
         self.siblings = pair & (torch.cdist(self.point, self.point) < SIBLING_RADIUS)  # [B, L, L]
         self.lane_points = lane_xy.masked_fill(~on_lane[..., None], FAR)  # each light's lane, padding far away
+        self._derive()
+
+    @classmethod
+    def stack(cls, parts: Sequence[StopLines]) -> StopLines:
+        """The stop lines of the scenarios of ``parts`` stacked in order (each built on its
+        own scenario): what a batch of those scenarios gives, padded lights invalid."""
+        lines = cls.__new__(cls)
+        lines.direction = cat_padded([part.direction for part in parts], 0.0)
+        lines.point = cat_padded([part.point for part in parts], 0.0)
+        lines.valid = cat_padded([part.valid for part in parts], False)
+        lines.stop = cat_padded([part.stop for part in parts], False)
+        lines.siblings = cat_padded([part.siblings for part in parts], False)
+        lines.lane_points = cat_padded([part.lane_points for part in parts], FAR)
+        lines._derive()
+        return lines
+
+    def _derive(self) -> None:
+        """What the per-step tests read: whether any light says stop at each step (one
+        synchronisation here instead of one per step), and the axes of every stop line."""
+        self.any_stop = self.stop.any(1).any(0).tolist()  # [T]
+        # Along-lane and lateral coordinates relative to each stop line are one product:
+        # position @ axes - offsets, with axes [B, 2, 2L] (lane directions, then normals).
+        direction = self.direction
+        normal = torch.stack([-direction[..., 1], direction[..., 0]], -1)
+        axes = torch.cat([direction, normal], dim=1)  # [B, 2L, 2]
+        self.axes = axes.transpose(1, 2).contiguous()
+        self.offsets = (torch.cat([self.point] * 2, dim=1) * axes).sum(-1)[:, None]  # [B, 1, 2L]
 
     def red(self, t: int) -> torch.Tensor:
         """Lights ``[B, L]`` that say stop at step ``t``."""
@@ -141,13 +161,21 @@ class EventTracker:
     agent follows a lane that could go or leaves them all.
     """
 
-    def __init__(self, state: SimState, agents: torch.Tensor | None = None):
+    def __init__(
+        self,
+        state: SimState,
+        agents: torch.Tensor | None = None,
+        edges: RoadEdges | None = None,
+        stop_lines: StopLines | None = None,
+    ):
         """``agents``: a ``[B, N]`` mask of the agents whose events are wanted (the others
         report none), or None for every agent. An ego env wants one agent of ~100: its
         collisions are then tested against the others (N pairs, not N^2 / 2), and only its
-        box is measured against the road edges."""
-        self.edges = RoadEdges(state.batch)
-        self.stop_lines = StopLines(state)
+        box is measured against the road edges. ``edges`` and ``stop_lines``: the batch's
+        indexes where the caller has them (built here otherwise); the tracker keeps its
+        neighbourhoods in ``edges``."""
+        self.edges = RoadEdges(state.batch) if edges is None else edges
+        self.stop_lines = StopLines(state.batch) if stop_lines is None else stop_lines
         B, N = state.controlled.shape
         self.slots = self.slot_ok = None
         if agents is not None and not bool(agents.all()):

@@ -71,6 +71,7 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         shuffle: bool = True,
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
+        cached_scenarios: int = 128,
     ):
         if agents not in ("sdc", "all"):
             raise ValueError(f"agents must be 'sdc' or 'all', not {agents!r}")
@@ -91,6 +92,7 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
             device=device,
             vocabulary=vocabulary,
             events_for="exposed",  # only the envs' agents are rewarded and reported
+            cached_scenarios=cached_scenarios,
         )
         self.dynamics = self.env.dynamics
         self.num_scenarios = num_scenarios

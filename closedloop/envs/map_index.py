@@ -24,10 +24,12 @@ cannot vouch for (rare with the defaults) is measured against every road edge in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from closedloop.constants import is_road_edge
-from closedloop.data.batch import ScenarioBatch
+from closedloop.data.batch import ScenarioBatch, cat_padded
 from closedloop.envs.compiled import kernel
 
 BIG = 1e9
@@ -95,7 +97,39 @@ class NearestPoints:
         members = torch.gather(self.points, 1, self.table.clamp_min(0).reshape(B, -1, 1).expand(-1, -1, 2))
         self.centre, self.radius = bounding_circles(members.view(*self.table.shape, 2), present)
         self.chunk_valid = present.any(-1)
-        self.chunks_per_agent = max(1, min(-(-keep // chunk), self.table.shape[1]))
+        self.keep = keep
+        self._start()
+
+    @classmethod
+    def stack(cls, parts: Sequence[NearestPoints]) -> NearestPoints:
+        """The index of the points of ``parts`` stacked in order (each built on one
+        scenario's points, with the same settings): equal to one built on the stacked
+        points, at the cost of padding and concatenating. Nothing searched is carried over."""
+        shapes = {(part.keep, part.table.shape[-1]) for part in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack nearest-point indexes of different keep and chunk sizes: {sorted(shapes)}")
+        index = cls.__new__(cls)
+        index.keep = parts[0].keep
+        index.points = cat_padded([part.points for part in parts], 0.0)
+        index.table = cat_padded([part.table for part in parts], -1)
+        index.centre = cat_padded([part.centre for part in parts], 0.0)
+        index.radius = cat_padded([part.radius for part in parts], 0.0)
+        index.chunk_valid = cat_padded([part.chunk_valid for part in parts], False)
+        index._start()
+        return index
+
+    def fresh(self) -> NearestPoints:
+        """An index of the same points, sharing their tables, with nothing searched yet
+        (for queries of another shape)."""
+        index = object.__new__(type(self))
+        index.__dict__.update(self.__dict__)
+        index._start()
+        return index
+
+    def _start(self) -> None:
+        """Nothing searched yet."""
+        chunk = self.table.shape[-1]
+        self.chunks_per_agent = max(1, min(-(-self.keep // chunk), self.table.shape[1]))
         self.index: torch.Tensor | None = None  # [B, N, keep] kept points (0 for empty slots)
         self.kept: torch.Tensor | None = None  # [B, N, 2, keep] their x and y (FAR for empty slots)
         self.anchor: torch.Tensor | None = None  # [B, N, 2]
@@ -226,7 +260,34 @@ class RoadEdges:
         new_run = torch.ones_like(seg_valid)
         new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1)
         self.features = self._with_neighbours(segment, new_run, pos)
-        self._build_chunks(new_run, chunk, group)
+        self.settings = (chunk, chunks_per_agent, group, groups_per_agent)
+        self._build_chunks(new_run, chunk)
+        self._build_groups(group)
+        self._start()
+
+    @classmethod
+    def stack(cls, parts: Sequence[RoadEdges]) -> RoadEdges:
+        """The index of the batch that stacks the scenarios of ``parts`` in order (each
+        built on its own scenario, with the same settings): equal to one built on that
+        batch, at the cost of padding and concatenating. The parts are left unchanged and
+        none of their neighbourhoods is carried over."""
+        settings = {part.settings for part in parts}
+        if len(settings) != 1:
+            raise ValueError(f"cannot stack road-edge indexes built with different settings: {sorted(settings)}")
+        edges = cls.__new__(cls)
+        edges.settings = parts[0].settings
+        edges.features = cat_padded([part.features for part in parts], 0.0)
+        # Each part's table ends with its empty chunk; padding adds more empty ones.
+        edges.chunk_table = cat_padded([part.chunk_table for part in parts], -1)
+        edges.chunk_centre = cat_padded([part.chunk_centre for part in parts], FAR)
+        edges.chunk_radius = cat_padded([part.chunk_radius for part in parts], 0.0)
+        edges._build_groups(edges.settings[2])
+        edges._start()
+        return edges
+
+    def _start(self) -> None:
+        """No neighbourhood yet; the neighbourhood sizes this batch allows."""
+        _, chunks_per_agent, group, groups_per_agent = self.settings
         self.chunks_per_agent = min(chunks_per_agent, self.chunk_table.shape[1] - 1)
         self.groups_per_agent = min(max(groups_per_agent, -(-chunks_per_agent // group)), self.group_table.shape[1])
         self.candidates: torch.Tensor | None = None  # [B, N, 5, K] segment columns SX..INV_LEN2
@@ -271,11 +332,9 @@ class RoadEdges:
             -1,
         ).contiguous()
 
-    def _build_chunks(self, new_run: torch.Tensor, chunk: int, group: int) -> None:
+    def _build_chunks(self, new_run: torch.Tensor, chunk: int) -> None:
         """Chunk table ``[B, C + 1, chunk]`` of segment rows (-1: none) with the chunks'
-        circles, and groups of ``group`` consecutive chunks (neighbours along the polylines)
-        with circles around their chunks' circles. The chunk table's last entry (index
-        ``C``) is empty, a point far away, and the groups' padding points to it."""
+        circles. The table's last entry (index ``C``) is empty, a point far away."""
         table = chunk_table(new_run, self.features[..., OK] > 0, chunk)
         B, C, _ = table.shape
         self.chunk_table = torch.cat([table, table.new_full((B, 1, chunk), -1)], 1)  # [B, C + 1, chunk]
@@ -287,8 +346,15 @@ class RoadEdges:
         # Empty chunks sit far away with radius 0: they rank last without a mask.
         self.chunk_centre = centre.masked_fill(~valid[..., None], FAR)
         self.chunk_radius = radius.masked_fill(~valid, 0.0)
+
+    def _build_groups(self, group: int) -> None:
+        """Groups of ``group`` consecutive chunks (neighbours along the polylines) with
+        circles around their chunks' circles; the groups' padding points to the empty
+        last chunk."""
+        B, C = self.chunk_table.shape[0], self.chunk_table.shape[1] - 1
+        valid = (self.chunk_table >= 0).any(-1)
         G = -(-C // group)
-        members = torch.arange(G * group, device=table.device).view(G, group).clamp_max(C)  # C: the empty chunk
+        members = torch.arange(G * group, device=valid.device).view(G, group).clamp_max(C)  # C: the empty chunk
         self.group_table = members.expand(B, G, group)  # [B, G, group] chunk indices
         member_centre = self.chunk_centre[:, members]  # [B, G, group, 2]
         member_radius = self.chunk_radius[:, members]
@@ -384,13 +450,15 @@ class RoadEdges:
         larger operations than selecting the boxes near an edge)."""
         rows = torch.arange(centre.shape[0], device=centre.device)[:, None]
         points = torch.cat([centre[:, :, None], corners], 2)  # [B, N, 5, 2]
-        signed = self._measure(rows, self.candidates, self.candidate_index, points)
-        stale, moved = self._stale(centre, reach, signed[..., 0].abs())
-        if bool(stale.any()):
-            unsure = self._settle(stale, moved, centre, reach, signed, points)
-            if bool(unsure.any()):
-                b, n = torch.nonzero(unsure, as_tuple=True)
-                signed[b, n] = self._every_edge(b, points[b, n])
+        signed, stale, moved, combined = _whole_batch_pass(
+            self.features, rows, self.candidates, self.candidate_index, points, reach, self.anchor, self.left_out
+        )
+        if not bool(stale.any()):
+            return combined
+        unsure = self._settle(stale, moved, centre, reach, signed, points)
+        if bool(unsure.any()):
+            b, n = torch.nonzero(unsure, as_tuple=True)
+            signed[b, n] = self._every_edge(b, points[b, n])
         return _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
 
     def _selected(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
@@ -428,9 +496,7 @@ class RoadEdges:
         edges needs the centre's nearest segment, a box near one its corners' (each within
         distance + 2 reach of the centre); a left-out segment is at least
         ``left_out - moved`` from the centre."""
-        moved = torch.linalg.norm(centre - self.anchor, dim=-1)
-        needed = torch.where(distance > reach, distance, distance + 2 * reach)
-        return (needed > self.left_out - moved) & (distance < BIG), moved
+        return _stale(centre, reach, distance, self.anchor, self.left_out)
 
     def _settle(
         self,
@@ -489,6 +555,35 @@ def _measure(
     index = candidate_index.gather(-1, nearest)
     signed = _signed(features, rows[..., None], index, points[..., 0], points[..., 1])
     return signed.masked_fill(best >= (FAR / 2) ** 2, BIG)
+
+
+@kernel
+def _whole_batch_pass(
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_index: torch.Tensor,
+    points: torch.Tensor,
+    reach: torch.Tensor,
+    anchor: torch.Tensor,
+    left_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`RoadEdges._whole_batch` up to its one branch, as a pure function: the signed
+    distances ``[B, N, 5]`` of the centres and corners ``points`` to their candidates,
+    which agents are stale and how far each moved (see :meth:`RoadEdges._stale`), and the
+    answer ``[B, N]`` should none be stale."""
+    signed = _measure.fn(features, rows, candidates, candidate_index, points)
+    stale, moved = _stale(points[..., 0, :], reach, signed[..., 0].abs(), anchor, left_out)
+    return signed, stale, moved, _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
+
+
+def _stale(
+    centre: torch.Tensor, reach: torch.Tensor, distance: torch.Tensor, anchor: torch.Tensor, left_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`RoadEdges._stale` as a pure function."""
+    moved = torch.linalg.norm(centre - anchor, dim=-1)
+    needed = torch.where(distance > reach, distance, distance + 2 * reach)
+    return (needed > left_out - moved) & (distance < BIG), moved
 
 
 def _signed(

@@ -22,6 +22,7 @@ non-finite value. Ground truth (the log's future) is never part of an observatio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,9 @@ from closedloop.constants import (
 from closedloop.envs.compiled import kernel
 from closedloop.envs.core import SimState
 from closedloop.envs.map_index import FAR, NearestPoints
+
+if TYPE_CHECKING:
+    from closedloop.envs.prepared import MapIndexes
 
 POSITION_SCALE = 50.0
 SPEED_SCALE = 20.0
@@ -75,8 +79,18 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class Observer:
     """Builds observations for the agents of a rollout; keeps its roadgraph index."""
 
-    def __init__(self, config: ObservationConfig = ObservationConfig()):
+    def __init__(self, config: ObservationConfig = ObservationConfig(), maps: MapIndexes | None = None):
+        """``maps``: the roadgraph indexes of the first batch observed, where the caller
+        has them (their ``road_points`` keeping ``config.road_candidates`` candidates);
+        built on first use otherwise."""
         self.config = config
+        if maps is not None and maps.road_points.keep != config.road_candidates:
+            raise ValueError(
+                f"the roadgraph-point index keeps {maps.road_points.keep} candidates, the observation "
+                f"config {config.road_candidates}"
+            )
+        self._given = maps
+        self._points: NearestPoints | None = None  # the batch's index, nothing searched in it
         # Nearest-point indexes of the batch, one per query shape: every slot ([B, N]), or
         # the Q agents asked for ([B, Q]: an ego env searches for its SDC only).
         self._road: dict[tuple[int, ...], NearestPoints] = {}
@@ -88,10 +102,11 @@ class Observer:
         """The nearest-point index of batch ``b`` for queries of ``shape`` (its per-slot
         caches stay exact whichever agent a slot holds: see :class:`NearestPoints`)."""
         if shape not in self._road:
-            cfg = self.config
-            self._road[shape] = NearestPoints(
-                b.road_xyz[..., :2], b.road_mask, cfg.road_candidates, polyline_id=b.road_id
-            )
+            if self._points is None:
+                self._points = NearestPoints(
+                    b.road_xyz[..., :2], b.road_mask, self.config.road_candidates, polyline_id=b.road_id
+                )
+            self._road[shape] = self._points.fresh()
         return self._road[shape]
 
     def __call__(
@@ -108,8 +123,16 @@ class Observer:
         valid = state.valid_now
         B, N = valid.shape
         if self._road_batch is not b:
+            given = self._given if self._road_batch is None else None
             self._road, self._road_batch = {}, b
-            self._road_table, self._light_colours = _road_table(b), _light_colours(b)
+            if given is not None:
+                self._points, self._road_table, self._light_colours = (
+                    given.road_points,
+                    given.road_table,
+                    given.light_colours,
+                )
+            else:
+                self._points, self._road_table, self._light_colours = None, road_table(b), light_colours(b)
         # Nearest roadgraph points (exact: see NearestPoints).
         m = min(cfg.num_road_points, b.road_xyz.shape[1])
         blank = None
@@ -269,13 +292,13 @@ def _features(
     return obs.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _light_colours(b) -> torch.Tensor:
+def light_colours(b) -> torch.Tensor:
     """Whether each light is red, yellow or green at each step ``[B, L, T, 3]`` (floats)."""
     state = b.light_state
     return torch.stack([light_is_red(state), light_is_yellow(state), light_is_green(state)], -1).float()
 
 
-def _road_table(b) -> torch.Tensor:
+def road_table(b) -> torch.Tensor:
     """Per roadgraph point ``[B, P, 8]``: x, y, unit direction, and whether it is a lane,
     a road line, a road edge, or a crossing / stop sign / speed bump / driveway."""
     direction = b.road_dir[..., :2]

@@ -28,6 +28,11 @@ e.g. ``CachedScenarioDataset``) or any re-iterable of ``Scenario`` (e.g.
 epoch with the env's ``torch.Generator`` (``reset(seed=...)`` seeds it); iterables are
 read in order. One-shot iterators (generators) are refused: they cannot start a second
 epoch.
+
+**Prepared scenarios.** The env keeps the ``cached_scenarios`` scenarios it drew last
+collated and indexed (:mod:`closedloop.envs.prepared`), and starts a batch by stacking
+them: with a list source of up to that many scenarios, resets after the first epoch cost
+a few milliseconds instead of ~3 ms per scenario. Episodes are the same either way.
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from closedloop.data.batch import collate_scenarios
 from closedloop.data.scenario import Scenario
 from closedloop.envs.core import Controlled, SimState
 from closedloop.envs.dynamics import Dynamics, make_dynamics
 from closedloop.envs.env import EnvConfig, EnvCore
 from closedloop.envs.errors import SimulationError
 from closedloop.envs.observation import ObservationConfig
+from closedloop.envs.prepared import PreparedScenarios
 from closedloop.envs.rewards import RewardConfig
 
 
@@ -124,6 +129,7 @@ class BatchedEnv:
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
         events_for: str = "all",
+        cached_scenarios: int = 128,
     ):
         if events_for not in ("all", "exposed"):
             raise ValueError(f"events_for must be 'all' or 'exposed', not {events_for!r}")
@@ -135,6 +141,7 @@ class BatchedEnv:
         self.observation, self.reward = observation, reward
         self.controlled, self.others, self.with_guidance, self.device = controlled, others, guidance, device
         self.differentiable = differentiable
+        self.prepared = PreparedScenarios(max_agents, observation.road_candidates, device, cached_scenarios)
         self.generator = torch.Generator()
         self.generator.seed()  # a fresh, non-deterministic seed per env until reset(seed=...)
         self.core: EnvCore | None = None
@@ -170,7 +177,7 @@ class BatchedEnv:
             self.generator.manual_seed(seed)
             self.source.restart()
         scenarios = self.source.draw(self.batch_size, self.generator)
-        batch = collate_scenarios(scenarios, max_agents=self.max_agents, pad_agents=True).to(self.device)
+        batch, maps = self.prepared.batch(scenarios)
         policy_generator = torch.Generator(device=self.device).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=self.generator))
         )
@@ -184,6 +191,7 @@ class BatchedEnv:
             generator=policy_generator,
             differentiable=self.differentiable,
             events_for=self.events_for,
+            maps=maps,
         )
 
     def _info(self, info: dict) -> dict:
