@@ -210,3 +210,37 @@ def test_a_failed_collision_kernel_leaves_the_eager_selection(compile_switch, mo
     monkeypatch.setattr(core._agents_collisions, "fn", lambda *args: calls.append(args))
     assert not core._agents_collisions.active
     assert torch.equal(core.collisions(state, agents=slots), expected) and not calls
+
+
+def test_the_collision_kernel_agrees_with_the_corner_form():
+    """The kernel's projected separating-axis test (run eagerly here: arithmetic only, so
+    compiled it gives the same) against the corner form the eager path uses, over 200
+    random boxes per scenario; agents with a pair within 1e-4 m of touching are left out."""
+    import math
+
+    from closedloop.envs import core
+    from closedloop.geometry import _separations
+
+    generator = torch.Generator().manual_seed(0)
+    B, N = 4, 200
+    xy = torch.rand(B, N, 2, generator=generator) * 60
+    heading = (torch.rand(B, N, generator=generator) * 2 - 1) * math.pi
+    dims = torch.rand(B, N, 3, generator=generator) * torch.tensor([6.5, 2.5, 1.0]) + torch.tensor([0.5, 0.5, 1.0])
+    pose = torch.cat([xy, heading[..., None], torch.zeros(B, N, 2)], -1)
+    valid = torch.rand(B, N, generator=generator) > 0.1
+    agents = torch.arange(0, N, 2).expand(B, -1)
+    got = core._agents_collisions.fn(pose, heading.cos(), heading.sin(), dims, valid, agents)
+
+    def boxes(index):
+        take = lambda values: values.gather(1, index.reshape(B, -1)).view(index.shape)  # noqa: E731
+        return (take(xy[..., 0]), take(xy[..., 1]), take(heading), take(dims[..., 0]), take(dims[..., 1]))
+
+    mine = boxes(agents[..., None].expand(-1, -1, N))
+    theirs = boxes(torch.arange(N).expand(B, agents.shape[1], N))
+    separation = _separations(mine, theirs)[0]
+    pairs = valid.gather(1, agents)[..., None] & valid[:, None, :] & (agents[..., None] != torch.arange(N))
+    expected = ((separation < 0) & pairs).any(-1)
+    clear = ~((separation.abs() < 1e-4) & pairs).any(-1)
+    assert int(clear.sum()) > 0.95 * clear.numel()
+    assert torch.equal(got[clear], expected[clear])
+    assert 50 < int(expected.sum()) < expected.numel() - 50

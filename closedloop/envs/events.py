@@ -8,6 +8,7 @@ import torch
 
 from closedloop.constants import light_forbids_crossing
 from closedloop.data.batch import ScenarioBatch, cat_padded
+from closedloop.envs.compiled import kernel
 from closedloop.envs.core import SimState, collisions, distance_to_log
 from closedloop.envs.map_index import FAR, RoadEdges
 from closedloop.geometry import box_corners
@@ -89,11 +90,7 @@ class StopLines:
     def crossings(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Whether each agent's centre went from behind to past each stop line between
         positions ``before`` and ``after`` ``[B, N, 2]``: ``[B, N, L]``."""
-        L = self.valid.shape[1]
-        rel0 = torch.baddbmm(self.offsets, before, self.axes, alpha=1, beta=-1)  # [B, N, 2L]
-        rel1 = torch.baddbmm(self.offsets, after, self.axes, alpha=1, beta=-1)
-        lateral = (rel0[..., L:] + rel1[..., L:]).abs() < 2 * STOP_LINE_HALF_WIDTH
-        return (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & self.valid[:, None]
+        return _crossings(self.offsets, self.axes, self.valid, before, after)
 
     def lane_distance(self, rows: torch.Tensor, positions: torch.Tensor, lights: torch.Tensor) -> torch.Tensor:
         """Distance ``[M, L]`` from M agents at ``positions`` ``[M, 2]`` in scenarios
@@ -221,14 +218,13 @@ class EventTracker:
 
     def _red_light(self, before: torch.Tensor, after: torch.Tensor, t: int) -> torch.Tensor:
         lines = self.stop_lines
-        violation = torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
         if lines.any_stop[t]:
-            red = lines.red(t)
-            on_red = lines.crossings(before, after) & red[:, None]
-            sibling_may_go = (lines.siblings & ~red[:, None, :]).any(-1)  # [B, L]
-            violation |= (on_red & ~sibling_may_go[:, None]).any(-1)
-            self.pending |= on_red & sibling_may_go[:, None]
-            self._maybe_pending = True
+            violation, self.pending, waiting = _red_crossings(
+                lines.offsets, lines.axes, lines.valid, lines.siblings, lines.red(t), before, after, self.pending
+            )
+            self._maybe_pending = bool(waiting)
+        else:
+            violation = torch.zeros(before.shape[:2], dtype=torch.bool, device=before.device)
         if not self._maybe_pending:
             return violation
         b, n = torch.nonzero(self.pending.any(-1), as_tuple=True)
@@ -245,3 +241,37 @@ class EventTracker:
             violation[b, n] |= (pending & follows).any(-1)
             self.pending[b, n] = pending & ~(follows | follows_sibling | left_them)
         return violation
+
+
+def _crossings(
+    offsets: torch.Tensor, axes: torch.Tensor, valid: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+) -> torch.Tensor:
+    """:meth:`StopLines.crossings` as a pure function: each position's along-lane and
+    lateral coordinates relative to every stop line are ``x * axes_x + y * axes_y - offsets``."""
+    L = valid.shape[1]
+    ax, ay = axes[:, None, 0], axes[:, None, 1]  # [B, 1, 2L]
+    rel0 = before[..., 0:1] * ax + before[..., 1:2] * ay - offsets  # [B, N, 2L]
+    rel1 = after[..., 0:1] * ax + after[..., 1:2] * ay - offsets
+    lateral = (rel0[..., L:] + rel1[..., L:]).abs() < 2 * STOP_LINE_HALF_WIDTH
+    return (rel0[..., :L] < 0) & (rel1[..., :L] >= 0) & lateral & valid[:, None]
+
+
+@kernel
+def _red_crossings(
+    offsets: torch.Tensor,
+    axes: torch.Tensor,
+    valid: torch.Tensor,
+    siblings: torch.Tensor,
+    red: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    pending: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The crossings of red lights' stop lines between ``before`` and ``after``
+    ``[B, N, 2]`` (lights ``red`` ``[B, L]`` saying stop): violations now ``[B, N]`` (no
+    sibling light may go), the ``pending`` crossings ``[B, N, L]`` with those where one
+    may, and whether any is pending (one synchronisation for the caller)."""
+    on_red = _crossings(offsets, axes, valid, before, after) & red[:, None]
+    sibling_may_go = (siblings & ~red[:, None, :]).any(-1)  # [B, L]
+    pending = pending | (on_red & sibling_may_go[:, None])
+    return (on_red & ~sibling_may_go[:, None]).any(-1), pending, pending.any()

@@ -146,10 +146,8 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         truncated = take(transition.truncated)
         obs = self._observe()
         self._obs = torch.where(live[..., None], obs, self._obs)  # ghosts keep their last observation
-        events = {key: take(transition.events[key]) for key in EVENT_KEYS if key in transition.events}
-        events["clipped"] = take(transition.clipped)
         self._restart_next = core.done
-        infos = self._infos({k: self._flat(v) for k, v in events.items()}, ghost=self._flat(~live), reset=False)
+        infos = self._infos(self._events(transition), ghost=self._flat(~live), reset=False)
         return (
             self._numpy(self._obs),
             self._flat(rewards).astype(np.float32),
@@ -209,6 +207,17 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         full = torch.zeros(B, N, *spec.shape, dtype=mine.dtype, device=state.device)
         index = self._slots.view(B, -1, *([1] * len(spec.shape))).expand_as(mine)
         return full.scatter(1, index, mine)
+
+    def _events(self, transition) -> dict[str, np.ndarray]:
+        """The step's events and ``clipped`` at the envs' slots, flat: one gather and one
+        copy to numpy for all of them (floats, the flags cast back to bool)."""
+        keys = [key for key in EVENT_KEYS if key in transition.events or key == "clipped"]
+        per_agent = [transition.clipped if key == "clipped" else transition.events[key] for key in keys]
+        values = self._flat(self._take(torch.stack([v.float() for v in per_agent], -1)))
+        return {
+            key: values[:, i] if v.is_floating_point() else values[:, i].astype(bool)
+            for i, (key, v) in enumerate(zip(keys, per_agent))
+        }
 
     def _flat(self, values: torch.Tensor) -> np.ndarray:
         return values.reshape(self.num_envs, *values.shape[2:]).cpu().numpy()
