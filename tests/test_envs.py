@@ -180,3 +180,35 @@ def test_rollouts_share_history_and_branches_copy_it(real_scenarios):
     expected = step(step(step(reset(batch), ahead, dynamics), ahead, dynamics), ahead, dynamics)
     assert torch.equal(third.pose[:, :, :14], expected.pose[:, :, :14])
     assert torch.equal(first.current, expected.pose[:, :, 11])  # history up to t never changes
+
+
+@pytest.mark.parametrize("name", ["bicycle", "delta_local", "trajectory"])
+def test_moving_only_the_controlled_slots_equals_moving_all(real_scenarios, name):
+    """``step(..., movers=...)`` (the dynamics run on the controlled agents' slots only)
+    gives the states of the dense step: a scenario with one controlled agent, one with
+    three and one with none, agents held, bad values still caught and named."""
+    from closedloop.envs.core import agent_slots
+
+    scenarios = list(real_scenarios.values())
+    batch = collate_scenarios([scenarios[0], scenarios[-1], scenarios[0]], max_agents=128, pad_agents=True)
+    controlled = torch.zeros_like(batch.agent_mask)
+    valid = batch.agent_valid[:, :, batch.current_time_index] & batch.agent_mask
+    controlled[0] = batch.is_sdc[0]
+    controlled[1, torch.nonzero(valid[1]).flatten()[:3]] = True
+    dynamics = make_dynamics(name)
+    generator = torch.Generator().manual_seed(0)
+    spec = dynamics.spec
+    low, high = torch.tensor(spec.low), torch.tensor(spec.high)
+    dense, sparse = reset(batch, controlled), reset(batch, controlled)
+    movers = agent_slots(controlled)
+    assert movers[0].shape[1] == 3 and not bool(movers[1][2].any())
+    hold = torch.zeros_like(controlled)
+    for i in range(6):
+        actions = low + (high - low) * torch.rand((*controlled.shape, *spec.shape), generator=generator) * 0.5
+        hold[1, movers[0][1, 0]] = i >= 3
+        dense = step(dense, actions, dynamics, hold=hold)
+        sparse = step(sparse, actions, dynamics, hold=hold, movers=movers)
+        assert torch.equal(dense.pose, sparse.pose) and torch.equal(dense.z, sparse.z), i
+    actions[1, movers[0][1, 1]] = float("nan")
+    with pytest.raises(SimulationError, match="NaN"):
+        step(sparse, actions, dynamics, movers=movers)

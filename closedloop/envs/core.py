@@ -241,25 +241,49 @@ def check_actions(state: SimState, actions, dynamics: Dynamics) -> CheckedAction
     return CheckedActions(bounded, clipped, out_of_range)
 
 
+def agent_slots(agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot indices ``[B, Q]`` of the agents of mask ``agents`` ``[B, N]`` (Q: the most
+    in a scenario; shorter rows repeat their first slot) and which are real ``[B, Q]``."""
+    count = agents.sum(1)
+    Q = max(int(count.max()), 1)
+    order = torch.sort(agents.int(), dim=1, descending=True, stable=True).indices[:, :Q]
+    slot_ok = torch.arange(Q, device=agents.device) < count[:, None]
+    return torch.where(slot_ok, order, order[:, :1]), slot_ok
+
+
+def take_agents(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[B, N, ...]`` of the agents ``slots`` ``[B, Q]``: ``[B, Q, ...]``."""
+    index = slots.view(*slots.shape, *([1] * (values.dim() - 2))).expand(*slots.shape, *values.shape[2:])
+    return values.gather(1, index)
+
+
 def step(
-    state: SimState, actions: torch.Tensor | CheckedActions, dynamics: Dynamics, hold: torch.Tensor | None = None
+    state: SimState,
+    actions: torch.Tensor | CheckedActions,
+    dynamics: Dynamics,
+    hold: torch.Tensor | None = None,
+    movers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SimState:
     """Advance by ``dynamics.chunk`` steps. ``actions`` ``[B, N, *action_shape]`` (or the
     result of :func:`check_actions`); only the controlled agents' actions are used. Agents
-    in ``hold`` ``[B, N]`` stand still whatever their action (finished agents)."""
+    in ``hold`` ``[B, N]`` stand still whatever their action (finished agents).
+    ``movers``: the controlled agents' slots ``[B, Q]`` and which are real, as
+    :func:`agent_slots` gives them, where the caller keeps them: the dynamics then run on
+    those Q agents only, not on all N (an ego env moves one agent of ~100)."""
     k = dynamics.chunk
     if state.t + k > state.num_steps - 1:
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step {k} from step {state.t}")
     checked = actions if isinstance(actions, CheckedActions) else check_actions(state, actions, dynamics)
-    nxt = dynamics.forward(state.current, checked.actions, state.batch.agent_type)  # [B, N, k, 5]
     ctrl = state.controlled
-    if hold is not None:  # these agents stand where they are, velocity zero
-        standing = torch.cat([state.current[..., :3], torch.zeros_like(state.current[..., 3:])], -1)
-        nxt = torch.where(hold[:, :, None, None], standing[:, :, None], nxt)
     t, window = state.t, slice(state.t + 1, state.t + 1 + k)
     history = state.history
     if not history.differentiable and history.head != t:  # an older state stepped again: branch on a copy
         history = History(history.pose.clone(), history.z.clone(), history.valid, t)
+    nxt = None  # the dynamics' next states [B, N, k, 5], where computed for all agents
+    if movers is not None and not history.differentiable:
+        _move_some(state, history.pose[:, :, window], checked.actions, dynamics, hold, movers)
+    else:
+        nxt = _next_states(state.current, checked.actions, dynamics, state.batch.agent_type, hold)
     # Controlled agents keep the logged ground height where the log has one, else hold.
     log_z = state.batch.agent_xyz[:, :, window, 2]
     held = torch.where(state.batch.agent_valid[:, :, window], log_z, history.z[:, :, t : t + 1].expand(-1, -1, k))
@@ -272,7 +296,8 @@ def step(
         history = History(pose, z, history.valid, t + k, differentiable=True)
     else:  # written in place; the others keep the log that is there
         moved = history.pose[:, :, window]
-        torch.where(ctrl4, nxt, moved, out=moved)
+        if nxt is not None:
+            torch.where(ctrl4, nxt, moved, out=moved)
         torch.where(ctrl[..., None], held, log_z, out=history.z[:, :, window])
     # One synchronisation for every value check: the sum of the new states is non-finite
     # when one of them is, which NaN/inf actions make sure of (see Dynamics.bound).
@@ -280,10 +305,53 @@ def step(
     if checked.out_of_range is not None:
         probe = probe + torch.where(checked.out_of_range, math.nan, 0.0).sum()
     if not bool(torch.isfinite(probe)):
+        if nxt is None:
+            nxt = _next_states(state.current, checked.actions, dynamics, state.batch.agent_type, hold)
         _raise_bad_values(state, dynamics, checked, nxt)  # before the head moves: the state stays steppable
     if not history.differentiable:
         history.head = t + k
     return dataclasses.replace(state, t=t + k, history=history)
+
+
+def _next_states(
+    current: torch.Tensor,
+    actions: torch.Tensor,
+    dynamics: Dynamics,
+    agent_type: torch.Tensor,
+    hold: torch.Tensor | None,
+) -> torch.Tensor:
+    """The dynamics' next ``k`` states ``[B, N, k, 5]`` (agents in ``hold`` stand where
+    they are, velocity zero)."""
+    nxt = dynamics.forward(current, actions, agent_type)
+    if hold is not None:
+        standing = torch.cat([current[..., :3], torch.zeros_like(current[..., 3:])], -1)
+        nxt = torch.where(hold[:, :, None, None], standing[:, :, None], nxt)
+    return nxt
+
+
+def _move_some(
+    state: SimState,
+    moved: torch.Tensor,
+    actions: torch.Tensor,
+    dynamics: Dynamics,
+    hold: torch.Tensor | None,
+    movers: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Write the next states of the agents ``movers`` into ``moved`` ``[B, N, k, 5]`` (the
+    log's window, in place). The padding entries of ``movers`` repeat their row's first
+    slot, so each writes what that slot gets: its mover's state, or where the row has no
+    mover, the log unchanged (a scatter's duplicate writes must agree)."""
+    slots, real = movers
+    mine = _next_states(
+        take_agents(state.current, slots),
+        take_agents(actions, slots),
+        dynamics,
+        state.batch.agent_type.gather(1, slots),
+        None if hold is None else hold.gather(1, slots),
+    )
+    index = slots[:, :, None, None].expand_as(mine)
+    first = torch.where(real[:, :1, None, None], mine[:, :1], moved.gather(1, index[:, :1]))
+    moved.scatter_(1, index, torch.where(real[:, :, None, None], mine, first))
 
 
 def _raise_bad_values(state: SimState, dynamics: Dynamics, checked: CheckedActions, nxt: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.core import (
     Controlled,
     SimState,
+    agent_slots,
     as_action_tensor,
     check_actions,
     controlled_mask,
@@ -125,6 +126,9 @@ class EnvCore:
         if bool((self.exposed & ~state.controlled).any()):
             raise SimulationError("exposed agents must be controlled")
         self.active = self.exposed.clone()
+        # Few controlled agents (an ego env's SDC): the dynamics move those slots only.
+        slots, real = agent_slots(state.controlled)
+        self._movers = (slots, real) if 4 * slots.shape[1] <= state.controlled.shape[1] else None
         self._finished_possible = False
         self.others = None
         if others is not None:
@@ -217,7 +221,7 @@ class EnvCore:
         if self.others is not None or finished is not None:
             actions = self._compose(actions, finished)
         checked = check_actions(previous, actions, self.dynamics)
-        state = step(previous, checked, self.dynamics, hold=finished)
+        state = step(previous, checked, self.dynamics, hold=finished, movers=self._movers)
         self.state = state
         transition = Transition(previous, state, self.dynamics, checked.actions, checked.clipped)
         if self.tracker is None:

@@ -9,7 +9,7 @@ import torch
 from closedloop.constants import light_forbids_crossing
 from closedloop.data.batch import ScenarioBatch, cat_padded
 from closedloop.envs.compiled import kernel
-from closedloop.envs.core import SimState, collisions, distance_to_log
+from closedloop.envs.core import SimState, agent_slots, collisions, distance_to_log, take_agents
 from closedloop.envs.map_index import FAR, RoadEdges
 from closedloop.geometry import box_corners
 
@@ -119,22 +119,6 @@ def lane_point_indices(road_id: torch.Tensor, road_mask: torch.Tensor, lane_id: 
     position = (first[..., None] + step).clamp_max(P - 1)  # [B, L, M]
     points = perm.gather(1, position.flatten(1)).view(*position.shape)
     return torch.where(step < count[..., None], points, P)
-
-
-def agent_slots(agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slot indices ``[B, Q]`` of the agents of mask ``agents`` ``[B, N]`` (Q: the most
-    in a scenario; shorter rows repeat their first slot) and which are real ``[B, Q]``."""
-    count = agents.sum(1)
-    Q = max(int(count.max()), 1)
-    order = torch.sort(agents.int(), dim=1, descending=True, stable=True).indices[:, :Q]
-    slot_ok = torch.arange(Q, device=agents.device) < count[:, None]
-    return torch.where(slot_ok, order, order[:, :1]), slot_ok
-
-
-def take_agents(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``values`` ``[B, N, ...]`` of the agents ``slots`` ``[B, Q]``: ``[B, Q, ...]``."""
-    index = slots.view(*slots.shape, *([1] * (values.dim() - 2))).expand(*slots.shape, *values.shape[2:])
-    return values.gather(1, index)
 
 
 def scatter_agents(flags: torch.Tensor, slots: torch.Tensor, num_agents: int) -> torch.Tensor:
