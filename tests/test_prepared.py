@@ -226,3 +226,20 @@ def test_env_core_and_observer_check_given_indexes(town):
         EnvCore(batch, config, maps=maps)
     with pytest.raises(ValueError, match="keeps 256 candidates"):
         Observer(ObservationConfig(road_candidates=128), maps)
+
+
+def test_only_list_sources_keep_prepared_scenarios_by_default(town):
+    class Reading(torch.utils.data.Dataset):  # makes a new Scenario object at every access
+        def __len__(self):
+            return len(town)
+
+        def __getitem__(self, i):
+            return dataclasses.replace(town[i])
+
+    assert BatchedEnv(town, batch_size=2).prepared.capacity == 128
+    assert BatchedEnv(tuple(town), batch_size=2).prepared.capacity == 128
+    assert BatchedEnv(Reading(), batch_size=2).prepared.capacity == 0
+    assert BatchedEnv(Reading(), batch_size=2, cached_scenarios=4).prepared.capacity == 4
+    env = BatchedEnv(Reading(), batch_size=2, max_agents=64)
+    env.reset(seed=0)
+    assert len(env.prepared) == 0 and env.state.batch.batch_size == 2

@@ -52,7 +52,9 @@ EVENT_KEYS = ("collision", "offroad", "red_light", "distance_to_log", "clipped")
 
 class AgentVectorEnv(gymnasium.vector.VectorEnv):
     """See the module docstring. ``num_scenarios`` (B) scenarios are simulated at once;
-    ``num_envs`` is B (``agents="sdc"``) or B x ``max_agents`` (``agents="all"``)."""
+    ``num_envs`` is B (``agents="sdc"``) or B x ``max_agents`` (``agents="all"``).
+    ``cached_scenarios``: drawn scenarios kept collated and indexed for later batches
+    (:class:`closedloop.envs.vector.BatchedEnv`)."""
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
@@ -71,7 +73,7 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         shuffle: bool = True,
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
-        cached_scenarios: int = 128,
+        cached_scenarios: int | None = None,
     ):
         if agents not in ("sdc", "all"):
             raise ValueError(f"agents must be 'sdc' or 'all', not {agents!r}")

@@ -30,9 +30,11 @@ read in order. One-shot iterators (generators) are refused: they cannot start a 
 epoch.
 
 **Prepared scenarios.** The env keeps the ``cached_scenarios`` scenarios it drew last
-collated and indexed (:mod:`closedloop.envs.prepared`), and starts a batch by stacking
-them: with a list source of up to that many scenarios, resets after the first epoch cost
-a few milliseconds instead of ~3 ms per scenario. Episodes are the same either way.
+collated and indexed (:mod:`closedloop.envs.prepared`) and starts a batch by stacking
+them: with a list of up to that many scenarios, resets after the first epoch stack
+instead of collating and indexing anew. Episodes are the same either way. The default
+(``None``) keeps 128 for a list or tuple source and none for others: a dataset that reads
+scenarios from disk hands out new objects, which are never found again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from closedloop.envs.errors import SimulationError
 from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.prepared import PreparedScenarios
 from closedloop.envs.rewards import RewardConfig
+
+CACHED_SCENARIOS = 128  # scenarios a BatchedEnv over a list keeps prepared by default
 
 
 class ScenarioSource:
@@ -109,7 +113,8 @@ class BatchedEnv:
     ``others`` (a policy) drives the remaining valid agents, which otherwise follow the log.
     ``events_for="exposed"`` computes the events (and so the event terms of the rewards) of
     the agents the caller acts for only; the others report none (cheaper when they are
-    few, e.g. the SDC)."""
+    few, e.g. the SDC). ``cached_scenarios``: how many drawn scenarios to keep prepared
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -129,7 +134,7 @@ class BatchedEnv:
         device: str = "cpu",
         vocabulary: torch.Tensor | None = None,
         events_for: str = "all",
-        cached_scenarios: int = 128,
+        cached_scenarios: int | None = None,
     ):
         if events_for not in ("all", "exposed"):
             raise ValueError(f"events_for must be 'all' or 'exposed', not {events_for!r}")
@@ -141,6 +146,8 @@ class BatchedEnv:
         self.observation, self.reward = observation, reward
         self.controlled, self.others, self.with_guidance, self.device = controlled, others, guidance, device
         self.differentiable = differentiable
+        if cached_scenarios is None:
+            cached_scenarios = CACHED_SCENARIOS if isinstance(scenarios, (list, tuple)) else 0
         self.prepared = PreparedScenarios(max_agents, observation.road_candidates, device, cached_scenarios)
         self.generator = torch.Generator()
         self.generator.seed()  # a fresh, non-deterministic seed per env until reset(seed=...)
