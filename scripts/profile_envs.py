@@ -169,6 +169,46 @@ def real_offroad_fallbacks() -> None:
     )
 
 
+def tensor_bytes(value, seen: set[int]) -> int:
+    """Bytes of the tensors reachable from ``value`` (dataclasses, objects, containers),
+    each counted once."""
+    if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return value.untyped_storage().nbytes()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item, seen) for item in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item, seen) for item in value.values())
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(tensor_bytes(item, seen) for item in vars(value).values())
+    return 0
+
+
+def prepared_memory() -> None:
+    """What a prepared scenario (its batch of one and its indexes) holds in memory."""
+    from pathlib import Path
+
+    from closedloop.data import read_scenarios
+
+    keep = observation.ObservationConfig().road_candidates
+    files = sorted((Path(__file__).resolve().parents[2] / "shared" / "womd").glob("*.tfrecord*"))
+    sets = {"synthetic grid": list(generate_scenarios(8, seed=0, town="grid", agents=(60, 90)))}
+    if files:
+        sets["real WOMD"] = list(read_scenarios(files))
+    for label, scenarios in sets.items():
+        sizes = []
+        for scenario in scenarios:
+            batch = collate_scenarios([scenario], max_agents=128, pad_agents=True, allow_drop_scored=True)
+            part = prepared.PreparedScenario(scenario, batch, prepared.MapIndexes.build(batch, keep))
+            sizes.append(tensor_bytes(part.batch, set()) + tensor_bytes(part.maps, set()))
+        print(
+            f"a prepared {label} scenario holds {np.mean(sizes) / 2**20:.1f} MB on average "
+            f"({min(sizes) / 2**20:.1f}-{max(sizes) / 2**20:.1f} MB over {len(sizes)}, 128 agent slots)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", choices=("ego", "vector"), default="ego")
@@ -178,6 +218,7 @@ def main() -> None:
     torch.set_num_threads(1)
     set_compile(args.compile)
     profile_reset_builders()
+    prepared_memory()
     real_offroad_fallbacks()
     instrument()
     profile_steps(args.env, args.steps)

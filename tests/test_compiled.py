@@ -244,3 +244,31 @@ def test_the_collision_kernel_agrees_with_the_corner_form():
     assert int(clear.sum()) > 0.95 * clear.numel()
     assert torch.equal(got[clear], expected[clear])
     assert 50 < int(expected.sum()) < expected.numel() - 50
+
+
+def test_a_kernel_compiles_one_copy_per_family_of_calls(compile_switch, monkeypatch):
+    """One-scenario calls (an ego env) and batched ones (a vector env) go to copies of the
+    function with names of their own, so Dynamo's record of which shapes changed is kept
+    apart for each; calls of one family share a copy. (torch.compile is replaced by a
+    recorder here: this is about which copy is compiled, not about compiling.)"""
+    from closedloop.envs.compiled import Kernel
+
+    compiled = []
+
+    def record(fn, **kwargs):
+        compiled.append(fn.__name__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    compile_switch(True)
+
+    def double(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return x * scale
+
+    twice = Kernel(double)
+    assert torch.equal(twice(torch.ones(1, 3), 2.0), torch.full((1, 3), 2.0))
+    twice(torch.ones(1, 5), 2.0)
+    assert torch.equal(twice(torch.ones(16, 3), 3.0), torch.full((16, 3), 3.0))
+    twice(torch.ones(8, 3), 2.0)
+    twice(torch.ones(8), 2.0)  # another rank: another family
+    assert compiled == ["double__0", "double__1", "double__2"]

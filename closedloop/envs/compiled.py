@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,8 @@ class Kernel:
     def __init__(self, fn: Callable[..., Any]):
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self._compiled: Callable[..., Any] | None = None
+        # One compiled copy per family of calls (see _family), each with a state of its own.
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
         self._failed = False
 
     @property
@@ -62,10 +64,13 @@ class Kernel:
     def __call__(self, *args, **kwargs):
         if not self.active:
             return self.fn(*args, **kwargs)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=None)
+        family = _family(args)
+        compiled = self._compiled.get(family)
+        if compiled is None:
+            compiled = torch.compile(_copy(self.fn, len(self._compiled)), dynamic=None)
+            self._compiled[family] = compiled
         try:
-            return self._compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
         except Exception as err:
             result = self.fn(*args, **kwargs)  # raises the same error where the inputs are at fault
             self._failed = True  # the compiler is: eager from now on
@@ -74,6 +79,27 @@ class Kernel:
                 stacklevel=2,
             )
             return result
+
+
+def _family(args: tuple) -> tuple:
+    """The family of a call: the rank of each tensor argument and whether the batch holds
+    one scenario (an ego env) or more (a vector env, a trainer's batch)."""
+    ranks = tuple(arg.dim() if isinstance(arg, torch.Tensor) else -1 for arg in args)
+    first = next((arg for arg in args if isinstance(arg, torch.Tensor) and arg.dim()), None)
+    return ranks, first is not None and first.shape[0] == 1
+
+
+def _copy(fn: Callable[..., Any], index: int) -> Callable[..., Any]:
+    """``fn`` under a name of its own (``fn__1``, ...). Dynamo compiles a function for the
+    shapes of its first call, and for shapes that then change, a graph generic in them; it
+    remembers which shapes changed by the function's file, line and name. One copy per
+    family keeps an ego env's one-scenario shapes from making a vector env's graphs generic
+    in every dimension, which made the vector env slower after an ego env had run in the
+    same process (``scripts/bench_sim.py --only ego`` runs them in turn)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}__{index}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def kernel(fn: Callable[..., Any]) -> Kernel:
