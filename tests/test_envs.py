@@ -212,3 +212,24 @@ def test_moving_only_the_controlled_slots_equals_moving_all(real_scenarios, name
     actions[1, movers[0][1, 1]] = float("nan")
     with pytest.raises(SimulationError, match="NaN"):
         step(sparse, actions, dynamics, movers=movers)
+
+
+def test_an_env_core_with_few_controlled_agents_moves_only_them(real_scenarios):
+    """The SDCs of 4 scenarios padded to 128 slots (512): the core moves the 4 slots only,
+    and its episode equals the one of a core made to move every slot."""
+    from closedloop.envs.env import EnvConfig, EnvCore
+
+    scenarios = list(real_scenarios.values())
+    batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(4)], max_agents=128, pad_agents=True)
+    config = EnvConfig(make_dynamics("bicycle"), terminate_on_collision=True)
+    sparse, dense = EnvCore(batch, config, controlled="sdc"), EnvCore(batch, config, controlled="sdc")
+    assert sparse._movers is not None and sparse._movers[0].shape == (4, 1)
+    dense._movers = None
+    generator = torch.Generator().manual_seed(1)
+    while not sparse.done:
+        actions = (torch.rand(4, 128, 2, generator=generator) - 0.5) * torch.tensor([8.0, 0.4])
+        a, b = sparse.step(actions), dense.step(actions)
+        assert torch.equal(a.state.pose, b.state.pose) and torch.equal(a.rewards, b.rewards)
+        assert all(torch.equal(a.events[k].nan_to_num(), b.events[k].nan_to_num()) for k in a.events)
+    one = collate_scenarios(scenarios[:1])
+    assert EnvCore(one, config, controlled="sdc")._movers is None  # one scenario: every slot

@@ -40,6 +40,8 @@ from closedloop.envs.observation import ObservationConfig, Observer
 from closedloop.envs.prepared import MapIndexes
 from closedloop.envs.rewards import RewardConfig
 
+MOVERS_FROM_SLOTS = 512  # agent slots from which an env core moves only its few controlled agents
+
 
 @dataclass(frozen=True)
 class EnvConfig:
@@ -126,9 +128,14 @@ class EnvCore:
         if bool((self.exposed & ~state.controlled).any()):
             raise SimulationError("exposed agents must be controlled")
         self.active = self.exposed.clone()
-        # Few controlled agents (an ego env's SDC): the dynamics move those slots only.
-        slots, real = agent_slots(state.controlled)
-        self._movers = (slots, real) if 4 * slots.shape[1] <= state.controlled.shape[1] else None
+        # Few controlled agents among many slots (the SDCs of a vector env): the dynamics
+        # move those slots only. With one scenario, every eager operation costs the same
+        # whatever its size, and selecting the slots would only add operations.
+        self._movers = None
+        if state.controlled.numel() >= MOVERS_FROM_SLOTS:
+            slots, real = agent_slots(state.controlled)
+            if 4 * slots.shape[1] <= state.controlled.shape[1]:
+                self._movers = (slots, real)
         self._finished_possible = False
         self.others = None
         if others is not None:
