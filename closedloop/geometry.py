@@ -7,17 +7,26 @@ front-left, rear-left, rear-right, front-right.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Corner signs in the box frame (along length, along width), counter-clockwise.
 _CORNER_SIGNS = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
 
 
+@functools.lru_cache(maxsize=16)
+def _corner_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``_CORNER_SIGNS`` as a ``[4, 2]`` tensor, made once per dtype and device (making a
+    tensor from a list costs as much as a few operations, and boxes are made every step)."""
+    return torch.tensor(_CORNER_SIGNS, dtype=dtype, device=device)
+
+
 def box_corners(
     x: torch.Tensor, y: torch.Tensor, heading: torch.Tensor, length: torch.Tensor, width: torch.Tensor
 ) -> torch.Tensor:
     """Corners ``[..., 4, 2]`` of oriented boxes."""
-    signs = torch.tensor(_CORNER_SIGNS, dtype=x.dtype, device=x.device)
+    signs = _corner_signs(x.dtype, x.device)
     half = torch.stack([length, width], dim=-1)[..., None, :] / 2 * signs  # [..., 4, 2]
     cos, sin = torch.cos(heading)[..., None], torch.sin(heading)[..., None]
     cx = half[..., 0] * cos - half[..., 1] * sin
@@ -32,7 +41,7 @@ def _corners_in_frame(x, y, heading, half_l, half_w, fx, fy, fheading):
     cu, cv = dx * c + dy * s, -dx * s + dy * c  # centre in the frame
     rel = heading - fheading
     rc, rs = torch.cos(rel), torch.sin(rel)
-    signs = torch.tensor(_CORNER_SIGNS, dtype=x.dtype, device=x.device)
+    signs = _corner_signs(x.dtype, x.device)
     ol = half_l[..., None] * signs[:, 0]
     ow = half_w[..., None] * signs[:, 1]
     u = cu[..., None] + ol * rc[..., None] - ow * rs[..., None]

@@ -193,17 +193,36 @@ class NearestPoints:
             self.left_out = torch.full((B, N), -BIG, device=positions.device)  # stale: never searched
             self.anchor = torch.full((B, N, 2), FAR, device=positions.device)
         k = min(k, self.index.shape[-1])
-        distance, nearest = _k_nearest(self.kept, self.index, positions, k)
-        moved = torch.linalg.norm(positions - self.anchor, dim=-1)
-        stale = (distance[..., -1] > self.left_out - moved) & (moved > 0)
-        if active is not None:
-            stale &= active
-        if bool(stale.any()):
+        active = torch.ones_like(self.left_out, dtype=torch.bool) if active is None else active
+        distance, nearest, stale, any_stale = _nearest_pass(
+            self.kept, self.index, positions, self.anchor, self.left_out, active, k
+        )
+        if bool(any_stale):
             b, n = torch.nonzero(stale, as_tuple=True)
             self.index[b, n], self.kept[b, n], self.left_out[b, n] = self._search(b, positions[b, n])
             self.anchor[b, n] = positions[b, n]
             distance[b, n], nearest[b, n] = _k_nearest(self.kept[b, n], self.index[b, n], positions[b, n], k)
         return nearest, distance
+
+
+@kernel
+def _nearest_pass(
+    kept: torch.Tensor,
+    index: torch.Tensor,
+    positions: torch.Tensor,
+    anchor: torch.Tensor,
+    left_out: torch.Tensor,
+    active: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`NearestPoints.__call__` up to its one branch, as a pure function: the k
+    nearest kept points of every agent, which active agents must be searched again (their
+    kept points cannot vouch for the k-th nearest) and whether any must."""
+    distance, nearest = _k_nearest(kept, index, positions, k)
+    offset = positions - anchor
+    moved = (offset[..., 0] * offset[..., 0] + offset[..., 1] * offset[..., 1]).sqrt()
+    stale = (distance[..., -1] > left_out - moved) & (moved > 0) & active
+    return distance, nearest, stale, stale.any()
 
 
 def _k_nearest(kept: torch.Tensor, index: torch.Tensor, positions: torch.Tensor, k: int):
