@@ -33,18 +33,26 @@ class RewardConfig:
 
     def __call__(self, transition: Transition) -> torch.Tensor:
         """Rewards ``[B, N]`` for the step ``transition.previous -> transition.state``."""
-        events, state, previous = transition.events, transition.state, transition.previous
-        travelled = torch.linalg.norm(state.current[..., :2] - previous.current[..., :2], dim=-1)
-        reward = (
-            self.distance_to_log * torch.nan_to_num(events["distance_to_log"], nan=0.0)
-            + self.collision * events["collision"].float()
-            + self.offroad * events["offroad"].float()
-            + self.red_light * events["red_light"].float()
-            + self.progress * travelled
-        )
-        if self.action:
-            reward = reward + self.action * _action_size(transition)
+        events = transition.events
+        terms = {  # each term's weight and how to compute it; terms weighted 0 are skipped
+            "distance_to_log": (self.distance_to_log, lambda: torch.nan_to_num(events["distance_to_log"], nan=0.0)),
+            "collision": (self.collision, lambda: events["collision"].float()),
+            "offroad": (self.offroad, lambda: events["offroad"].float()),
+            "red_light": (self.red_light, lambda: events["red_light"].float()),
+            "progress": (self.progress, lambda: _travelled(transition)),
+            "action": (self.action, lambda: _action_size(transition)),
+        }
+        reward = torch.zeros(transition.state.controlled.shape, device=transition.state.device)
+        for weight, value in terms.values():
+            if weight:
+                reward = reward + weight * value()
         return reward * self.scale if self.scale != 1.0 else reward
+
+
+def _travelled(transition: Transition) -> torch.Tensor:
+    """Metres ``[B, N]`` each agent moved over the step."""
+    now, before = transition.state.current[..., :2], transition.previous.current[..., :2]
+    return torch.linalg.norm(now - before, dim=-1)
 
 
 def _action_size(transition: Transition) -> torch.Tensor:
