@@ -131,6 +131,8 @@ def profile_reset_builders(repeats: int = 5) -> None:
         for _ in range(repeats):
             build()
         print(f"  {label:<40}{(time.perf_counter() - start) / repeats * 1e3:8.1f} ms")
+    stacked = tensor_bytes(warm.batch(chosen), set())
+    print(f"  (a stacked batch of 16 and its indexes: {stacked / 2**20:.0f} MB of tensors)")
     # An EgoEnv reset when the drawn scenario's batch and indexes are kept, and when not.
     for label, kept in (("EgoEnv reset, indexes kept", faces.CACHED_CORES), ("EgoEnv reset, built anew", 0)):
         saved, faces.CACHED_CORES = faces.CACHED_CORES, kept

@@ -6,10 +6,10 @@ roadgraph-point chunks). Both are per-scenario work: a scenario's rows of the ba
 each index do not depend on the other scenarios, only the padding does. So an env that
 draws the same scenarios again and again (a training set of a few hundred, epoch after
 epoch) prepares each scenario once, keeps it, and starts an episode by stacking the
-prepared scenarios: padding and concatenating, a few milliseconds where collating and
-indexing 16 scenarios cost ~50 ms, a quarter of an ego vector env's time at B = 16.
-A stacked batch and its indexes equal those built on the batch directly, so episodes are
-the same either way (``tests/test_prepared.py``).
+prepared scenarios: padding and concatenating, several times cheaper than collating and
+indexing (``scripts/profile_envs.py`` times both). A stacked batch and its indexes equal
+those built on the batch directly, so episodes are the same either way
+(``tests/test_prepared.py``).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class PreparedScenarios:
 
     A scenario is known again by identity: the same ``Scenario`` object (a list source
     hands out the same objects epoch after epoch; a dataset that reads scenarios from
-    disk makes new ones, which are prepared anew). Memory: about 1 MB per synthetic
-    scenario of 128 agent slots and 2-4 MB per real WOMD one.
+    disk makes new ones, which are prepared anew). What one holds in memory:
+    ``scripts/profile_envs.py`` prints it for synthetic and real scenarios.
     """
 
     def __init__(self, max_agents: int, keep: int, device: str = "cpu", capacity: int = 128):
