@@ -19,7 +19,8 @@ _CORNER_SIGNS = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
 def _corner_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``_CORNER_SIGNS`` as a ``[4, 2]`` tensor, made once per dtype and device (making a
     tensor from a list costs as much as a few operations, and boxes are made every step)."""
-    return torch.tensor(_CORNER_SIGNS, dtype=dtype, device=device)
+    with torch.inference_mode(False):  # a tensor kept for later calls, with autograd among them
+        return torch.tensor(_CORNER_SIGNS, dtype=dtype, device=device)
 
 
 def box_corners(

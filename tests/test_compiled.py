@@ -262,13 +262,15 @@ def test_a_kernel_compiles_one_copy_per_family_of_calls(compile_switch, monkeypa
     monkeypatch.setattr(torch, "compile", record)
     compile_switch(True)
 
-    def double(x: torch.Tensor, scale: float) -> torch.Tensor:
-        return x * scale
+    offset = 1.0
+
+    def double(x: torch.Tensor, scale: float, *, shift: float = 0.5) -> torch.Tensor:
+        return x * scale + shift + offset  # a closure and a keyword default: the copies keep both
 
     twice = Kernel(double)
-    assert torch.equal(twice(torch.ones(1, 3), 2.0), torch.full((1, 3), 2.0))
+    assert torch.equal(twice(torch.ones(1, 3), 2.0), torch.full((1, 3), 3.5))
     twice(torch.ones(1, 5), 2.0)
-    assert torch.equal(twice(torch.ones(16, 3), 3.0), torch.full((16, 3), 3.0))
+    assert torch.equal(twice(torch.ones(16, 3), 3.0, shift=0.0), torch.full((16, 3), 4.0))
     twice(torch.ones(8, 3), 2.0)
     twice(torch.ones(8), 2.0)  # another rank: another family
     assert compiled == ["double__0", "double__1", "double__2"]

@@ -228,7 +228,7 @@ def test_env_core_and_observer_check_given_indexes(town):
         Observer(ObservationConfig(road_candidates=128), maps)
 
 
-def test_only_list_sources_keep_prepared_scenarios_by_default(town):
+def test_only_short_list_sources_keep_prepared_scenarios_by_default(town):
     class Reading(torch.utils.data.Dataset):  # makes a new Scenario object at every access
         def __len__(self):
             return len(town)
@@ -236,10 +236,39 @@ def test_only_list_sources_keep_prepared_scenarios_by_default(town):
         def __getitem__(self, i):
             return dataclasses.replace(town[i])
 
-    assert BatchedEnv(town, batch_size=2).prepared.capacity == 128
-    assert BatchedEnv(tuple(town), batch_size=2).prepared.capacity == 128
+    assert BatchedEnv(town, batch_size=2).prepared.capacity == len(town)
+    assert BatchedEnv(tuple(town), batch_size=2).prepared.capacity == len(town)
+    assert BatchedEnv([town[0]] * 129, batch_size=2).prepared.capacity == 0  # mostly misses
     assert BatchedEnv(Reading(), batch_size=2).prepared.capacity == 0
     assert BatchedEnv(Reading(), batch_size=2, cached_scenarios=4).prepared.capacity == 4
     env = BatchedEnv(Reading(), batch_size=2, max_agents=64)
     env.reset(seed=0)
     assert len(env.prepared) == 0 and env.state.batch.batch_size == 2
+
+
+def test_a_roadgraph_ending_with_a_road_edge_is_indexed_alike_alone_and_in_a_batch(town, real_scenarios):
+    """A scenario whose roadgraph ends with a road edge, batched with one of more road-edge
+    segments: the batch's padding segments must not continue that edge (they did, giving
+    its last segment a zero-length successor and flipping the side of boxes past its end)."""
+    from closedloop.constants import is_road_edge
+
+    mine = collate_scenarios([town[4]], max_agents=128, pad_agents=True)
+    other = collate_scenarios([list(real_scenarios.values())[0]], max_agents=128, pad_agents=True)
+    edges_of = lambda b: int((is_road_edge(b.road_type) & b.road_mask).sum())  # noqa: E731
+    assert mine.road_xyz.shape[1] > other.road_xyz.shape[1] and edges_of(mine) < edges_of(other)
+    k = 10  # the last 10 points become a straight road edge along +x
+    xyz, direction = mine.road_xyz.clone(), mine.road_dir.clone()
+    xyz[0, -k:, 0], xyz[0, -k:, 1] = torch.arange(k) * 2.0 + 5000.0, 5000.0
+    direction[0, -k:] = 0.0
+    direction[0, -k:-1, 0] = 2.0
+    road_type, road_id = mine.road_type.clone(), mine.road_id.clone()
+    road_type[0, -k:] = other.road_type[0][is_road_edge(other.road_type[0])][0]
+    road_id[0, -k:] = 999_999
+    mine = dataclasses.replace(mine, road_xyz=xyz, road_dir=direction, road_type=road_type, road_id=road_id)
+
+    alone, batched = RoadEdges.stack([RoadEdges(mine), RoadEdges(other)]), RoadEdges(stack_batches([mine, other]))
+    valid = batched.features[..., OK] > 0
+    assert equal_where(alone.features, batched.features, valid)
+    box = torch.tensor([[5019.5, 4999.5], [5019.5, 4998.5], [5020.5, 4998.5], [5020.5, 4999.5]])  # past the end
+    corners = torch.stack([box, box + 1e4])[:, None]
+    assert torch.equal(alone.signed_distance(corners), batched.signed_distance(corners))

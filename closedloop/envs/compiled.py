@@ -3,8 +3,10 @@
 An ego env steps one agent of one scenario at a time, where each eager tensor operation's
 fixed cost (a few microseconds) dominates: a step is hundreds of them. The kernels here
 are the pure, shape-stable parts of a step (no data-dependent branches, no host
-synchronisation): measuring points against road-edge candidates and assembling the
-observation features. Compiled, each becomes one fused program.
+synchronisation): measuring points against road-edge candidates (for small batches the
+whole off-road pass up to its branch), the roadgraph-point search's per-step pass,
+assembling the observation features, red-light crossings and the collisions of a few
+agents. Compiled, each becomes one fused program.
 
 Compilation is off unless switched on (``set_compile(True)``, the ``CLOSEDLOOP_COMPILE=1``
 environment variable, or ``--compile`` on the commands that simulate): it costs seconds
@@ -64,12 +66,12 @@ class Kernel:
     def __call__(self, *args, **kwargs):
         if not self.active:
             return self.fn(*args, **kwargs)
-        family = _family(args)
-        compiled = self._compiled.get(family)
-        if compiled is None:
-            compiled = torch.compile(_copy(self.fn, len(self._compiled)), dynamic=None)
-            self._compiled[family] = compiled
         try:
+            family = _family(args)
+            compiled = self._compiled.get(family)
+            if compiled is None:
+                compiled = torch.compile(_copy(self.fn, len(self._compiled)), dynamic=None)
+                self._compiled[family] = compiled
             return compiled(*args, **kwargs)
         except Exception as err:
             result = self.fn(*args, **kwargs)  # raises the same error where the inputs are at fault

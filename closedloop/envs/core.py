@@ -268,8 +268,9 @@ def step(
     result of :func:`check_actions`); only the controlled agents' actions are used. Agents
     in ``hold`` ``[B, N]`` stand still whatever their action (finished agents).
     ``movers``: the controlled agents' slots ``[B, Q]`` and which are real, as
-    :func:`agent_slots` gives them, where the caller keeps them: the dynamics then run on
-    those Q agents only, not on all N (an ego env moves one agent of ~100)."""
+    :func:`agent_slots` gives them for ``state.controlled``, where the caller keeps them:
+    the dynamics then run on those Q agents only, not on all N (the SDCs of a vector env).
+    They are not checked: a controlled agent missing from them would keep its logged pose."""
     k = dynamics.chunk
     if state.t + k > state.num_steps - 1:
         raise SimulationError(f"the episode ends at step {state.num_steps - 1}: cannot step {k} from step {state.t}")
@@ -433,15 +434,16 @@ def _agents_collisions(
     xb, yb, cb, sb, lb, wb = table[:, None].unbind(-1)  # [B, 1, N]
     dx, dy = xb - xa, yb - ya
     rc, rs = (cb * ca + sb * sa).abs(), (sb * ca - cb * sa).abs()  # |cos|, |sin| of the relative heading
-    # Each axis separates where the centres' distance along it exceeds both boxes' reach.
-    apart = (
-        ((dx * ca + dy * sa).abs() >= la + rc * lb + rs * wb)
-        | ((dy * ca - dx * sa).abs() >= wa + rs * lb + rc * wb)
-        | ((dx * cb + dy * sb).abs() >= lb + rc * la + rs * wa)
-        | ((dy * cb - dx * sb).abs() >= wb + rs * la + rc * wa)
+    # The boxes overlap where, along each of the four axes, the centres are nearer than
+    # both boxes' reach (touching is no overlap, as in the corner form; NaN is none either).
+    overlap = (
+        ((dx * ca + dy * sa).abs() < la + rc * lb + rs * wb)
+        & ((dy * ca - dx * sa).abs() < wa + rs * lb + rc * wb)
+        & ((dx * cb + dy * sb).abs() < lb + rc * la + rs * wa)
+        & ((dy * cb - dx * sb).abs() < wb + rs * la + rc * wa)
     )
     pairs = valid.gather(1, agents)[..., None] & valid[:, None, :] & (index != torch.arange(N, device=p.device))
-    return (~apart & pairs).any(-1)
+    return (overlap & pairs).any(-1)
 
 
 def distance_to_log(state: SimState, t: int | None = None) -> torch.Tensor:

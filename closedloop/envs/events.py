@@ -35,7 +35,9 @@ class StopLines:
     tell later which of the siblings an agent went on to follow.
     """
 
-    def __init__(self, b: ScenarioBatch):
+    def __init__(self, b: ScenarioBatch | SimState):
+        """The stop lines of the scenarios of a batch (or of a state's batch)."""
+        b = b.batch if isinstance(b, SimState) else b
         order = lane_point_indices(b.road_id, b.road_mask, b.light_lane_id)  # [B, L, M]
         P = b.road_id.shape[1]
         on_lane = order < P
@@ -53,7 +55,10 @@ class StopLines:
         pair = (
             self.valid[:, :, None] & self.valid[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=self.valid.device)
         )
-        self.siblings = pair & (torch.cdist(self.point, self.point) < SIBLING_RADIUS)  # [B, L, L]
+        # Exact distances (cdist's matrix-product method, which it takes past 25 lights, is
+        # off by centimetres, and a scenario's siblings must not depend on its batch).
+        gap = torch.linalg.norm(self.point[:, :, None] - self.point[:, None], dim=-1)
+        self.siblings = pair & (gap < SIBLING_RADIUS)  # [B, L, L]
         self.lane_points = lane_xy.masked_fill(~on_lane[..., None], FAR)  # each light's lane, padding far away
         self._derive()
 

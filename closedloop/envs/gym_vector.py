@@ -215,7 +215,8 @@ class AgentVectorEnv(gymnasium.vector.VectorEnv):
         copy to numpy for all of them (floats, the flags cast back to bool)."""
         keys = [key for key in EVENT_KEYS if key in transition.events or key == "clipped"]
         per_agent = [transition.clipped if key == "clipped" else transition.events[key] for key in keys]
-        values = self._flat(self._take(torch.stack([v.float() for v in per_agent], -1)))
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in per_agent) else torch.float32
+        values = self._flat(self._take(torch.stack([v.to(dtype) for v in per_agent], -1)))
         return {
             key: values[:, i] if v.is_floating_point() else values[:, i].astype(bool)
             for i, (key, v) in enumerate(zip(keys, per_agent))

@@ -277,7 +277,9 @@ class RoadEdges:
         road_id = torch.gather(batch.road_id, 1, order)
         pos = torch.arange(E, device=order.device).expand(order.shape)
         new_run = torch.ones_like(seg_valid)
-        new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1)
+        # A run (polyline piece) breaks at a new feature, at a gap, and at the padding: a
+        # padding segment repeats the last point, which may continue the row's last edge.
+        new_run[:, 1:] = (road_id[:, 1:] != road_id[:, :-1]) | (order[:, 1:] != order[:, :-1] + 1) | ~seg_valid[:, 1:]
         self.features = self._with_neighbours(segment, new_run, pos)
         self.settings = (chunk, chunks_per_agent, group, groups_per_agent)
         self._build_chunks(new_run, chunk)

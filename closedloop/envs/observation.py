@@ -126,6 +126,11 @@ class Observer:
             given = self._given if self._road_batch is None else None
             self._road, self._road_batch = {}, b
             if given is not None:
+                if given.road_table.shape[:2] != b.road_xyz.shape[:2]:
+                    raise ValueError(
+                        f"the roadgraph indexes are of {list(given.road_table.shape[:2])} scenarios x points, "
+                        f"the batch observed of {list(b.road_xyz.shape[:2])}"
+                    )
                 self._points, self._road_table, self._light_colours = (
                     given.road_points,
                     given.road_table,

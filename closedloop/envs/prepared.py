@@ -75,7 +75,8 @@ class PreparedScenarios:
 
     A scenario is known again by identity: the same ``Scenario`` object (a list source
     hands out the same objects epoch after epoch; a dataset that reads scenarios from
-    disk makes new ones, which are prepared anew). What one holds in memory:
+    disk makes new ones, which are prepared anew). A scenario changed in place after it
+    was prepared is not seen: make a new object (``scenario.replace(...)``) instead. What one holds in memory:
     ``scripts/profile_envs.py`` prints it for synthetic and real scenarios.
     """
 

@@ -33,8 +33,9 @@ epoch.
 collated and indexed (:mod:`closedloop.envs.prepared`) and starts a batch by stacking
 them: with a list of up to that many scenarios, resets after the first epoch stack
 instead of collating and indexing anew. Episodes are the same either way. The default
-(``None``) keeps 128 for a list or tuple source and none for others: a dataset that reads
-scenarios from disk hands out new objects, which are never found again.
+(``None``) keeps every scenario of a list or tuple of up to 128 (about 2 MB each) and none
+otherwise: a dataset that reads scenarios from disk hands out new objects, which are never
+found again, and of a longer list reshuffled every epoch a few are found again.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from closedloop.envs.observation import ObservationConfig
 from closedloop.envs.prepared import PreparedScenarios
 from closedloop.envs.rewards import RewardConfig
 
-CACHED_SCENARIOS = 128  # scenarios a BatchedEnv over a list keeps prepared by default
+CACHED_SCENARIOS = 128  # lists up to this long are kept prepared by default
 
 
 class ScenarioSource:
@@ -147,7 +148,8 @@ class BatchedEnv:
         self.controlled, self.others, self.with_guidance, self.device = controlled, others, guidance, device
         self.differentiable = differentiable
         if cached_scenarios is None:
-            cached_scenarios = CACHED_SCENARIOS if isinstance(scenarios, (list, tuple)) else 0
+            listed = isinstance(scenarios, (list, tuple)) and len(scenarios) <= CACHED_SCENARIOS
+            cached_scenarios = len(scenarios) if listed else 0
         self.prepared = PreparedScenarios(max_agents, observation.road_candidates, device, cached_scenarios)
         self.generator = torch.Generator()
         self.generator.seed()  # a fresh, non-deterministic seed per env until reset(seed=...)
