@@ -94,7 +94,7 @@ def test_stacked_indexes_equal_indexes_of_the_batch(town, real_scenarios):
 
     lines, theirs = got.stop_lines, expected.stop_lines
     assert torch.equal(lines.valid, theirs.valid) and lines.valid.any()
-    for name in ("stop", "siblings", "lane_points", "point"):
+    for name in ("stop", "siblings", "sibling_may_go", "lane_points", "point"):
         assert torch.equal(getattr(lines, name), getattr(theirs, name)), name
     assert lines.any_stop == theirs.any_stop
     assert equal_where(lines.direction, theirs.direction, theirs.valid)

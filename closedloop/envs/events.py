@@ -59,6 +59,8 @@ class StopLines:
         # off by centimetres, and a scenario's siblings must not depend on its batch).
         gap = torch.linalg.norm(self.point[:, :, None] - self.point[:, None], dim=-1)
         self.siblings = pair & (gap < SIBLING_RADIUS)  # [B, L, L]
+        # Whether a sibling of each light may go at each step [B, L, T] (once, not per step).
+        self.sibling_may_go = (self.siblings[..., None] & ~self.stop[:, None]).any(2)
         self.lane_points = lane_xy.masked_fill(~on_lane[..., None], FAR)  # each light's lane, padding far away
         self._derive()
 
@@ -72,6 +74,7 @@ class StopLines:
         lines.valid = cat_padded([part.valid for part in parts], False)
         lines.stop = cat_padded([part.stop for part in parts], False)
         lines.siblings = cat_padded([part.siblings for part in parts], False)
+        lines.sibling_may_go = cat_padded([part.sibling_may_go for part in parts], False)
         lines.lane_points = cat_padded([part.lane_points for part in parts], FAR)
         lines._derive()
         return lines
@@ -209,7 +212,14 @@ class EventTracker:
         lines = self.stop_lines
         if lines.any_stop[t]:
             violation, self.pending, waiting = _red_crossings(
-                lines.offsets, lines.axes, lines.valid, lines.siblings, lines.red(t), before, after, self.pending
+                lines.offsets,
+                lines.axes,
+                lines.valid,
+                lines.red(t),
+                lines.sibling_may_go[:, :, t],
+                before,
+                after,
+                self.pending,
             )
             self._maybe_pending = bool(waiting)
         else:
@@ -250,17 +260,18 @@ def _red_crossings(
     offsets: torch.Tensor,
     axes: torch.Tensor,
     valid: torch.Tensor,
-    siblings: torch.Tensor,
     red: torch.Tensor,
+    sibling_may_go: torch.Tensor,
     before: torch.Tensor,
     after: torch.Tensor,
     pending: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The crossings of red lights' stop lines between ``before`` and ``after``
     ``[B, N, 2]`` (lights ``red`` ``[B, L]`` saying stop): violations now ``[B, N]`` (no
-    sibling light may go), the ``pending`` crossings ``[B, N, L]`` with those where one
-    may, and whether any is pending (one synchronisation for the caller)."""
+    sibling light may go: ``sibling_may_go`` ``[B, L]``), the ``pending`` crossings
+    ``[B, N, L]`` with those where one may, and whether any is pending (one
+    synchronisation for the caller)."""
     on_red = _crossings(offsets, axes, valid, before, after) & red[:, None]
-    sibling_may_go = (siblings & ~red[:, None, :]).any(-1)  # [B, L]
-    pending = pending | (on_red & sibling_may_go[:, None])
-    return (on_red & ~sibling_may_go[:, None]).any(-1), pending, pending.any()
+    may_go = sibling_may_go[:, None]
+    pending = pending | (on_red & may_go)
+    return (on_red & ~may_go).any(-1), pending, pending.any()
