@@ -281,3 +281,27 @@ def test_lane_point_indices_equal_a_dense_search():
     P = road_id.shape[1]
     expected = torch.where(same_lane, torch.arange(P), P).sort(-1).values[..., : int(same_lane.sum(-1).max())]
     assert torch.equal(lane_point_indices(road_id, road_mask, lane_id), expected)
+
+
+@pytest.mark.parametrize("copies", [1, 4])  # 1: the fused small-batch pass; 4 x 128 slots: corners first
+def test_boxes_measured_from_their_pose_equal_boxes_measured_from_their_corners(real_scenarios, copies):
+    """``box_signed_distance`` (corners made in the measuring pass) against
+    ``signed_distance`` of the geometry's corners, over the logs of the real scenarios:
+    the same values to float precision and the same off-road flags away from the edge."""
+    from closedloop.geometry import box_corners
+
+    scenarios = list(real_scenarios.values())
+    batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(copies)], max_agents=128, pad_agents=True)
+    state = log_state(batch)
+    from_pose, from_corners = RoadEdges(batch), RoadEdges(batch)
+    for t in range(batch.current_time_index, state.num_steps, 5):
+        p, dims = state.pose[:, :, t], state.dims
+        heading = p[..., 2]
+        got = from_pose.box_signed_distance(
+            p[..., 0], p[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1]
+        )
+        corners = box_corners(p[..., 0], p[..., 1], heading, dims[..., 0], dims[..., 1])
+        expected = from_corners.signed_distance(corners)
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-5)
+        clear = expected.abs() > 1e-3
+        assert torch.equal((got > 0)[clear], (expected > 0)[clear]) and int(clear.sum()) > 0.9 * clear.numel()

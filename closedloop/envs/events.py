@@ -186,15 +186,21 @@ class EventTracker:
         slots = self.slots
         if slots is None:
             path = state.pose[:, :, previous.t :, :2]  # [B, N, k + 1, 2]
-            corners, collision = agent_corners(state), collisions(state)
+            pose, dims = state.current, state.dims
+            collision = collisions(state)
         else:  # the asked agents' poses over the step, in one gather
             path = take_agents(state.pose[:, :, previous.t :], slots)  # [B, Q, k + 1, 5]
             if self._dims_of is not state.dims:
                 self._dims_of, self._slot_dims = state.dims, take_agents(state.dims, slots)
             pose, dims = path[:, :, -1], self._slot_dims
-            corners = box_corners(pose[..., 0], pose[..., 1], pose[..., 2], dims[..., 0], dims[..., 1])
             collision = collisions(state, agents=slots)
-        offroad = self.edges.signed_distance(corners) > 0
+        heading = pose[..., 2]
+        offroad = (
+            self.edges.box_signed_distance(
+                pose[..., 0], pose[..., 1], torch.cos(heading), torch.sin(heading), dims[..., 0], dims[..., 1]
+            )
+            > 0
+        )
         red = torch.zeros_like(offroad)
         for i, t in enumerate(range(previous.t + 1, state.t + 1)):  # every step a chunked action covered
             red |= self._red_light(path[:, :, i, :2], path[:, :, i + 1, :2], t)

@@ -466,6 +466,41 @@ class RoadEdges:
             return self._whole_batch(centre, corners, reach)
         return self._selected(centre, corners, reach)
 
+    def box_signed_distance(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        length: torch.Tensor,
+        width: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`signed_distance` of the boxes of centres ``x``, ``y``, headings of cosine
+        ``cos`` and sine ``sin``, and sizes ``length``, ``width`` (each ``[B, N]``). For
+        small batches the corners are made in the same pass that measures them (one kernel
+        when compiling) instead of a dozen operations before it."""
+        B, N = x.shape
+        if B * N > DENSE_AGENTS:
+            return self.signed_distance(_box_corners(x, y, cos, sin, length, width))
+        if self.candidates is None:
+            self.refresh(torch.stack([x, y], -1))
+        rows = torch.arange(B, device=x.device)[:, None]
+        first = _box_pass(
+            self.features,
+            rows,
+            self.candidates,
+            self.candidate_index,
+            x,
+            y,
+            cos,
+            sin,
+            length,
+            width,
+            self.anchor,
+            self.left_out,
+        )
+        return self._finish(*first)
+
     def _whole_batch(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
         """Small batches: the centre and the four corners of every box in one pass (fewer,
         larger operations than selecting the boxes near an edge)."""
@@ -474,8 +509,22 @@ class RoadEdges:
         signed, stale, moved, combined = _whole_batch_pass(
             self.features, rows, self.candidates, self.candidate_index, points, reach, self.anchor, self.left_out
         )
+        return self._finish(signed, stale, moved, combined, points, reach)
+
+    def _finish(
+        self,
+        signed: torch.Tensor,
+        stale: torch.Tensor,
+        moved: torch.Tensor,
+        combined: torch.Tensor,
+        points: torch.Tensor,
+        reach: torch.Tensor,
+    ) -> torch.Tensor:
+        """The whole-batch answer from its first pass (see :func:`_whole_batch_pass`):
+        that pass's where no neighbourhood is stale, else after rebuilding them."""
         if not bool(stale.any()):
             return combined
+        centre = points[..., 0, :]
         unsure = self._settle(stale, moved, centre, reach, signed, points)
         if bool(unsure.any()):
             b, n = torch.nonzero(unsure, as_tuple=True)
@@ -596,6 +645,46 @@ def _whole_batch_pass(
     signed = _measure.fn(features, rows, candidates, candidate_index, points)
     stale, moved = _stale(points[..., 0, :], reach, signed[..., 0].abs(), anchor, left_out)
     return signed, stale, moved, _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
+
+
+@kernel
+def _box_pass(
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_index: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    length: torch.Tensor,
+    width: torch.Tensor,
+    anchor: torch.Tensor,
+    left_out: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_whole_batch_pass` of boxes given by centre, heading and size: also returns
+    the points measured ``[B, N, 5, 2]`` (the centre, then the corners) and the boxes'
+    half-diagonals ``[B, N]``."""
+    centre = torch.stack([x, y], -1)
+    points = torch.cat([centre[:, :, None], _box_corners(x, y, cos, sin, length, width)], 2)
+    reach = (length * length + width * width).sqrt() / 2
+    signed, stale, moved, combined = _whole_batch_pass.fn(
+        features, rows, candidates, candidate_index, points, reach, anchor, left_out
+    )
+    return signed, stale, moved, combined, points, reach
+
+
+def _box_corners(
+    x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor, width: torch.Tensor
+) -> torch.Tensor:
+    """Corners ``[B, N, 4, 2]`` of boxes, in :func:`closedloop.geometry.box_corners`' order
+    (front-left, rear-left, rear-right, front-right), from their heading's cosine and sine
+    (arithmetic only, for the kernels)."""
+    along_x, along_y = cos * length / 2, sin * length / 2  # half the length, along the heading
+    across_x, across_y = -sin * width / 2, cos * width / 2  # half the width, to the left
+    cx = torch.stack([along_x + across_x, -along_x + across_x, -along_x - across_x, along_x - across_x], -1)
+    cy = torch.stack([along_y + across_y, -along_y + across_y, -along_y - across_y, along_y - across_y], -1)
+    return torch.stack([cx + x[..., None], cy + y[..., None]], -1)
 
 
 def _stale(
