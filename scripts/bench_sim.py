@@ -150,7 +150,6 @@ def waymax_rate(scenario, B: int, checks: bool, episodes: int, device: str) -> f
     episodes of 80 steps, with or without collision + off-road checks each step."""
     from closedloop.agents.baselines import Expert
     from closedloop.envs.core import collisions
-    from closedloop.envs.events import agent_corners
     from closedloop.envs.map_index import RoadEdges
 
     batch = collate_scenarios([scenario] * B).to(device)
@@ -165,9 +164,13 @@ def waymax_rate(scenario, B: int, checks: bool, episodes: int, device: str) -> f
         state = start
         while not state.done:
             state = step(state, expert.act(state), dynamics)
-            if checks:
+            if checks:  # as the env's event tracker measures them
                 collisions(state)
-                edges.signed_distance(agent_corners(state))
+                p, dims = state.current, state.dims
+                heading = p[..., 2]
+                edges.box_signed_distance(
+                    p[..., 0], p[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1]
+                )
 
     episode()  # warm-up
     if device == "cuda":
