@@ -305,3 +305,17 @@ def test_boxes_measured_from_their_pose_equal_boxes_measured_from_their_corners(
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-5)
         clear = expected.abs() > 1e-3
         assert torch.equal((got > 0)[clear], (expected > 0)[clear]) and int(clear.sum()) > 0.9 * clear.numel()
+
+
+def test_sibling_may_go_is_the_per_step_rule(real_scenarios):
+    """The precomputed ``sibling_may_go`` ``[B, L, T]`` equals, at every step, "some
+    sibling of the light does not say stop" evaluated directly."""
+    from closedloop.data.synthetic import generate_scenarios
+    from closedloop.envs.events import StopLines
+
+    scenarios = list(generate_scenarios(2, seed=5, town="grid", agents=(20, 30))) + list(real_scenarios.values())
+    lines = StopLines(collate_scenarios(scenarios))
+    assert int(lines.siblings.sum()) > 0
+    for t in range(lines.stop.shape[-1]):
+        direct = (lines.siblings & ~lines.stop[:, None, :, t]).any(-1)
+        assert torch.equal(lines.sibling_may_go[:, :, t], direct), t

@@ -59,8 +59,9 @@ class StopLines:
         # off by centimetres, and a scenario's siblings must not depend on its batch).
         gap = torch.linalg.norm(self.point[:, :, None] - self.point[:, None], dim=-1)
         self.siblings = pair & (gap < SIBLING_RADIUS)  # [B, L, L]
-        # Whether a sibling of each light may go at each step [B, L, T] (once, not per step).
-        self.sibling_may_go = (self.siblings[..., None] & ~self.stop[:, None]).any(2)
+        # Whether a sibling of each light may go at each step [B, L, T] (once, not per step):
+        # a count of siblings not saying stop, by a product (no [B, L, L, T] table).
+        self.sibling_may_go = torch.bmm(self.siblings.float(), (~self.stop).float()) > 0
         self.lane_points = lane_xy.masked_fill(~on_lane[..., None], FAR)  # each light's lane, padding far away
         self._derive()
 
