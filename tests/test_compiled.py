@@ -67,12 +67,18 @@ def test_compiled_ego_env_and_offroad_equal_the_eager_ones(compile_switch, real_
     dynamics = make_dynamics("bicycle")
 
     def offroad() -> list[torch.Tensor]:
+        """Per step, the boxes measured from their corners and from their pose (the
+        kernel that makes the corners itself)."""
         state = reset(batch)
-        expert, edges, values = Expert(), RoadEdges(batch), []
+        expert, edges, boxes, values = Expert(), RoadEdges(batch), RoadEdges(batch), []
         expert.reset(state, dynamics)
         for _ in range(30):
             state = step(state, expert.act(state), dynamics)
-            values.append(edges.signed_distance(agent_corners(state)))
+            p, dims = state.current, state.dims
+            from_pose = boxes.box_signed_distance(
+                p[..., 0], p[..., 1], p[..., 2].cos(), p[..., 2].sin(), dims[..., 0], dims[..., 1]
+            )
+            values += [edges.signed_distance(agent_corners(state)), from_pose]
         return values
 
     compile_switch(False)

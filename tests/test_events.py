@@ -287,13 +287,16 @@ def test_lane_point_indices_equal_a_dense_search():
 def test_boxes_measured_from_their_pose_equal_boxes_measured_from_their_corners(real_scenarios, copies):
     """``box_signed_distance`` (corners made in the measuring pass) against
     ``signed_distance`` of the geometry's corners, over the logs of the real scenarios:
-    the same values to float precision and the same off-road flags away from the edge."""
+    the same values to float precision and the same off-road flags away from the edge.
+    Boxes whose centre is within 1 cm of their half-diagonal from an edge are left out:
+    there the answer switches between the exact corners and the far-box bound, and the
+    two ways round the half-diagonal differently in the last bits."""
     from closedloop.geometry import box_corners
 
     scenarios = list(real_scenarios.values())
     batch = collate_scenarios([scenarios[i % len(scenarios)] for i in range(copies)], max_agents=128, pad_agents=True)
     state = log_state(batch)
-    from_pose, from_corners = RoadEdges(batch), RoadEdges(batch)
+    from_pose, from_corners, centres = RoadEdges(batch), RoadEdges(batch), RoadEdges(batch)
     for t in range(batch.current_time_index, state.num_steps, 5):
         p, dims = state.pose[:, :, t], state.dims
         heading = p[..., 2]
@@ -302,8 +305,10 @@ def test_boxes_measured_from_their_pose_equal_boxes_measured_from_their_corners(
         )
         corners = box_corners(p[..., 0], p[..., 1], heading, dims[..., 0], dims[..., 1])
         expected = from_corners.signed_distance(corners)
-        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-5)
-        clear = expected.abs() > 1e-3
+        centre = centres.signed_distance(p[:, :, None, :2].expand(-1, -1, 4, -1))  # boxes of size 0
+        reach = torch.hypot(dims[..., 0], dims[..., 1]) / 2
+        clear = ((centre.abs() - reach).abs() > 1e-2) & (expected.abs() > 1e-3)
+        torch.testing.assert_close(got[clear], expected[clear], atol=1e-3, rtol=1e-5)
         assert torch.equal((got > 0)[clear], (expected > 0)[clear]) and int(clear.sum()) > 0.9 * clear.numel()
 
 
