@@ -332,3 +332,13 @@ def cat_padded(parts: Sequence[torch.Tensor], value) -> torch.Tensor:
         out[(slice(row, row + part.shape[0]), *(slice(0, n) for n in part.shape[1:]))] = part
         row += part.shape[0]
     return out
+
+
+def stacked_instance(cls: type, parts: Sequence, padding: dict[str, object]):
+    """A new ``cls`` (``__init__`` not run) whose tensor attributes named in ``padding``
+    are the parts' attributes concatenated by :func:`cat_padded` with the given padding
+    value: how per-scenario indexes are stacked into the index of a batch."""
+    stacked = cls.__new__(cls)
+    for name, value in padding.items():
+        setattr(stacked, name, cat_padded([getattr(part, name) for part in parts], value))
+    return stacked

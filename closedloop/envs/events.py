@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from closedloop.constants import light_forbids_crossing
-from closedloop.data.batch import ScenarioBatch, cat_padded
+from closedloop.data.batch import ScenarioBatch, stacked_instance
 from closedloop.envs.compiled import kernel
 from closedloop.envs.core import SimState, agent_slots, collisions, distance_to_log, take_agents
 from closedloop.envs.map_index import FAR, RoadEdges
@@ -69,14 +69,9 @@ class StopLines:
     def stack(cls, parts: Sequence[StopLines]) -> StopLines:
         """The stop lines of the scenarios of ``parts`` stacked in order (each built on its
         own scenario): what a batch of those scenarios gives, padded lights invalid."""
-        lines = cls.__new__(cls)
-        lines.direction = cat_padded([part.direction for part in parts], 0.0)
-        lines.point = cat_padded([part.point for part in parts], 0.0)
-        lines.valid = cat_padded([part.valid for part in parts], False)
-        lines.stop = cat_padded([part.stop for part in parts], False)
-        lines.siblings = cat_padded([part.siblings for part in parts], False)
-        lines.sibling_may_go = cat_padded([part.sibling_may_go for part in parts], False)
-        lines.lane_points = cat_padded([part.lane_points for part in parts], FAR)
+        padding = {"direction": 0.0, "point": 0.0, "lane_points": FAR}
+        padding |= dict.fromkeys(("valid", "stop", "siblings", "sibling_may_go"), False)
+        lines = stacked_instance(cls, parts, padding)
         lines._derive()
         return lines
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from closedloop.constants import is_road_edge
-from closedloop.data.batch import ScenarioBatch, cat_padded
+from closedloop.data.batch import ScenarioBatch, stacked_instance
 from closedloop.envs.compiled import kernel
 
 BIG = 1e9
@@ -108,13 +108,9 @@ class NearestPoints:
         shapes = {(part.keep, part.table.shape[-1]) for part in parts}
         if len(shapes) != 1:
             raise ValueError(f"cannot stack nearest-point indexes of different keep and chunk sizes: {sorted(shapes)}")
-        index = cls.__new__(cls)
+        padding = {"points": 0.0, "table": -1, "centre": 0.0, "radius": 0.0, "chunk_valid": False}
+        index = stacked_instance(cls, parts, padding)
         index.keep = parts[0].keep
-        index.points = cat_padded([part.points for part in parts], 0.0)
-        index.table = cat_padded([part.table for part in parts], -1)
-        index.centre = cat_padded([part.centre for part in parts], 0.0)
-        index.radius = cat_padded([part.radius for part in parts], 0.0)
-        index.chunk_valid = cat_padded([part.chunk_valid for part in parts], False)
         index._start()
         return index
 
@@ -295,13 +291,10 @@ class RoadEdges:
         settings = {part.settings for part in parts}
         if len(settings) != 1:
             raise ValueError(f"cannot stack road-edge indexes built with different settings: {sorted(settings)}")
-        edges = cls.__new__(cls)
+        # Each part's chunk table ends with its empty chunk; padding adds more empty ones.
+        padding = {"features": 0.0, "chunk_table": -1, "chunk_centre": FAR, "chunk_radius": 0.0}
+        edges = stacked_instance(cls, parts, padding)
         edges.settings = parts[0].settings
-        edges.features = cat_padded([part.features for part in parts], 0.0)
-        # Each part's table ends with its empty chunk; padding adds more empty ones.
-        edges.chunk_table = cat_padded([part.chunk_table for part in parts], -1)
-        edges.chunk_centre = cat_padded([part.chunk_centre for part in parts], FAR)
-        edges.chunk_radius = cat_padded([part.chunk_radius for part in parts], 0.0)
         edges._build_groups(edges.settings[2])
         edges._start()
         return edges
