@@ -226,6 +226,9 @@ def test_env_core_and_observer_check_given_indexes(town):
         EnvCore(batch, config, maps=maps)
     with pytest.raises(ValueError, match="keeps 256 candidates"):
         Observer(ObservationConfig(road_candidates=128), maps)
+    core = EnvCore(batch, config)
+    with pytest.raises(ValueError, match="scenarios x points"):
+        Observer(ObservationConfig(), maps)(core.state)  # indexes of another batch
 
 
 def test_only_short_list_sources_keep_prepared_scenarios_by_default(town):

@@ -91,11 +91,6 @@ class StopLines:
         """Lights ``[B, L]`` that say stop at step ``t``."""
         return self.stop[:, :, t]
 
-    def crossings(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-        """Whether each agent's centre went from behind to past each stop line between
-        positions ``before`` and ``after`` ``[B, N, 2]``: ``[B, N, L]``."""
-        return _crossings(self.offsets, self.axes, self.valid, before, after)
-
     def lane_distance(self, rows: torch.Tensor, positions: torch.Tensor, lights: torch.Tensor) -> torch.Tensor:
         """Distance ``[M, L]`` from M agents at ``positions`` ``[M, 2]`` in scenarios
         ``rows`` to the lanes of ``lights`` ``[M, L]`` (inf for the other lights)."""
@@ -247,8 +242,10 @@ class EventTracker:
 def _crossings(
     offsets: torch.Tensor, axes: torch.Tensor, valid: torch.Tensor, before: torch.Tensor, after: torch.Tensor
 ) -> torch.Tensor:
-    """:meth:`StopLines.crossings` as a pure function: each position's along-lane and
-    lateral coordinates relative to every stop line are ``x * axes_x + y * axes_y - offsets``."""
+    """Whether each agent's centre went from behind to past each stop line between
+    positions ``before`` and ``after`` ``[B, N, 2]``: ``[B, N, L]``. Each position's
+    along-lane and lateral coordinates relative to every stop line are
+    ``x * axes_x + y * axes_y - offsets``."""
     L = valid.shape[1]
     ax, ay = axes[:, None, 0], axes[:, None, 1]  # [B, 1, 2L]
     rel0 = before[..., 0:1] * ax + before[..., 1:2] * ay - offsets  # [B, N, 2L]
