@@ -311,6 +311,7 @@ class RoadEdges:
         self.refreshed = 0  # agent refreshes so far (each agent's first included)
         self.exhaustive = 0  # agent measurements against every edge so far
         self._every: torch.Tensor | None = None  # [B, 5, E] every segment, for those
+        self._lookup: tuple[torch.Tensor, ...] | None = None  # the refreshes' tables, see _tables
 
     @staticmethod
     def _with_neighbours(segment: torch.Tensor, new_run: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -393,25 +394,45 @@ class RoadEdges:
 
         Groups are ranked first, then the chunks of the ``groups_per_agent`` nearest groups;
         a chunk left out is either in a group left out (no nearer than that group's lower
-        bound) or ranked after the kept chunks, so the bound is the smaller of the two."""
-        g = self.groups_per_agent
-        lower = torch.linalg.norm(positions[:, None] - self.group_centre[rows], dim=-1) - self.group_radius[rows]
+        bound) or ranked after the kept chunks, so the bound is the smaller of the two.
+        Every lookup is one ``index_select`` into a flat table (see :meth:`_tables`):
+        refreshes run every step, and 2-D advanced indexing costs several times more."""
+        group_circles, chunk_circles, chunk_rows, columns = self._tables()
+        M, g, k = rows.shape[0], self.groups_per_agent, self.chunks_per_agent
+        lower = _lower_bounds(group_circles.index_select(0, rows), positions)  # [M, G]
         ranked = lower.topk(min(g + 1, lower.shape[-1]), dim=-1, largest=False)
         group_bound = ranked.values[:, g] if ranked.values.shape[-1] > g else torch.full_like(lower[:, 0], BIG)
-        chunks = self.group_table[rows[:, None], ranked.indices[:, :g]].flatten(1)  # [M, g * group]
-        r = rows[:, None]
-        centre, radius = self.chunk_centre[r, chunks], self.chunk_radius[r, chunks]
-        lower = torch.linalg.norm(positions[:, None] - centre, dim=-1) - radius
-        k = self.chunks_per_agent
+        chunks = self.group_table[0].index_select(0, ranked.indices[:, :g].flatten()).view(M, -1)  # [M, g * group]
+        flat = chunks + (rows * self.chunk_table.shape[1])[:, None]  # rows of the flat chunk tables
+        lower = _lower_bounds(chunk_circles.index_select(0, flat.flatten()).view(M, -1, 3), positions)
         ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
         left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
         left_out = torch.minimum(left_out, group_bound)
-        chosen = chunks.gather(1, ranked.indices[:, :k])
-        index = self.chunk_table[r, chosen].flatten(1)  # [M, K], -1: none
-        columns = self.features[r, index.clamp_min(0), : INV_LEN2 + 1]  # [M, K, 5]
-        # Empty slots become a point segment far away, so no mask is needed per step.
-        columns = torch.where((index >= 0)[..., None], columns, columns.new_tensor([FAR, FAR, 0.0, 0.0, 0.0]))
-        return columns.transpose(1, 2).contiguous(), index.clamp_min(0), left_out
+        segments = chunk_rows.index_select(0, flat.gather(1, ranked.indices[:, :k]).flatten()).view(M, -1)  # [M, K]
+        # Empty slots read the tables' last column, a point segment far away: no mask per step.
+        candidates = columns.index_select(1, segments.flatten()).view(5, M, -1).transpose(0, 1)
+        B, E, _ = self.features.shape
+        index = torch.where(segments < B * E, segments - (rows * E)[:, None], 0)
+        return candidates, index, left_out
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lookup tables of the refreshes, made at the first: the groups' and chunks'
+        circles ``[B, G, 3]`` and ``[B * (C + 1), 3]`` (x, y, radius), each chunk's
+        segments as rows of the flat ``features`` ``[B * (C + 1), chunk]`` (``B * E`` for
+        none) and the segments' columns SX..INV_LEN2 ``[5, B * E + 1]``, ending with a
+        point segment far away."""
+        if self._lookup is None:
+            B, E, _ = self.features.shape
+            rows = torch.arange(B, device=self.features.device)[:, None, None]
+            segment_rows = torch.where(self.chunk_table >= 0, self.chunk_table + rows * E, B * E)
+            far = self.features.new_tensor([FAR, FAR, 0.0, 0.0, 0.0])[:, None]
+            self._lookup = (
+                torch.cat([self.group_centre, self.group_radius[..., None]], -1),
+                torch.cat([self.chunk_centre, self.chunk_radius[..., None]], -1).flatten(0, 1),
+                segment_rows.flatten(0, 1),
+                torch.cat([self.features[..., : INV_LEN2 + 1].reshape(B * E, -1).T, far], 1).contiguous(),
+            )
+        return self._lookup
 
     def refresh(self, positions: torch.Tensor, agents: torch.Tensor | None = None) -> None:
         """Rebuild the neighbourhoods of ``agents`` (a ``[B, N]`` mask; all when None) at
@@ -704,15 +725,26 @@ def _signed(
     inv_len2, has_prior, has_next = fifth.unbind(-1)
     left_at_start, left_at_end = sixth[..., 1], sixth[..., 2]
     dx, dy = px[..., None] - sx, py[..., None] - sy
-    own, before, after = ((dx * gy).addcmul_(dy, gx, value=-1) > 0).unbind(-1)  # right of each segment
+    # Cross products, positive where the point is right of (off the road from) each segment.
+    # Sides combine by max (either says off) and min (both do), as floats: compiled
+    # boolean tensors ran several times slower.
+    own, before, after = (dx * gy).addcmul_(dy, gx, value=-1).unbind(-1)
     dx, dy, gx, gy = dx[..., 0], dy[..., 0], gx[..., 0], gy[..., 0]
     t = (dx * gx).addcmul_(dy, gy).mul_(inv_len2)
     tc = t.clamp(0, 1)
     distance = torch.hypot(dx - gx * tc, dy - gy * tc)
-    at_start = torch.where(left_at_start > 0, own | before, own & before)
-    at_end = torch.where(left_at_end > 0, own | after, own & after)
-    off_road = torch.where((t < 0) & (has_prior > 0), at_start, torch.where((t > 1) & (has_next > 0), at_end, own))
-    return torch.where(off_road, distance, -distance)
+    at_start = torch.where(left_at_start > 0, torch.maximum(own, before), torch.minimum(own, before))
+    at_end = torch.where(left_at_end > 0, torch.maximum(own, after), torch.minimum(own, after))
+    side = torch.where((t < 0) & (has_prior > 0), at_start, torch.where((t > 1) & (has_next > 0), at_end, own))
+    return torch.where(side > 0, distance, -distance)
+
+
+def _lower_bounds(circles: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Lower bounds ``[M, X]`` on the distance from ``positions`` ``[M, 2]`` to anything
+    inside the circles ``[M, X, 3]`` (x, y, radius)."""
+    dx = circles[..., 0] - positions[:, 0:1]
+    dy = circles[..., 1] - positions[:, 1:2]
+    return dx.mul_(dx).addcmul_(dy, dy).sqrt_().sub_(circles[..., 2])
 
 
 def _combine(centre_signed: torch.Tensor, exact: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
