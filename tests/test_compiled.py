@@ -109,8 +109,8 @@ def _vector_episode(scenarios, steps: int) -> list[tuple]:
 @pytest.mark.slow
 def test_compiled_vector_env_and_collisions_equal_the_eager_ones(compile_switch):
     """The vector env (several scenarios, padded agent slots) and the compiled every-pair
-    collision test of a few agents against the eager selected-pairs one, on boxes that
-    overlap a lot."""
+    collision tests (of a few agents, and of all) against the eager selected-pairs one, on
+    boxes that overlap a lot."""
     from closedloop.data.batch import collate_scenarios
     from closedloop.data.synthetic import generate_scenarios
     from closedloop.envs.core import collisions, reset
@@ -126,10 +126,34 @@ def test_compiled_vector_env_and_collisions_equal_the_eager_ones(compile_switch)
 
     compile_switch(False)
     eager_episode, eager_hits = _vector_episode(scenarios, 30), collisions(state, agents=slots)
+    eager_all = collisions(state)
     compile_switch(True)
     compiled_episode, compiled_hits = _vector_episode(scenarios, 30), collisions(state, agents=slots)
     assert _same(eager_episode, compiled_episode)
     assert torch.equal(eager_hits, compiled_hits) and 5 < int(eager_hits.sum()) < slots.shape[1]
+    assert torch.equal(collisions(state), eager_all) and 20 < int(eager_all.sum()) < 100
+
+
+def test_the_every_pair_collision_kernels_equal_the_eager_selection():
+    """Both kernels' functions, run eagerly, against the near-pair selection on 120 boxes
+    that overlap a lot (one padding slot, invalid, sits on top of them)."""
+    from closedloop.data.batch import collate_scenarios
+    from closedloop.envs import core
+    from scenes import make_scenario
+
+    rng = np.random.default_rng(3)
+    xy, heading = rng.uniform(0, 40, (120, 2)), rng.uniform(-np.pi, np.pi, 120)
+    size = rng.uniform([0.5, 0.5, 1.5], [7.0, 2.8, 1.5], (120, 3))
+    boxes = [{"xy": xy[i], "heading": heading[i], "size": tuple(size[i])} for i in range(120)]
+    state = core.reset(collate_scenarios([make_scenario(boxes)], max_agents=128, pad_agents=True))
+    state.pose[:, 120:, state.t, :2] = torch.from_numpy(xy[:8]).float()
+    valid = state.valid[:, :, state.t] & state.batch.agent_mask
+    table = core._box_table(state.current, state.dims)
+    expected = core.collisions(state)
+    assert torch.equal(core._all_collisions.fn(table, valid), expected)
+    slots = torch.arange(0, 120, 3)[None]
+    assert torch.equal(core._agents_collisions.fn(table, valid, slots), expected[:, ::3][:, :40])
+    assert 20 < int(expected.sum()) < 100 and not expected[:, 120:].any()
 
 
 def test_a_kernel_runs_eagerly_when_the_compiler_fails(compile_switch, monkeypatch):
@@ -201,7 +225,7 @@ def test_train_ppo_compiles_where_it_pays(monkeypatch, mode, timesteps, variable
 
 
 def test_a_failed_collision_kernel_leaves_the_eager_selection(compile_switch, monkeypatch):
-    """Once the every-pair collision kernel has fallen back to eager, collisions go back to
+    """Once an every-pair collision kernel has fallen back to eager, collisions go back to
     testing the near pairs only (cheaper eagerly); both give the same answer."""
     from closedloop.data.batch import collate_scenarios
     from closedloop.data.synthetic import generate_scenarios
@@ -216,12 +240,17 @@ def test_a_failed_collision_kernel_leaves_the_eager_selection(compile_switch, mo
     monkeypatch.setattr(core._agents_collisions, "fn", lambda *args: calls.append(args))
     assert not core._agents_collisions.active
     assert torch.equal(core.collisions(state, agents=slots), expected) and not calls
+    expected = core.collisions(state)
+    monkeypatch.setattr(core._all_collisions, "_failed", True)
+    monkeypatch.setattr(core._all_collisions, "fn", lambda *args: calls.append(args))
+    assert torch.equal(core.collisions(state), expected) and not calls
 
 
 def test_the_collision_kernel_agrees_with_the_corner_form():
     """The kernel's projected separating-axis test (run eagerly here: arithmetic only, so
-    compiled it gives the same) against the corner form the eager path uses, over 200
-    random boxes per scenario; agents with a pair within 1e-4 m of touching are left out."""
+    compiled it gives the same) against the corner form of ``closedloop.geometry``, over
+    200 random boxes per scenario; agents with a pair within 1e-4 m of touching are left
+    out."""
     import math
 
     from closedloop.envs import core
@@ -235,7 +264,7 @@ def test_the_collision_kernel_agrees_with_the_corner_form():
     pose = torch.cat([xy, heading[..., None], torch.zeros(B, N, 2)], -1)
     valid = torch.rand(B, N, generator=generator) > 0.1
     agents = torch.arange(0, N, 2).expand(B, -1)
-    got = core._agents_collisions.fn(pose, heading.cos(), heading.sin(), dims, valid, agents)
+    got = core._agents_collisions.fn(core._box_table(pose, dims), valid, agents)
 
     def boxes(index):
         take = lambda values: values.gather(1, index.reshape(B, -1)).view(index.shape)  # noqa: E731

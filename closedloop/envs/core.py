@@ -35,7 +35,6 @@ from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.compiled import kernel
 from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
-from closedloop.geometry import rectangles_overlap
 
 Controlled = Literal["wosac", "sdc", "all_valid"] | torch.Tensor
 
@@ -374,19 +373,27 @@ def _raise_bad_values(state: SimState, dynamics: Dynamics, checked: CheckedActio
     )
 
 
+ALL_PAIRS = 1 << 21  # agent pairs up to which a compiled collision check tests every pair
+
+
 def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | None = None) -> torch.Tensor:
     """Whether each agent's box overlaps another valid agent's at step ``t`` ``[B, N]``;
     with ``agents`` (slot indices ``[B, Q]``), of those agents only ``[B, Q]``.
 
-    Only pairs whose bounding circles meet get the exact separating-axis test."""
+    Eagerly, only pairs whose bounding circles meet get the exact separating-axis test;
+    compiled (and up to ``ALL_PAIRS`` pairs), one kernel tests every pair: the same
+    answer, since boxes that overlap have overlapping circles."""
     t = state.t if t is None else t
     p = state.pose[:, :, t]
     dims = state.dims
     valid = state.valid[:, :, t] & state.batch.agent_mask
-    N = valid.shape[1]
+    B, N = valid.shape
+    # Heading cosines and sines eagerly: compiled ones round differently in the last bit.
+    table = _box_table(p, dims)
     if agents is not None and _agents_collisions.active:
-        # cos and sin eagerly: compiled ones round differently in the last bit.
-        return _agents_collisions(p, torch.cos(p[..., 2]), torch.sin(p[..., 2]), dims, valid, agents)
+        return _agents_collisions(table, valid, agents)
+    if agents is None and _all_collisions.active and B * N * N <= ALL_PAIRS:
+        return _all_collisions(table, valid)
     # Invalid agents get a negative radius, so no pair with them passes the circle test.
     radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)
     x, y = p[..., 0:1], p[..., 1:2]
@@ -406,44 +413,75 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     hit = torch.zeros(near.shape[:2], dtype=torch.bool, device=near.device)
     if bi.numel():
         a = i if agents is None else agents[bi, i]
-        box_i = (p[bi, a, 0], p[bi, a, 1], p[bi, a, 2], dims[bi, a, 0], dims[bi, a, 1])
-        box_j = (p[bi, j, 0], p[bi, j, 1], p[bi, j, 2], dims[bi, j, 0], dims[bi, j, 1])
-        overlap = rectangles_overlap(box_i, box_j)
+        rows = table.flatten(0, 1)  # one row lookup per box: cheaper than 2-D indexing
+        mine, theirs = rows.index_select(0, bi * N + a).unbind(-1), rows.index_select(0, bi * N + j).unbind(-1)
+        overlap = _separation(mine, theirs) < 0
         hit[bi[overlap], i[overlap]] = True
         if agents is None:
             hit[bi[overlap], j[overlap]] = True
     return hit
 
 
-@kernel
-def _agents_collisions(
-    p: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor, agents: torch.Tensor
-) -> torch.Tensor:
-    """:func:`collisions` of a few agents ``agents`` ``[B, Q]`` as one compiled kernel: the
-    exact test on every pair against every agent, no selection (the same answer: boxes that
-    overlap have overlapping circles). Eager, selecting the near pairs costs less.
+def _box_table(pose: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """Boxes ``[B, N, 6]`` as the separating-axis test reads them: x, y, heading cosine and
+    sine, half length, half width."""
+    heading = pose[..., 2]
+    return torch.stack(
+        [pose[..., 0], pose[..., 1], heading.cos(), heading.sin(), dims[..., 0] / 2, dims[..., 1] / 2], -1
+    )
 
-    The separating-axis test in its projected form, from each box's heading cosine and
-    sine ``[B, N]`` (the relative rotation by the angle-difference identities): arithmetic
-    only, a few dozen flops per pair where the corner form costs four cosines and sines."""
-    N = valid.shape[1]
-    index = agents[..., None]
-    table = torch.stack([p[..., 0], p[..., 1], cos, sin, dims[..., 0] / 2, dims[..., 1] / 2], -1)  # [B, N, 6]
-    mine = table.gather(1, index.expand(-1, -1, 6))[:, :, None]  # [B, Q, 1, 6]
-    xa, ya, ca, sa, la, wa = mine.unbind(-1)
-    xb, yb, cb, sb, lb, wb = table[:, None].unbind(-1)  # [B, 1, N]
+
+def _separation(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """How far apart boxes ``a`` and ``b`` (the columns of :func:`_box_table`, broadcast
+    together) are along the separating axis that parts them most: negative exactly where
+    they overlap (touching is no overlap, as in the corner form of ``closedloop.geometry``).
+
+    The separating-axis test in its projected form, the relative rotation by the
+    angle-difference identities: a few dozen flops per pair where the corner form costs
+    four cosines and sines. A float, not four booleans: compiled, boolean pair tensors
+    ran several times slower."""
+    xa, ya, ca, sa, la, wa = a
+    xb, yb, cb, sb, lb, wb = b
     dx, dy = xb - xa, yb - ya
     rc, rs = (cb * ca + sb * sa).abs(), (sb * ca - cb * sa).abs()  # |cos|, |sin| of the relative heading
-    # The boxes overlap where, along each of the four axes, the centres are nearer than
-    # both boxes' reach (touching is no overlap, as in the corner form; NaN is none either).
-    overlap = (
-        ((dx * ca + dy * sa).abs() < la + rc * lb + rs * wb)
-        & ((dy * ca - dx * sa).abs() < wa + rs * lb + rc * wb)
-        & ((dx * cb + dy * sb).abs() < lb + rc * la + rs * wa)
-        & ((dy * cb - dx * sb).abs() < wb + rs * la + rc * wa)
+    # Along each of the four axes: the centres' distance less both boxes' reach.
+    return torch.maximum(
+        torch.maximum(
+            (dx * ca + dy * sa).abs() - (la + rc * lb + rs * wb), (dy * ca - dx * sa).abs() - (wa + rs * lb + rc * wb)
+        ),
+        torch.maximum(
+            (dx * cb + dy * sb).abs() - (lb + rc * la + rs * wa), (dy * cb - dx * sb).abs() - (wb + rs * la + rc * wa)
+        ),
     )
-    pairs = valid.gather(1, agents)[..., None] & valid[:, None, :] & (index != torch.arange(N, device=p.device))
-    return (overlap & pairs).any(-1)
+
+
+def _any_overlap(separation: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Whether any of the ``pairs`` (a mask over the last dimension) overlaps; a NaN box
+    overlaps nothing."""
+    return torch.where(pairs, separation, float("inf")).nan_to_num(nan=float("inf")).amin(-1) < 0
+
+
+@kernel
+def _agents_collisions(table: torch.Tensor, valid: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
+    """:func:`collisions` of a few agents ``agents`` ``[B, Q]`` (boxes ``table``, see
+    :func:`_box_table`) as one compiled kernel: every pair against every agent, no
+    selection. Eager, selecting the near pairs costs less."""
+    N = valid.shape[1]
+    index = agents[..., None]
+    mine = table.gather(1, index.expand(-1, -1, table.shape[-1]))[:, :, None]  # [B, Q, 1, 6]
+    separation = _separation(mine.unbind(-1), table[:, None].unbind(-1))  # [B, Q, N]
+    pairs = valid.gather(1, agents)[..., None] & valid[:, None, :] & (index != torch.arange(N, device=table.device))
+    return _any_overlap(separation, pairs)
+
+
+@kernel
+def _all_collisions(table: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`collisions` of every agent as one compiled kernel: every pair, no selection."""
+    N = valid.shape[1]
+    separation = _separation(table[:, :, None].unbind(-1), table[:, None].unbind(-1))  # [B, N, N]
+    others = torch.arange(N, device=table.device)
+    pairs = valid[:, :, None] & valid[:, None, :] & (others[:, None] != others)
+    return _any_overlap(separation, pairs)
 
 
 def distance_to_log(state: SimState, t: int | None = None) -> torch.Tensor:
