@@ -148,11 +148,12 @@ def test_the_every_pair_collision_kernels_equal_the_eager_selection():
     state = core.reset(collate_scenarios([make_scenario(boxes)], max_agents=128, pad_agents=True))
     state.pose[:, 120:, state.t, :2] = torch.from_numpy(xy[:8]).float()
     valid = state.valid[:, :, state.t] & state.batch.agent_mask
-    table = core._box_table(state.current, state.dims)
+    pose, dims = state.current, state.dims
+    boxes = (pose, pose[..., 2].cos(), pose[..., 2].sin(), dims)
     expected = core.collisions(state)
-    assert torch.equal(core._all_collisions.fn(table, valid), expected)
+    assert torch.equal(core._all_collisions.fn(*boxes, valid), expected)
     slots = torch.arange(0, 120, 3)[None]
-    assert torch.equal(core._agents_collisions.fn(table, valid, slots), expected[:, ::3][:, :40])
+    assert torch.equal(core._agents_collisions.fn(*boxes, valid, slots), expected[:, ::3][:, :40])
     assert 20 < int(expected.sum()) < 100 and not expected[:, 120:].any()
 
 
@@ -264,7 +265,7 @@ def test_the_collision_kernel_agrees_with_the_corner_form():
     pose = torch.cat([xy, heading[..., None], torch.zeros(B, N, 2)], -1)
     valid = torch.rand(B, N, generator=generator) > 0.1
     agents = torch.arange(0, N, 2).expand(B, -1)
-    got = core._agents_collisions.fn(core._box_table(pose, dims), valid, agents)
+    got = core._agents_collisions.fn(pose, heading.cos(), heading.sin(), dims, valid, agents)
 
     def boxes(index):
         take = lambda values: values.gather(1, index.reshape(B, -1)).view(index.shape)  # noqa: E731

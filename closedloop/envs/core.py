@@ -389,11 +389,11 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     valid = state.valid[:, :, t] & state.batch.agent_mask
     B, N = valid.shape
     # Heading cosines and sines eagerly: compiled ones round differently in the last bit.
-    table = _box_table(p, dims)
+    cos, sin = torch.cos(p[..., 2]), torch.sin(p[..., 2])
     if agents is not None and _agents_collisions.active:
-        return _agents_collisions(table, valid, agents)
+        return _agents_collisions(p, cos, sin, dims, valid, agents)
     if agents is None and _all_collisions.active and B * N * N <= ALL_PAIRS:
-        return _all_collisions(table, valid)
+        return _all_collisions(p, cos, sin, dims, valid)
     # Invalid agents get a negative radius, so no pair with them passes the circle test.
     radius = torch.where(valid, torch.hypot(dims[..., 0], dims[..., 1]) / 2, -1e4)
     x, y = p[..., 0:1], p[..., 1:2]
@@ -413,7 +413,7 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     hit = torch.zeros(near.shape[:2], dtype=torch.bool, device=near.device)
     if bi.numel():
         a = i if agents is None else agents[bi, i]
-        rows = table.flatten(0, 1)  # one row lookup per box: cheaper than 2-D indexing
+        rows = _box_table(p, cos, sin, dims).flatten(0, 1)  # one row lookup per box: cheaper than 2-D indexing
         mine, theirs = rows.index_select(0, bi * N + a).unbind(-1), rows.index_select(0, bi * N + j).unbind(-1)
         overlap = _separation(mine, theirs) < 0
         hit[bi[overlap], i[overlap]] = True
@@ -422,13 +422,10 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     return hit
 
 
-def _box_table(pose: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+def _box_table(pose: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
     """Boxes ``[B, N, 6]`` as the separating-axis test reads them: x, y, heading cosine and
     sine, half length, half width."""
-    heading = pose[..., 2]
-    return torch.stack(
-        [pose[..., 0], pose[..., 1], heading.cos(), heading.sin(), dims[..., 0] / 2, dims[..., 1] / 2], -1
-    )
+    return torch.stack([pose[..., 0], pose[..., 1], cos, sin, dims[..., 0] / 2, dims[..., 1] / 2], -1)
 
 
 def _separation(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -462,11 +459,14 @@ def _any_overlap(separation: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 @kernel
-def _agents_collisions(table: torch.Tensor, valid: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
-    """:func:`collisions` of a few agents ``agents`` ``[B, Q]`` (boxes ``table``, see
-    :func:`_box_table`) as one compiled kernel: every pair against every agent, no
-    selection. Eager, selecting the near pairs costs less."""
+def _agents_collisions(
+    p: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor, agents: torch.Tensor
+) -> torch.Tensor:
+    """:func:`collisions` of a few agents ``agents`` ``[B, Q]`` as one compiled kernel:
+    every pair against every agent, no selection. Eager, selecting the near pairs costs
+    less."""
     N = valid.shape[1]
+    table = _box_table(p, cos, sin, dims)
     index = agents[..., None]
     mine = table.gather(1, index.expand(-1, -1, table.shape[-1]))[:, :, None]  # [B, Q, 1, 6]
     separation = _separation(mine.unbind(-1), table[:, None].unbind(-1))  # [B, Q, N]
@@ -475,9 +475,12 @@ def _agents_collisions(table: torch.Tensor, valid: torch.Tensor, agents: torch.T
 
 
 @kernel
-def _all_collisions(table: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _all_collisions(
+    p: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """:func:`collisions` of every agent as one compiled kernel: every pair, no selection."""
     N = valid.shape[1]
+    table = _box_table(p, cos, sin, dims)
     separation = _separation(table[:, :, None].unbind(-1), table[:, None].unbind(-1))  # [B, N, N]
     others = torch.arange(N, device=table.device)
     pairs = valid[:, :, None] & valid[:, None, :] & (others[:, None] != others)
