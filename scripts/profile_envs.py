@@ -1,6 +1,7 @@
 """Where an ego env's step goes: milliseconds per env step by component, and what a reset builds.
 
   python scripts/profile_envs.py [--env ego|vector] [--steps 1000] [--compile]
+  python scripts/profile_envs.py --env waymax [--batch 8] [--compile]
 
 Steps one ``EgoEnv`` (or ``ego_vector_env`` at B = 16) on 8 synthetic grid scenarios of
 60-90 agents with the SDC accelerating gently (the workload of ``bench_sim.py --only ego``),
@@ -10,6 +11,12 @@ rows do not sum to the total). First it times what a reset of 16 scenarios build
 for scenarios prepared anew, and stacked from prepared scenarios as ``BatchedEnv`` does
 once it has drawn them: see ``closedloop.envs.prepared``) and an ``EgoEnv`` reset with
 and without the drawn scenario's kept batch and indexes. One thread.
+
+``--env waymax`` instead splits a step of ``bench_sim.py --waymax``'s workload with the
+checks on (the real ``motion_data_one_example.tfrecord``, 128 objects of which 73 driven by
+the Expert with the bicycle dynamics, ``--batch`` copies, two episodes of 80 steps after a
+warm-up one): the Expert, the simulator step, collisions, and off-road with its
+neighbourhood rebuilds and how many agents they rebuild per step.
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from closedloop.agents import baselines
 from closedloop.data.batch import collate_scenarios
 from closedloop.data.synthetic import generate_scenarios
 from closedloop.envs import core, env, events, faces, gym_vector, map_index, observation, prepared, rewards, vector
 from closedloop.envs.compiled import set_compile
+from closedloop.envs.dynamics import make_dynamics
 
 SPENT: collections.Counter[str] = collections.Counter()
 
@@ -101,6 +111,61 @@ def profile_steps(kind: str, steps: int) -> None:
     for *_, label in COMPONENTS:
         if label in SPENT:
             print(f"  {label:<40}{SPENT[label] / steps * 1e3:8.3f} ms")
+
+
+WAYMAX_COMPONENTS = [
+    (baselines.Expert, "act", "Expert (inverse bicycle to the log)"),
+    (core, "step", "simulator step (bicycle)"),
+    (core, "collisions", "collisions"),
+    (map_index.RoadEdges, "box_signed_distance", "off-road (box corners included)"),
+    (map_index.RoadEdges, "_rebuild", "  neighbourhood rebuilds"),
+]
+
+
+def profile_waymax(B: int, episodes: int = 2) -> None:
+    """Milliseconds per step of the Waymax comparison's workload with the checks on, by part."""
+    from closedloop.data import read_scenarios
+
+    example = Path(__file__).resolve().parents[1].parent / "shared" / "womd" / "motion_data_one_example.tfrecord"
+    if not example.exists():
+        raise SystemExit(f"{example}: the real WOMD example is needed for --env waymax")
+    for owner, name, label in WAYMAX_COMPONENTS:
+        timed_attribute(owner, name, label)
+    (scenario,) = read_scenarios([example])
+    batch = collate_scenarios([scenario] * B)
+    dynamics = make_dynamics("bicycle")
+    start = core.reset(batch)
+    expert = baselines.Expert()
+    expert.reset(start, dynamics)
+
+    def episode() -> map_index.RoadEdges:
+        edges, state = map_index.RoadEdges(batch), start
+        while not state.done:
+            state = core.step(state, expert.act(state), dynamics)
+            core.collisions(state)
+            pose, dims = state.current, state.dims
+            heading = pose[..., 2]
+            edges.box_signed_distance(
+                pose[..., 0], pose[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1]
+            )
+        return edges
+
+    episode()  # warm-up (and compiling, with --compile)
+    SPENT.clear()
+    began, rebuilt = time.perf_counter(), 0
+    for _ in range(episodes):
+        edges = episode()
+        rebuilt += edges.refreshed - edges.candidates.shape[0] * edges.candidates.shape[1]  # less the first build
+    steps = episodes * (start.num_steps - 1 - start.t)
+    total = time.perf_counter() - began
+    objects = int(batch.agent_mask.sum())
+    print(
+        f"waymax workload, B = {B} ({objects} objects): {total / steps * 1e3:.3f} ms per step "
+        f"({objects * steps / total:,.0f} object-steps/s with the timing wrappers)"
+    )
+    for *_, label in WAYMAX_COMPONENTS:
+        print(f"  {label:<40}{SPENT[label] / steps * 1e3:8.3f} ms")
+    print(f"  ({rebuilt / steps:.1f} neighbourhoods rebuilt per step)")
 
 
 def profile_reset_builders(repeats: int = 5) -> None:
@@ -212,12 +277,16 @@ def prepared_memory() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", choices=("ego", "vector"), default="ego")
+    parser.add_argument("--env", choices=("ego", "vector", "waymax"), default="ego")
+    parser.add_argument("--batch", type=int, default=8, help="copies of the scenario (--env waymax)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--compile", action="store_true", help="compiled kernels (closedloop.envs.compiled)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     set_compile(args.compile)
+    if args.env == "waymax":
+        profile_waymax(args.batch)
+        return
     profile_reset_builders()
     prepared_memory()
     real_offroad_fallbacks()

@@ -53,3 +53,12 @@ def test_profile_envs_reports_every_component():
     assert done.returncode == 0, done.stderr[-2000:]
     for label in ("collate 16 scenarios", "vector env:", "off-road", "collisions", "observe", "resets (vector env)"):
         assert label in done.stdout
+
+
+def test_profile_envs_splits_the_waymax_workload(example_file):
+    done = subprocess.run(
+        [sys.executable, str(PROFILE), "--env", "waymax", "--batch", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for label in ("waymax workload, B = 1 (128 objects)", "Expert", "collisions", "off-road", "rebuilds", "rebuilt"):
+        assert label in done.stdout
