@@ -1,8 +1,9 @@
 """Batched planar geometry in torch: oriented boxes, their overlaps and signed distances.
 
 Every function broadcasts over leading dimensions and runs on any device. Boxes are
-``(x, y, heading, length, width)``; corners go counter-clockwise starting front-left:
-front-left, rear-left, rear-right, front-right.
+``(x, y, heading, length, width)`` (except for :func:`box_separation`, which takes them
+with the heading's cosine and sine and half sizes, as the simulator keeps them); corners
+go counter-clockwise starting front-left: front-left, rear-left, rear-right, front-right.
 """
 
 from __future__ import annotations
@@ -67,8 +68,42 @@ def _separations(a, b) -> torch.Tensor:
 
 
 def rectangles_overlap(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Whether oriented rectangles ``(x, y, heading, length, width)`` overlap (SAT)."""
-    return _separations(a, b)[0] < 0
+    """Whether oriented rectangles ``(x, y, heading, length, width)`` overlap: the
+    simulator's collision test (:func:`box_separation`), so planners judge collisions as
+    the simulator does."""
+    return box_separation(_projected(a), _projected(b)) < 0
+
+
+def _projected(box: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``(x, y, heading, length, width)`` as :func:`box_separation` reads boxes."""
+    x, y, heading, length, width = box
+    return x, y, torch.cos(heading), torch.sin(heading), length / 2, width / 2
+
+
+def box_separation(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """How far apart boxes ``a`` and ``b`` are along the separating axis that parts them
+    most: negative exactly where they overlap (touching is no overlap; NaN is none).
+    Boxes are ``(x, y, heading cosine, heading sine, half length, half width)``,
+    broadcast together.
+
+    The separating-axis test in its projected form (each box's reach along the four axes,
+    the relative rotation by the angle-difference identities): a few dozen flops per pair
+    where the corner form (:func:`_separations`) costs four cosines and sines. One float,
+    not four booleans: compiled (the simulator's collision kernels), boolean pair tensors
+    ran several times slower."""
+    xa, ya, ca, sa, la, wa = a
+    xb, yb, cb, sb, lb, wb = b
+    dx, dy = xb - xa, yb - ya
+    rc, rs = (cb * ca + sb * sa).abs(), (sb * ca - cb * sa).abs()  # |cos|, |sin| of the relative heading
+    # Along each of the four axes: the centres' distance less both boxes' reach.
+    return torch.maximum(
+        torch.maximum(
+            (dx * ca + dy * sa).abs() - (la + rc * lb + rs * wb), (dy * ca - dx * sa).abs() - (wa + rs * lb + rc * wb)
+        ),
+        torch.maximum(
+            (dx * cb + dy * sb).abs() - (lb + rc * la + rs * wa), (dy * cb - dx * sb).abs() - (wb + rs * la + rc * wa)
+        ),
+    )
 
 
 def rectangle_distance(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:

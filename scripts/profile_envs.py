@@ -16,7 +16,8 @@ and without the drawn scenario's kept batch and indexes. One thread.
 checks on (the real ``motion_data_one_example.tfrecord``, 128 objects of which 73 driven by
 the Expert with the bicycle dynamics, ``--batch`` copies, two episodes of 80 steps after a
 warm-up one): the Expert, the simulator step, collisions, and off-road with its
-neighbourhood rebuilds and how many agents they rebuild per step.
+neighbourhood rebuilds and how many agents they rebuild per step. Unlike the benchmark, each
+episode starts a new road-edge index, so its first build of every neighbourhood counts.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ fixed cost (a few microseconds) dominates: a step is hundreds of them. The kerne
 are the pure, shape-stable parts of a step (no data-dependent branches, no host
 synchronisation): measuring points against road-edge candidates (for small batches the
 whole off-road pass up to its branch), the roadgraph-point search's per-step pass,
-assembling the observation features, red-light crossings and the collisions of a few
-agents. Compiled, each becomes one fused program.
+assembling the observation features, red-light crossings, and the collisions of a few
+agents or of every agent (up to ``core.ALL_PAIRS`` pairs). Compiled, each becomes one fused program.
 
 Compilation is off unless switched on (``set_compile(True)``, the ``CLOSEDLOOP_COMPILE=1``
 environment variable, or ``--compile`` on the commands that simulate): it costs seconds

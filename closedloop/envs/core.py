@@ -35,6 +35,7 @@ from closedloop.data.batch import ScenarioBatch
 from closedloop.envs.compiled import kernel
 from closedloop.envs.dynamics import Dynamics
 from closedloop.envs.errors import SimulationError
+from closedloop.geometry import box_separation
 
 Controlled = Literal["wosac", "sdc", "all_valid"] | torch.Tensor
 
@@ -373,7 +374,10 @@ def _raise_bad_values(state: SimState, dynamics: Dynamics, checked: CheckedActio
     )
 
 
-ALL_PAIRS = 1 << 21  # agent pairs up to which a compiled collision check tests every pair
+# Agent pairs up to which a compiled collision check tests every pair: its [B, N, N]
+# temporaries stay within a few tens of MB, and beyond that (thousands of agent slots)
+# selecting the near pairs first costs less than testing them all.
+ALL_PAIRS = 1 << 21
 
 
 def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | None = None) -> torch.Tensor:
@@ -413,9 +417,9 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
     hit = torch.zeros(near.shape[:2], dtype=torch.bool, device=near.device)
     if bi.numel():
         a = i if agents is None else agents[bi, i]
-        rows = _box_table(p, cos, sin, dims).flatten(0, 1)  # one row lookup per box: cheaper than 2-D indexing
-        mine, theirs = rows.index_select(0, bi * N + a).unbind(-1), rows.index_select(0, bi * N + j).unbind(-1)
-        overlap = _separation(mine, theirs) < 0
+        boxes = _box_table(p, cos, sin, dims).flatten(0, 1)  # one row lookup per box: cheaper than 2-D indexing
+        mine, theirs = boxes.index_select(0, bi * N + a).unbind(-1), boxes.index_select(0, bi * N + j).unbind(-1)
+        overlap = box_separation(mine, theirs) < 0
         hit[bi[overlap], i[overlap]] = True
         if agents is None:
             hit[bi[overlap], j[overlap]] = True
@@ -423,33 +427,9 @@ def collisions(state: SimState, t: int | None = None, agents: torch.Tensor | Non
 
 
 def _box_table(pose: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-    """Boxes ``[B, N, 6]`` as the separating-axis test reads them: x, y, heading cosine and
-    sine, half length, half width."""
+    """Boxes ``[B, N, 6]`` as :func:`closedloop.geometry.box_separation` reads them: x, y,
+    heading cosine and sine, half length, half width."""
     return torch.stack([pose[..., 0], pose[..., 1], cos, sin, dims[..., 0] / 2, dims[..., 1] / 2], -1)
-
-
-def _separation(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """How far apart boxes ``a`` and ``b`` (the columns of :func:`_box_table`, broadcast
-    together) are along the separating axis that parts them most: negative exactly where
-    they overlap (touching is no overlap, as in the corner form of ``closedloop.geometry``).
-
-    The separating-axis test in its projected form, the relative rotation by the
-    angle-difference identities: a few dozen flops per pair where the corner form costs
-    four cosines and sines. A float, not four booleans: compiled, boolean pair tensors
-    ran several times slower."""
-    xa, ya, ca, sa, la, wa = a
-    xb, yb, cb, sb, lb, wb = b
-    dx, dy = xb - xa, yb - ya
-    rc, rs = (cb * ca + sb * sa).abs(), (sb * ca - cb * sa).abs()  # |cos|, |sin| of the relative heading
-    # Along each of the four axes: the centres' distance less both boxes' reach.
-    return torch.maximum(
-        torch.maximum(
-            (dx * ca + dy * sa).abs() - (la + rc * lb + rs * wb), (dy * ca - dx * sa).abs() - (wa + rs * lb + rc * wb)
-        ),
-        torch.maximum(
-            (dx * cb + dy * sb).abs() - (lb + rc * la + rs * wa), (dy * cb - dx * sb).abs() - (wb + rs * la + rc * wa)
-        ),
-    )
 
 
 def _any_overlap(separation: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -469,7 +449,7 @@ def _agents_collisions(
     table = _box_table(p, cos, sin, dims)
     index = agents[..., None]
     mine = table.gather(1, index.expand(-1, -1, table.shape[-1]))[:, :, None]  # [B, Q, 1, 6]
-    separation = _separation(mine.unbind(-1), table[:, None].unbind(-1))  # [B, Q, N]
+    separation = box_separation(mine.unbind(-1), table[:, None].unbind(-1))  # [B, Q, N]
     pairs = valid.gather(1, agents)[..., None] & valid[:, None, :] & (index != torch.arange(N, device=table.device))
     return _any_overlap(separation, pairs)
 
@@ -481,7 +461,7 @@ def _all_collisions(
     """:func:`collisions` of every agent as one compiled kernel: every pair, no selection."""
     N = valid.shape[1]
     table = _box_table(p, cos, sin, dims)
-    separation = _separation(table[:, :, None].unbind(-1), table[:, None].unbind(-1))  # [B, N, N]
+    separation = box_separation(table[:, :, None].unbind(-1), table[:, None].unbind(-1))  # [B, N, N]
     others = torch.arange(N, device=table.device)
     pairs = valid[:, :, None] & valid[:, None, :] & (others[:, None] != others)
     return _any_overlap(separation, pairs)

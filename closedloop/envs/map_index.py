@@ -370,7 +370,7 @@ class RoadEdges:
         valid = (self.chunk_table >= 0).any(-1)
         G = -(-C // group)
         members = torch.arange(G * group, device=valid.device).view(G, group).clamp_max(C)  # C: the empty chunk
-        self.group_table = members.expand(B, G, group)  # [B, G, group] chunk indices
+        self.group_table = members.expand(B, G, group)  # [B, G, group] chunk indices, one table for every row
         member_centre = self.chunk_centre[:, members]  # [B, G, group, 2]
         member_radius = self.chunk_radius[:, members]
         present = valid[:, members]
@@ -402,15 +402,17 @@ class RoadEdges:
         lower = _lower_bounds(group_circles.index_select(0, rows), positions)  # [M, G]
         ranked = lower.topk(min(g + 1, lower.shape[-1]), dim=-1, largest=False)
         group_bound = ranked.values[:, g] if ranked.values.shape[-1] > g else torch.full_like(lower[:, 0], BIG)
-        chunks = self.group_table[0].index_select(0, ranked.indices[:, :g].flatten()).view(M, -1)  # [M, g * group]
+        members = self.group_table[0]  # [G, group]: every scenario's groups are the same chunk numbers
+        chunks = members.index_select(0, ranked.indices[:, :g].flatten()).view(M, g * members.shape[1])
         flat = chunks + (rows * self.chunk_table.shape[1])[:, None]  # rows of the flat chunk tables
-        lower = _lower_bounds(chunk_circles.index_select(0, flat.flatten()).view(M, -1, 3), positions)
+        lower = _lower_bounds(chunk_circles.index_select(0, flat.flatten()).view(M, flat.shape[1], 3), positions)
         ranked = lower.topk(min(k + 1, lower.shape[-1]), dim=-1, largest=False)
         left_out = ranked.values[:, k] if ranked.values.shape[-1] > k else torch.full_like(lower[:, 0], BIG)
         left_out = torch.minimum(left_out, group_bound)
-        segments = chunk_rows.index_select(0, flat.gather(1, ranked.indices[:, :k]).flatten()).view(M, -1)  # [M, K]
+        K = k * chunk_rows.shape[1]
+        segments = chunk_rows.index_select(0, flat.gather(1, ranked.indices[:, :k]).flatten()).view(M, K)
         # Empty slots read the tables' last column, a point segment far away: no mask per step.
-        candidates = columns.index_select(1, segments.flatten()).view(5, M, -1).transpose(0, 1)
+        candidates = columns.index_select(1, segments.flatten()).view(5, M, K).transpose(0, 1)
         B, E, _ = self.features.shape
         index = torch.where(segments < B * E, segments - (rows * E)[:, None], 0)
         return candidates, index, left_out
@@ -441,7 +443,7 @@ class RoadEdges:
         if agents is None or self.candidates is None:
             rows = torch.arange(B, device=positions.device).repeat_interleave(N)
             columns, index, left_out = self._neighbourhoods(rows, positions.reshape(-1, 2))
-            self.candidates = columns.reshape(B, N, *columns.shape[1:])
+            self.candidates = columns.reshape(B, N, *columns.shape[1:]).contiguous()
             self.candidate_index = index.reshape(B, N, -1)
             self.left_out = left_out.reshape(B, N)
             self.anchor = positions.clone()
@@ -728,7 +730,8 @@ def _signed(
     # Cross products, positive where the point is right of (off the road from) each segment.
     # Sides combine by max (either says off) and min (both do), as floats: compiled
     # boolean tensors ran several times slower.
-    own, before, after = (dx * gy).addcmul_(dy, gx, value=-1).unbind(-1)
+    # A NaN product (a point or segment at infinity) says "on the road", as a comparison would.
+    own, before, after = (dx * gy).addcmul_(dy, gx, value=-1).nan_to_num_(nan=0.0).unbind(-1)
     dx, dy, gx, gy = dx[..., 0], dy[..., 0], gx[..., 0], gy[..., 0]
     t = (dx * gx).addcmul_(dy, gy).mul_(inv_len2)
     tc = t.clamp(0, 1)
@@ -741,7 +744,9 @@ def _signed(
 
 def _lower_bounds(circles: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Lower bounds ``[M, X]`` on the distance from ``positions`` ``[M, 2]`` to anything
-    inside the circles ``[M, X, 3]`` (x, y, radius)."""
+    inside the circles ``[M, X, 3]`` (x, y, radius). (They may differ from
+    ``torch.linalg.norm``'s in the last bit: a bound, not an answer, so only when an agent's
+    neighbourhood is rebuilt can change, never what it answers.)"""
     dx = circles[..., 0] - positions[:, 0:1]
     dy = circles[..., 1] - positions[:, 1:2]
     return dx.mul_(dx).addcmul_(dy, dy).sqrt_().sub_(circles[..., 2])
