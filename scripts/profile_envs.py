@@ -151,7 +151,11 @@ def profile_waymax(B: int, episodes: int = 2) -> None:
             )
         return edges
 
+    began = time.perf_counter()
     episode()  # warm-up (and compiling, with --compile)
+    print(
+        f"waymax workload: a warm-up episode in {time.perf_counter() - began:.1f} s (compiling included with --compile)"
+    )
     SPENT.clear()
     began, rebuilt = time.perf_counter(), 0
     for _ in range(episodes):
