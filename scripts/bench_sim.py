@@ -169,7 +169,7 @@ def waymax_rate(scenario, B: int, checks: bool, episodes: int, device: str) -> f
                 p, dims = state.current, state.dims
                 heading = p[..., 2]
                 edges.box_signed_distance(
-                    p[..., 0], p[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1]
+                    p[..., 0], p[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1], state.valid_now
                 )
 
     episode()  # warm-up

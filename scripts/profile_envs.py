@@ -147,7 +147,7 @@ def profile_waymax(B: int, episodes: int = 2) -> None:
             pose, dims = state.current, state.dims
             heading = pose[..., 2]
             edges.box_signed_distance(
-                pose[..., 0], pose[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1]
+                pose[..., 0], pose[..., 1], heading.cos(), heading.sin(), dims[..., 0], dims[..., 1], state.valid_now
             )
         return edges
 

@@ -116,6 +116,24 @@ def test_offroad_neighbourhoods_find_the_nearest_edge_on_real_scenarios(real_sce
         assert edges.exhaustive > 0
 
 
+def test_offroad_leaves_inactive_agents_alone(real_scenarios, offroad_mode):
+    """Boxes outside ``active`` are never rebuilt nor measured against every edge (an
+    absent agent parked where its neighbourhood cannot vouch for it cost a search of every
+    edge each step), and the active ones get the same values as with every box active."""
+    batch = collate_scenarios(list(real_scenarios.values()))
+    state = log_state(batch)
+    tiny = {"chunk": 8, "chunks_per_agent": 4, "group": 2, "groups_per_agent": 3}  # many fall short
+    every, present, none = RoadEdges(batch, **tiny), RoadEdges(batch, **tiny), RoadEdges(batch, **tiny)
+    for t in range(10, 30):
+        corners = agent_corners(state, t)
+        valid = state.valid[:, :, t] & batch.agent_mask
+        expected = every.signed_distance(corners)
+        assert torch.equal(present.signed_distance(corners, active=valid)[valid], expected[valid])
+        none.signed_distance(corners, active=torch.zeros_like(valid))
+    assert every.exhaustive > present.exhaustive > 0
+    assert none.exhaustive == 0 and none.refreshed == valid.numel()  # the first build only
+
+
 def test_collisions_match_shapely_for_every_pair():
     rng = np.random.default_rng(1)
     tracks = _random_boxes(rng, 120, (0, 0), (40, 40))

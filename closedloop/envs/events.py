@@ -177,18 +177,18 @@ class EventTracker:
         slots = self.slots
         if slots is None:
             path = state.pose[:, :, previous.t :, :2]  # [B, N, k + 1, 2]
-            pose, dims = state.current, state.dims
+            pose, dims, present = state.current, state.dims, valid
             collision = collisions(state)
         else:  # the asked agents' poses over the step, in one gather
             path = take_agents(state.pose[:, :, previous.t :], slots)  # [B, Q, k + 1, 5]
             if self._dims_of is not state.dims:
                 self._dims_of, self._slot_dims = state.dims, take_agents(state.dims, slots)
-            pose, dims = path[:, :, -1], self._slot_dims
+            pose, dims, present = path[:, :, -1], self._slot_dims, valid.gather(1, slots) & self.slot_ok
             collision = collisions(state, agents=slots)
         heading = pose[..., 2]
         offroad = (
             self.edges.box_signed_distance(
-                pose[..., 0], pose[..., 1], torch.cos(heading), torch.sin(heading), dims[..., 0], dims[..., 1]
+                pose[..., 0], pose[..., 1], torch.cos(heading), torch.sin(heading), dims[..., 0], dims[..., 1], present
             )
             > 0
         )

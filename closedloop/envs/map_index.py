@@ -462,7 +462,7 @@ class RoadEdges:
         self.anchor[b, n] = positions[b, n]
         self.refreshed += int(b.numel())
 
-    def signed_distance(self, corners: torch.Tensor) -> torch.Tensor:
+    def signed_distance(self, corners: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Largest signed distance ``[B, N]`` of box corners ``[B, N, 4, 2]`` to the road
         edge: negative on the road (edges keep the road on their left), positive off it.
 
@@ -472,15 +472,21 @@ class RoadEdges:
         with the exact sign). An agent's neighbourhood is rebuilt when it can no longer
         vouch for the nearest segments it needs. Agents with no road edge in the scenario
         are on the road (``-1e9``).
+
+        Boxes outside ``active`` ``[B, N]`` (agents not in the scene now, padding) are
+        never rebuilt nor measured against every edge: their value is whatever their
+        neighbourhood gives, exact or not. Without it, an absent agent parked where its
+        neighbourhood cannot vouch for it would be measured against every edge each step.
         """
         centre = corners.mean(2)
         reach = torch.linalg.norm(corners[:, :, 0] - centre, dim=-1)  # half the diagonal
         if self.candidates is None:
             self.refresh(centre)
+        active = torch.ones_like(reach, dtype=torch.bool) if active is None else active
         B, N = reach.shape
         if B * N <= DENSE_AGENTS:
-            return self._whole_batch(centre, corners, reach)
-        return self._selected(centre, corners, reach)
+            return self._whole_batch(centre, corners, reach, active)
+        return self._selected(centre, corners, reach, active)
 
     def box_signed_distance(
         self,
@@ -490,6 +496,7 @@ class RoadEdges:
         sin: torch.Tensor,
         length: torch.Tensor,
         width: torch.Tensor,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`signed_distance` of the boxes of centres ``x``, ``y``, headings of cosine
         ``cos`` and sine ``sin``, and sizes ``length``, ``width`` (each ``[B, N]``). For
@@ -497,9 +504,10 @@ class RoadEdges:
         when compiling) instead of a dozen operations before it."""
         B, N = x.shape
         if B * N > DENSE_AGENTS:
-            return self.signed_distance(_box_corners(x, y, cos, sin, length, width))
+            return self.signed_distance(_box_corners(x, y, cos, sin, length, width), active)
         if self.candidates is None:
             self.refresh(torch.stack([x, y], -1))
+        active = torch.ones_like(x, dtype=torch.bool) if active is None else active
         rows = torch.arange(B, device=x.device)[:, None]
         first = _box_pass(
             self.features,
@@ -514,18 +522,29 @@ class RoadEdges:
             width,
             self.anchor,
             self.left_out,
+            active,
         )
-        return self._finish(*first)
+        return self._finish(*first, active)
 
-    def _whole_batch(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    def _whole_batch(
+        self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
         """Small batches: the centre and the four corners of every box in one pass (fewer,
         larger operations than selecting the boxes near an edge)."""
         rows = torch.arange(centre.shape[0], device=centre.device)[:, None]
         points = torch.cat([centre[:, :, None], corners], 2)  # [B, N, 5, 2]
         signed, stale, moved, combined = _whole_batch_pass(
-            self.features, rows, self.candidates, self.candidate_index, points, reach, self.anchor, self.left_out
+            self.features,
+            rows,
+            self.candidates,
+            self.candidate_index,
+            points,
+            reach,
+            self.anchor,
+            self.left_out,
+            active,
         )
-        return self._finish(signed, stale, moved, combined, points, reach)
+        return self._finish(signed, stale, moved, combined, points, reach, active)
 
     def _finish(
         self,
@@ -535,28 +554,31 @@ class RoadEdges:
         combined: torch.Tensor,
         points: torch.Tensor,
         reach: torch.Tensor,
+        active: torch.Tensor,
     ) -> torch.Tensor:
         """The whole-batch answer from its first pass (see :func:`_whole_batch_pass`):
         that pass's where no neighbourhood is stale, else after rebuilding them."""
         if not bool(stale.any()):
             return combined
         centre = points[..., 0, :]
-        unsure = self._settle(stale, moved, centre, reach, signed, points)
+        unsure = self._settle(stale, moved, centre, reach, signed, points, active)
         if bool(unsure.any()):
             b, n = torch.nonzero(unsure, as_tuple=True)
             signed[b, n] = self._every_edge(b, points[b, n])
         return _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
 
-    def _selected(self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    def _selected(
+        self, centre: torch.Tensor, corners: torch.Tensor, reach: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
         """Large batches: every centre, then the corners of the boxes near an edge only."""
         B, N = reach.shape
         rows = torch.arange(B, device=centre.device).repeat_interleave(N)
         candidates, index = self.candidates.flatten(0, 1), self.candidate_index.flatten(0, 1)
         centre_signed = self._measure(rows, candidates, index, centre.reshape(-1, 1, 2))[:, 0].view(B, N)
-        stale, moved = self._stale(centre, reach, centre_signed.abs())
+        stale, moved = self._stale(centre, reach, centre_signed.abs(), active)
         unsure = None
         if bool(stale.any()):
-            unsure = self._settle(stale, moved, centre, reach, centre_signed[..., None], centre[:, :, None])
+            unsure = self._settle(stale, moved, centre, reach, centre_signed[..., None], centre[:, :, None], active)
             if bool(unsure.any()):
                 b, n = torch.nonzero(unsure, as_tuple=True)
                 centre_signed[b, n] = self._every_edge(b, centre[b, n, None])[:, 0]
@@ -575,14 +597,14 @@ class RoadEdges:
         return _combine(centre_signed, exact, reach)
 
     def _stale(
-        self, centre: torch.Tensor, reach: torch.Tensor, distance: torch.Tensor
+        self, centre: torch.Tensor, reach: torch.Tensor, distance: torch.Tensor, active: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Agents ``[B, N]`` whose neighbourhood cannot vouch for the segments they need,
-        and how far each has moved since its neighbourhood was built. A box away from the
-        edges needs the centre's nearest segment, a box near one its corners' (each within
-        distance + 2 reach of the centre); a left-out segment is at least
+        """Active agents ``[B, N]`` whose neighbourhood cannot vouch for the segments they
+        need, and how far each has moved since its neighbourhood was built. A box away from
+        the edges needs the centre's nearest segment, a box near one its corners' (each
+        within distance + 2 reach of the centre); a left-out segment is at least
         ``left_out - moved`` from the centre."""
-        return _stale(centre, reach, distance, self.anchor, self.left_out)
+        return _stale(centre, reach, distance, self.anchor, self.left_out, active)
 
     def _settle(
         self,
@@ -592,6 +614,7 @@ class RoadEdges:
         reach: torch.Tensor,
         values: torch.Tensor,
         points: torch.Tensor,
+        active: torch.Tensor,
     ) -> torch.Tensor:
         """Rebuild the neighbourhoods of the stale agents that moved and measure their
         ``points`` ``[B, N, P, 2]`` again into ``values`` ``[B, N, P]`` (the centre first).
@@ -603,7 +626,7 @@ class RoadEdges:
         if b.numel():
             self._rebuild(b, n, centre)
             values[b, n] = self._measure(b, self.candidates[b, n], self.candidate_index[b, n], points[b, n])
-        return self._stale(centre, reach, values[..., 0].abs())[0]
+        return self._stale(centre, reach, values[..., 0].abs(), active)[0]
 
     def _every_edge(self, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Signed distance ``[M, P]`` of ``points`` ``[M, P, 2]`` in scenarios ``rows`` to
@@ -653,13 +676,14 @@ def _whole_batch_pass(
     reach: torch.Tensor,
     anchor: torch.Tensor,
     left_out: torch.Tensor,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:meth:`RoadEdges._whole_batch` up to its one branch, as a pure function: the signed
     distances ``[B, N, 5]`` of the centres and corners ``points`` to their candidates,
     which agents are stale and how far each moved (see :meth:`RoadEdges._stale`), and the
     answer ``[B, N]`` should none be stale."""
     signed = _measure.fn(features, rows, candidates, candidate_index, points)
-    stale, moved = _stale(points[..., 0, :], reach, signed[..., 0].abs(), anchor, left_out)
+    stale, moved = _stale(points[..., 0, :], reach, signed[..., 0].abs(), anchor, left_out, active)
     return signed, stale, moved, _combine(signed[..., 0], signed[..., 1:].amax(-1), reach)
 
 
@@ -677,6 +701,7 @@ def _box_pass(
     width: torch.Tensor,
     anchor: torch.Tensor,
     left_out: torch.Tensor,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`_whole_batch_pass` of boxes given by centre, heading and size: also returns
     the points measured ``[B, N, 5, 2]`` (the centre, then the corners) and the boxes'
@@ -685,7 +710,7 @@ def _box_pass(
     points = torch.cat([centre[:, :, None], _box_corners(x, y, cos, sin, length, width)], 2)
     reach = (length * length + width * width).sqrt() / 2
     signed, stale, moved, combined = _whole_batch_pass.fn(
-        features, rows, candidates, candidate_index, points, reach, anchor, left_out
+        features, rows, candidates, candidate_index, points, reach, anchor, left_out, active
     )
     return signed, stale, moved, combined, points, reach
 
@@ -704,12 +729,17 @@ def _box_corners(
 
 
 def _stale(
-    centre: torch.Tensor, reach: torch.Tensor, distance: torch.Tensor, anchor: torch.Tensor, left_out: torch.Tensor
+    centre: torch.Tensor,
+    reach: torch.Tensor,
+    distance: torch.Tensor,
+    anchor: torch.Tensor,
+    left_out: torch.Tensor,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`RoadEdges._stale` as a pure function."""
     moved = torch.linalg.norm(centre - anchor, dim=-1)
     needed = torch.where(distance > reach, distance, distance + 2 * reach)
-    return (needed > left_out - moved) & (distance < BIG), moved
+    return (needed > left_out - moved) & (distance < BIG) & active, moved
 
 
 def _signed(
