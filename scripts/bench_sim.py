@@ -17,7 +17,8 @@ jax 0.4.26 CPU, jit + scan + vmap): ``motion_data_one_example.tfrecord`` from
 ``../shared/womd`` (128 objects, 73 controlled), every controlled object driven by the
 Expert (inverse bicycle to the log, computed in the loop) with the bicycle dynamics for 80
 steps, B copies of the scenario, with collision + off-road checks of every object each step
-or dynamics + expert only; object-steps/s count all 128 objects, as Waymax does.
+(off-road of the objects present at the step, as the env's event tracker measures them) or
+dynamics + expert only; object-steps/s count all 128 objects, as Waymax does.
 
 ``--threads-under-load`` instead measures what a busy machine does to torch's thread
 pool: the core at B = 1 and 8 (N = 128) with 1 and with 2 threads while one busy process
