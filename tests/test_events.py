@@ -124,13 +124,19 @@ def test_offroad_leaves_inactive_agents_alone(real_scenarios, offroad_mode):
     state = log_state(batch)
     tiny = {"chunk": 8, "chunks_per_agent": 4, "group": 2, "groups_per_agent": 3}  # many fall short
     every, present, none = RoadEdges(batch, **tiny), RoadEdges(batch, **tiny), RoadEdges(batch, **tiny)
+    poses, from_pose = RoadEdges(batch, **tiny), RoadEdges(batch, **tiny)  # the event tracker's way
     for t in range(10, 30):
         corners = agent_corners(state, t)
         valid = state.valid[:, :, t] & batch.agent_mask
         expected = every.signed_distance(corners)
         assert torch.equal(present.signed_distance(corners, active=valid)[valid], expected[valid])
         none.signed_distance(corners, active=torch.zeros_like(valid))
-    assert every.exhaustive > present.exhaustive > 0
+        p, dims = state.pose[:, :, t], state.dims
+        box = (p[..., 0], p[..., 1], p[..., 2].cos(), p[..., 2].sin(), dims[..., 0], dims[..., 1])
+        all_boxes = poses.box_signed_distance(*box)
+        assert torch.equal(from_pose.box_signed_distance(*box, active=valid)[valid], all_boxes[valid])
+    assert every.exhaustive > present.exhaustive > 0 and every.refreshed > present.refreshed
+    assert poses.exhaustive > from_pose.exhaustive
     assert none.exhaustive == 0 and none.refreshed == valid.numel()  # the first build only
 
 

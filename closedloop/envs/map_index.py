@@ -2,10 +2,10 @@
 
 A full agents x roadgraph search every step is too costly at scale, so each agent keeps a
 neighbourhood of roadgraph items near it and per-step work looks only at those. Both
-indexes here stay exact: a neighbourhood remembers how far away the nearest item it left
-out was, and an agent is searched again as soon as that bound no longer vouches for its
-answer. ``NearestPoints`` does this for the k nearest points (observations),
-``RoadEdges`` for the signed distance to road edges (off-road).
+indexes here stay exact for the agents asked about (``active``): a neighbourhood remembers
+how far away the nearest item it left out was, and an agent is searched again as soon as
+that bound no longer vouches for its answer. ``NearestPoints`` does this for the k nearest
+points (observations), ``RoadEdges`` for the signed distance to road edges (off-road).
 
 Road edges are grouped into *chunks*: up to ``chunk`` consecutive segments of one
 polyline with a bounding circle. A refresh ranks chunks by the lower bound
