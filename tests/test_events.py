@@ -140,6 +140,23 @@ def test_offroad_leaves_inactive_agents_alone(real_scenarios, offroad_mode):
     assert none.exhaustive == 0 and none.refreshed == valid.numel()  # the first build only
 
 
+def test_offroad_rejects_an_active_mask_of_the_wrong_shape_or_dtype(real_scenarios):
+    batch = collate_scenarios(list(real_scenarios.values()))
+    state = log_state(batch)
+    edges, corners = RoadEdges(batch), agent_corners(state, 10)
+    valid = state.valid[:, :, 10] & batch.agent_mask
+    p, dims = state.pose[:, :, 10], state.dims
+    box = (p[..., 0], p[..., 1], p[..., 2].cos(), p[..., 2].sin(), dims[..., 0], dims[..., 1])
+    for bad in (valid[:, :1], valid.float()):
+        with pytest.raises(ValueError, match="active must be a boolean mask of shape"):
+            edges.signed_distance(corners, active=bad)
+        with pytest.raises(ValueError, match="active must be a boolean mask of shape"):
+            edges.box_signed_distance(*box, active=bad)
+    assert torch.equal(
+        edges.signed_distance(corners, active=valid)[valid], RoadEdges(batch).signed_distance(corners)[valid]
+    )
+
+
 def test_collisions_match_shapely_for_every_pair():
     rng = np.random.default_rng(1)
     tracks = _random_boxes(rng, 120, (0, 0), (40, 40))

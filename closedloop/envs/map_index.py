@@ -189,7 +189,7 @@ class NearestPoints:
             self.left_out = torch.full((B, N), -BIG, device=positions.device)  # stale: never searched
             self.anchor = torch.full((B, N, 2), FAR, device=positions.device)
         k = min(k, self.index.shape[-1])
-        active = torch.ones_like(self.left_out, dtype=torch.bool) if active is None else active
+        active = _active_mask(active, self.left_out)
         distance, nearest, stale, any_stale = _nearest_pass(
             self.kept, self.index, positions, self.anchor, self.left_out, active, k
         )
@@ -482,7 +482,7 @@ class RoadEdges:
         reach = torch.linalg.norm(corners[:, :, 0] - centre, dim=-1)  # half the diagonal
         if self.candidates is None:
             self.refresh(centre)
-        active = torch.ones_like(reach, dtype=torch.bool) if active is None else active
+        active = _active_mask(active, reach)
         B, N = reach.shape
         if B * N <= DENSE_AGENTS:
             return self._whole_batch(centre, corners, reach, active)
@@ -507,7 +507,7 @@ class RoadEdges:
             return self.signed_distance(_box_corners(x, y, cos, sin, length, width), active)
         if self.candidates is None:
             self.refresh(torch.stack([x, y], -1))
-        active = torch.ones_like(x, dtype=torch.bool) if active is None else active
+        active = _active_mask(active, x)
         rows = torch.arange(B, device=x.device)[:, None]
         first = _box_pass(
             self.features,
@@ -770,6 +770,17 @@ def _signed(
     at_end = torch.where(left_at_end > 0, torch.maximum(own, after), torch.minimum(own, after))
     side = torch.where((t < 0) & (has_prior > 0), at_start, torch.where((t > 1) & (has_next > 0), at_end, own))
     return torch.where(side > 0, distance, -distance)
+
+
+def _active_mask(active: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The agents asked about, ``[B, N]`` booleans shaped as ``like`` (all when None)."""
+    if active is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    if active.shape != like.shape or active.dtype != torch.bool:
+        raise ValueError(
+            f"active must be a boolean mask of shape {list(like.shape)}, got {active.dtype} {list(active.shape)}"
+        )
+    return active
 
 
 def _lower_bounds(circles: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
